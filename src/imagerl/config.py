@@ -1,0 +1,510 @@
+"""One typed config, validated and derived once at start.
+
+Sources, in order of precedence (last wins): the schema defaults (paper defaults), a YAML or jsonnet
+file, then ``key=value`` overrides from the command line. Values may read environment variables with
+``${oc.env:NAME}`` or ``${oc.env:NAME,default}`` (omegaconf's resolver, short alias ``${env:NAME}``);
+jsonnet files receive every environment variable as an external variable (``std.extVar('NAME')``).
+
+Unknown or mistyped keys fail at start with the full key, the closest valid name and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEMO_CONFIG = "demo.yaml"
+# Recipes live in the repository's configs/ (editable installs) and are copied into the wheel as
+# imagerl/configs (see pyproject); both are searched so `imagerl train demo` works either way.
+CONFIG_DIRS = (PACKAGE_DIR.parent.parent / "configs", PACKAGE_DIR / "configs")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and says how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema. Defaults follow the papers the recipes reproduce (DeepSeekMath GRPO, Janus-Pro-R1, Flow-GRPO).
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "fp32"  # compute dtype under autocast: fp32 | bf16 | fp16
+    name: str = ""  # run name for loggers; defaults to the output dir's name
+    resume: bool = True  # resume from the last checkpoint in output_dir/checkpoints if one exists
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+    threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)  # empty = the family's default
+
+
+@dataclass
+class ModelConfig:
+    family: str = "janus"  # policy adapter name (registry), or package.module:Class
+    path: str = ""  # local directory or hub id of a real checkpoint; unused with tiny=true
+    tiny: bool = False  # build tiny random weights of the same architecture classes, offline
+    tiny_size: str = "demo"  # which tiny preset: demo | test | bench
+    tiny_overrides: dict[str, Any] = field(default_factory=dict)  # architecture knobs for tiny builds
+    dtype: str = "fp32"  # weight dtype: fp32 | bf16 | fp16
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    trainable: list[str] = field(default_factory=list)  # full fine-tune: name substrings to train (empty = family default)
+    gradient_checkpointing: bool = False
+    reference: str = "auto"  # auto | lora_disabled | frozen_copy | none   (auto: lora_disabled with LoRA)
+    revision: str = ""
+    trust_remote_code: bool = False
+    image_size: int = 0  # output resolution (0 = the family's default)
+    # Frozen editor / extra components (planner policies, editing models)
+    editor: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    path: str = ""  # .txt | .jsonl | .csv | .parquet, or builtin:<name>
+    name: str = ""  # defaults to the file stem
+    weight: float = 1.0  # sampling weight in a mixture
+    prompt_field: str = "prompt"
+    image_field: str = "image"  # source image column for editing data
+    reward_weights: dict[str, float] = field(default_factory=dict)  # per-dataset reward weights (overrides rewards[].weight)
+    limit: int = 0  # use only the first N rows (0 = all)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig(path="builtin:color_shapes")])
+    prompts_per_step: int = 4  # B: distinct prompts per step (over all ranks)
+    eval_datasets: list[DatasetConfig] = field(default_factory=list)
+    sft_datasets: list[DatasetConfig] = field(default_factory=list)  # prompt+image pairs for the auxiliary SFT loss
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8  # G samples per prompt
+    micro_batch_size: int = 0  # samples per rollout forward (0 = all at once)
+    # autoregressive token sampling
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    cfg_scale: float = 5.0  # classifier-free guidance (AR: logits mix; flow: velocity mix). 1 = off
+    # flow-matching sampling
+    num_steps: int = 10
+    sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode
+    noise_level: float = 0.7  # a (Flow-GRPO), eta (CPS/Dance)
+    sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
+    sde_window_range: list[int] = field(default_factory=list)  # [lo, hi) where the window may start
+    shared_noise: bool = False  # same initial noise for the G samples of a prompt
+    timestep_shift: float = 0.0  # 0 = resolution-dependent shift from the model's scheduler config
+    cfg_in_training: bool = True  # flow: apply CFG when recomputing log-probs (False = DeepGen-RL)
+    # planner / text policies
+    max_new_tokens: int = 256
+    prefill: str = ""  # thinking prefill appended after the prompt
+    # evaluation
+    eval_num_steps: int = 0  # 0 = num_steps
+    eval_cfg_scale: float = 0.0  # 0 = cfg_scale
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "grpo"
+    advantage: str = "group_zscore"  # group_zscore | global_std | mean_only (Dr.GRPO) | gdpo
+    adv_eps: float = 1e-4
+    adv_clip: float = 0.0  # 0 = no clipping of advantages
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: float = 0.0  # c > 1 enables dual-clip for negative advantages (0 = off)
+    loss_agg: str = "token_mean"  # token_mean | seq_mean
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"  # AR: k1 | k2 | k3 ; flow: mean | velocity
+    inner_epochs: int = 1
+    micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
+    timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration
+    sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
+    sft_batch_size: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    eval_every: int = 0  # 0 = never
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50  # steps between checkpoints (0 = only at the end)
+    keep_last: int = 2
+    save_final: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    progress_bar: bool = True
+    log_every: int = 1
+    sample_every: int = 10  # steps between sample grids (0 = never)
+    samples_per_grid: int = 16
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "imagerl"
+    wandb_mode: str = "offline"  # offline | online
+    swanlab: bool = False
+    swanlab_project: str = "imagerl"
+    swanlab_mode: str = "offline"
+
+
+@dataclass
+class RewardSpec:
+    type: str = "color_position"  # registry name or package.module:Class
+    name: str = ""  # metric name; defaults to type
+    weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # the reward's own parameters (validated by it)
+
+
+@dataclass
+class ScoringConfig:
+    overlap: bool = False  # score batch k (remote rewards) while batch k+1 rolls out
+    fallback: Optional[float] = None  # value used for abstaining samples only when asked for
+    max_abstain_fraction: float = 1.0  # fail the step if more samples than this abstain
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "auto"  # auto | none | ddp | fsdp2 | deepspeed
+    zero_stage: int = 2
+    backend: str = "auto"  # auto | gloo | nccl
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+if not OmegaConf.has_resolver("env"):
+    OmegaConf.register_resolver("env", lambda name, default=None: os.environ.get(name, default))
+
+
+def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
+    """A config path as given, or a bundled recipe name (``demo.yaml`` or ``demo``)."""
+    if path is None:
+        path = DEMO_CONFIG
+    p = Path(path)
+    if p.exists():
+        return p
+    for d in CONFIG_DIRS:
+        for cand in (p.name, f"{p.name}.yaml"):
+            if (d / cand).exists():
+                return d / cand
+    names = sorted({q.stem for d in CONFIG_DIRS if d.exists() for q in d.glob("*.yaml")})
+    raise ConfigError(
+        f"config file '{path}' does not exist. Give a path to a .yaml/.jsonnet file, or a bundled recipe: "
+        f"{', '.join(names)}"
+    )
+
+
+def _read_file(path: Path) -> Any:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonnet", ".libsonnet"):
+        try:
+            import _jsonnet  # type: ignore[import-not-found]
+        except ImportError as e:
+            raise ConfigError(f"{path}: jsonnet configs need the 'jsonnet' package: pip install jsonnet") from e
+        try:
+            text = _jsonnet.evaluate_file(str(path), ext_vars=dict(os.environ))
+        except RuntimeError as e:
+            raise ConfigError(f"{path}: jsonnet evaluation failed: {e}") from e
+        return json.loads(text)
+    if suffix == ".json":
+        return json.loads(path.read_text())
+    if suffix in (".yaml", ".yml"):
+        try:
+            return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        except Exception as e:  # yaml.YAMLError and friends
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    raise ConfigError(f"{path}: unknown config format '{suffix}'. Use .yaml, .json or .jsonnet")
+
+
+def _valid_keys(node: Any) -> list[str]:
+    if dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _schema_at(path: list[str]) -> Any:
+    """The dataclass (instance) at a dotted path of the schema, skipping list indices."""
+    node: Any = Config()
+    for part in path:
+        if isinstance(node, list):
+            node = node[0] if node else None
+            if part.isdigit():
+                continue
+        if not dataclasses.is_dataclass(node):
+            return None
+        if part.isdigit():
+            continue
+        node = getattr(node, part, None)
+    if isinstance(node, list):
+        node = node[0] if node else None
+    return node
+
+
+def _check_keys(data: Any, path: list[str], schema: Any) -> None:
+    """Walk user data against the schema; fail on the first unknown key with the closest valid name."""
+    if isinstance(schema, list):
+        elem = schema[0] if schema else None
+        if elem is None:
+            elem = _list_elem_default(path)
+        if isinstance(data, list):
+            for i, item in enumerate(data):
+                _check_keys(item, path + [str(i)], elem)
+        return
+    if not dataclasses.is_dataclass(schema) or not isinstance(data, dict):
+        return
+    valid = _valid_keys(schema)
+    for k, v in data.items():
+        if k not in valid:
+            full = ".".join(path + [str(k)])
+            close = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.5)
+            where = ".".join(path) or "the top level"
+            hint = f" Did you mean '{'.'.join(path + [close[0]])}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{full}'.{hint} Valid keys under {where}: {', '.join(valid)}. "
+                f"Fix the key in your YAML or override (run `imagerl print-config` to see every key)."
+            )
+        sub = getattr(schema, k)
+        if sub is None or isinstance(sub, (list, dict)) or dataclasses.is_dataclass(sub):
+            if isinstance(sub, list) and not sub:
+                sub = [_list_elem_default(path + [str(k)])]
+            _check_keys(v, path + [str(k)], sub)
+
+
+def _list_elem_default(path: list[str]) -> Any:
+    key = ".".join(p for p in path if not p.isdigit())
+    return {
+        "rewards": RewardSpec(),
+        "data.datasets": DatasetConfig(),
+        "data.eval_datasets": DatasetConfig(),
+        "data.sft_datasets": DatasetConfig(),
+    }.get(key)
+
+
+def _parse_overrides(overrides: list[str]) -> Any:
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.steps=20)")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+
+
+def _merge_user(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge plain dicts; lists merge element-wise when the override indexes into them."""
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge_user(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), list) and all(str(i).isdigit() for i in v):
+            lst = list(out[k])
+            for i, item in v.items():
+                i = int(i)
+                while len(lst) <= i:
+                    lst.append({})
+                lst[i] = _merge_user(lst[i], item) if isinstance(item, dict) and isinstance(lst[i], dict) else item
+            out[k] = lst
+        else:
+            out[k] = v
+    return out
+
+
+def _listify_indexed(data: Any, path: list[str]) -> Any:
+    """`rewards.0.weight=2` arrives as {'rewards': {'0': {...}}} when the file had no list; make it a list."""
+    if isinstance(data, dict):
+        if data and all(str(k).isdigit() for k in data) and isinstance(_schema_at(path), object):
+            sch = _schema_at_list(path)
+            if sch:
+                return [_listify_indexed(data[k], path + [str(k)]) for k in sorted(data, key=lambda x: int(x))]
+        return {k: _listify_indexed(v, path + [str(k)]) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_listify_indexed(v, path + [str(i)]) for i, v in enumerate(data)]
+    return data
+
+
+def _schema_at_list(path: list[str]) -> bool:
+    key = ".".join(p for p in path if not p.isdigit())
+    return key in ("rewards", "data.datasets", "data.eval_datasets", "data.sft_datasets")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a recipe (or the demo), apply overrides, validate, and return a typed `Config`."""
+    overrides = list(overrides or [])
+    user: dict[str, Any] = {}
+    cfg_path = resolve_config_path(path)
+    data = _read_file(cfg_path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_path}: the top level must be a mapping of sections (run:, model:, ...)")
+    user = _merge_user(user, data)
+    user = _merge_user(user, _parse_overrides(overrides))
+    user = _listify_indexed(user, [])
+    _check_keys(user, [], Config())
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, user)
+        container = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+        merged = OmegaConf.merge(schema, container)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except ValidationError as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(
+            f"config key '{key}' has a value of the wrong type: {e.msg if hasattr(e, 'msg') else e}. "
+            f"Fix it in your YAML or with an override like {key}=<value>."
+        ) from e
+    except ConfigKeyError as e:
+        raise ConfigError(f"unknown config key: {e}") from e
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", "") or "?"
+        raise ConfigError(f"config key '{key}': {e}") from e
+    validate(cfg)
+    return cfg
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "run.dtype": ("fp32", "bf16", "fp16"),
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.reference": ("auto", "lora_disabled", "frozen_copy", "none"),
+    "model.tiny_size": ("demo", "test", "bench"),
+    "rollout.sde": ("flow_grpo", "cps", "dance", "ode"),
+    "algorithm.loss_agg": ("token_mean", "seq_mean"),
+    "algorithm.kl_estimator": ("k1", "k2", "k3", "mean", "velocity"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "logging.wandb_mode": ("offline", "online"),
+    "logging.swanlab_mode": ("offline", "online", "local", "cloud"),
+    "dist.strategy": ("auto", "none", "ddp", "fsdp2", "deepspeed"),
+    "dist.backend": ("auto", "gloo", "nccl"),
+}
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for p in dotted.split("."):
+        node = getattr(node, p)
+    return node
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks; each error names the field and the fix."""
+    for key, choices in _CHOICES.items():
+        v = _get(cfg, key)
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{key}='{v}' is not valid.{hint} Choose one of: {', '.join(choices)}")
+
+    def positive(key: str, allow_zero: bool = False) -> None:
+        v = _get(cfg, key)
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}")
+
+    for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs",
+              "algorithm.micro_batch_size", "rollout.num_steps"):
+        positive(k)
+    for k in ("checkpoint.every", "checkpoint.keep_last", "logging.sample_every", "optim.warmup_steps",
+              "optim.lr", "algorithm.kl_coef", "rollout.temperature"):
+        positive(k, allow_zero=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
+    if not 0 < cfg.algorithm.timestep_fraction <= 1:
+        raise ConfigError(f"algorithm.timestep_fraction={cfg.algorithm.timestep_fraction} must be in (0, 1]")
+    if not 0 <= cfg.algorithm.sft_weight < 1:
+        raise ConfigError(f"algorithm.sft_weight={cfg.algorithm.sft_weight} must be in [0, 1)")
+    if cfg.algorithm.sft_weight > 0 and not cfg.data.sft_datasets:
+        raise ConfigError("algorithm.sft_weight > 0 needs data.sft_datasets (prompt+image pairs); add one or set sft_weight=0")
+    if cfg.algorithm.clip_eps_low < 0 or cfg.algorithm.clip_eps_high < 0:
+        raise ConfigError("algorithm.clip_eps_low / clip_eps_high must be >= 0")
+    if cfg.algorithm.dual_clip and cfg.algorithm.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (or 0 to turn it off)")
+    if cfg.rollout.group_size < 2:
+        raise ConfigError("rollout.group_size must be >= 2: group advantages need at least two samples per prompt")
+    if not cfg.model.tiny and not cfg.model.path:
+        raise ConfigError(
+            "model.path is empty: give a local checkpoint directory or hub id (model.path=...), "
+            "or set model.tiny=true to build tiny random weights for a smoke test"
+        )
+    if not cfg.rewards:
+        raise ConfigError("rewards is empty: configure at least one reward (rewards: [{type: ..., weight: ...}])")
+    for i, r in enumerate(cfg.rewards):
+        if not r.type:
+            raise ConfigError(f"rewards[{i}].type is empty: name a reward (e.g. color_position) or package.module:Class")
+    if not cfg.data.datasets:
+        raise ConfigError("data.datasets is empty: add at least one prompt file (data.datasets: [{path: prompts.txt}])")
+    for i, d in enumerate(cfg.data.datasets):
+        if not d.path:
+            raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
+        if d.weight <= 0:
+            raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")
+    if cfg.rollout.sde_window_range and len(cfg.rollout.sde_window_range) != 2:
+        raise ConfigError("rollout.sde_window_range must be [lo, hi] or empty")
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))  # type: ignore[return-value]
+
+
+def _is_container(x: Any) -> bool:
+    return isinstance(x, (DictConfig, ListConfig))

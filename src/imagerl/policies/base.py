@@ -1,0 +1,166 @@
+"""The Policy protocol: everything model-specific the one training loop needs.
+
+A policy adapter knows how to draw G samples per prompt (`rollout`), what to store to replay them, and
+how to recompute the log-probability of the stored trained units under the current weights with exactly
+the sampling distribution (`log_prob`). The loop never branches on the model family.
+
+Trained units: image tokens for autoregressive policies (T = number of image tokens), denoising steps
+for flow policies (T = number of steps; ODE steps are masked out). `unit_chunks` says how the units of a
+micro-batch are grouped into forwards: AR policies score all tokens in one teacher-forced forward, flow
+policies need one forward per denoising step and may train a random subset of steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..types import LogProbOutput, PromptBatch, Rollout
+
+
+class Policy(nn.Module):
+    """Base class of every policy adapter. Subclasses register themselves in `registry.POLICIES`."""
+
+    #: default LoRA target modules of the family (used when model.lora.target_modules is empty)
+    default_lora_targets: tuple[str, ...] = ()
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.device = device
+        self._ref_copy: nn.Module | None = None
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def rollout(
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        generator: torch.Generator,
+        group_id_offset: int = 0,
+        eval_mode: bool = False,
+    ) -> Rollout:
+        """Draw `group_size` samples for each prompt of `batch` ([B] -> N = B*G rows, prompt-major).
+
+        group ids are `group_id_offset + b` so that they are unique across ranks and steps.
+        `eval_mode` samples deterministically (flow: ODE) with the evaluation settings.
+        Runs under torch.no_grad; the loop calls it with the module in eval() mode.
+        """
+        raise NotImplementedError
+
+    # ---- training -------------------------------------------------------------------------------
+    def unit_chunks(self, rollout: Rollout, generator: torch.Generator) -> list[torch.Tensor]:
+        """Index tensors into the T units; each chunk is scored by one `log_prob` call.
+
+        Default: one chunk holding every unit (AR teacher forcing)."""
+        return [torch.arange(rollout.num_units)]
+
+    def log_prob(self, rollout: Rollout, units: torch.Tensor, need_kl_terms: bool = False) -> LogProbOutput:
+        """Recompute log-probs of `units` ([K] indices into T) of every row of `rollout` -> logp [N, K].
+
+        Must use exactly the sampling distribution (temperature, CFG, masks, noise level), so that the
+        first inner step gives ratio exp(logp - old_logp) == 1 for any micro-batch composition.
+        """
+        raise NotImplementedError
+
+    def sft_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """Auxiliary supervised loss on a prompt+image batch (flow: flow-matching loss)."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary SFT loss")
+
+    # ---- parameters -----------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        """The module whose parameters are trained (wrapped by DDP/FSDP)."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.trainable_module().parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.trainable_module().named_parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.named_trainable_parameters()}
+
+    def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        params = dict(self.named_trainable_parameters())
+        missing = set(params) - set(sd)
+        unexpected = set(sd) - set(params)
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not match the policy: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
+                "(was it written with another model.family, LoRA setting or tiny preset?)"
+            )
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(sd[n].to(p.device, p.dtype))
+
+    # ---- reference policy -----------------------------------------------------------------------
+    def uses_lora(self) -> bool:
+        return bool(self.cfg.model.lora.enabled)
+
+    def reference_mode(self) -> str:
+        mode = self.cfg.model.reference
+        if mode == "auto":
+            return "lora_disabled" if self.uses_lora() else "frozen_copy"
+        return mode
+
+    def setup_reference(self) -> None:
+        """Prepare the reference policy; called once after weights are loaded (before training)."""
+        if self.reference_mode() == "frozen_copy" and self.cfg.algorithm.kl_coef > 0:
+            import copy
+
+            mod = self.trainable_module()
+            self._ref_copy = copy.deepcopy(mod).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this context the policy computes as the frozen reference policy."""
+        mode = self.reference_mode()
+        if mode == "none":
+            raise RuntimeError("model.reference=none but a KL term needs a reference policy; set algorithm.kl_coef=0")
+        if mode == "lora_disabled":
+            mod = self.trainable_module()
+            if not hasattr(mod, "disable_adapter"):
+                raise RuntimeError("model.reference=lora_disabled needs model.lora.enabled=true")
+            with mod.disable_adapter():
+                yield
+            return
+        if self._ref_copy is None:
+            raise RuntimeError("frozen reference copy missing: setup_reference() was not called")
+        with swap_module_state(self.trainable_module(), self._ref_copy):
+            yield
+
+    # ---- export ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str) -> None:
+        """Write weights loadable by the family's own library (LoRA merged or as adapter)."""
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def swap_module_state(live: nn.Module, frozen: nn.Module) -> Iterator[None]:
+    """Temporarily give `live` the parameters of `frozen` (same architecture), without copying twice.
+
+    Swapping `.data` pointers keeps hooks, DDP wrappers and parameter identity intact."""
+    live_params = dict(live.named_parameters())
+    frozen_params = dict(frozen.named_parameters())
+    saved = {n: p.data for n, p in live_params.items()}
+    try:
+        for n, p in live_params.items():
+            p.data = frozen_params[n].data
+        yield
+    finally:
+        for n, p in live_params.items():
+            p.data = saved[n]
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

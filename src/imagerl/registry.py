@@ -1,0 +1,81 @@
+"""Name -> factory maps. Variants (policies, rewards, advantage and loss functions) are chosen by name
+from the config instead of if/elif towers. A name of the form ``package.module:attr`` imports user code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
+
+
+class Registry(Generic[T]):
+    """A named map with a duplicate guard and helpful unknown-name errors."""
+
+    def __init__(self, kind: str, field: str):
+        self.kind = kind  # e.g. "reward"
+        self.field = field  # config field that selects from it, for error messages
+        self._items: dict[str, T] = {}
+        self._lazy: dict[str, str] = {}  # name -> "module:attr" imported on first use
+
+    def register(self, name: str, obj: T | None = None) -> Any:
+        def deco(o: T) -> T:
+            if name in self._items and self._items[name] is not o:
+                raise ValueError(f"{self.kind} '{name}' is registered twice")
+            self._items[name] = o
+            return o
+
+        return deco(obj) if obj is not None else deco
+
+    def register_lazy(self, name: str, target: str) -> None:
+        """Register `name` to be imported from `module:attr` when first asked for (keeps imports cheap)."""
+        self._lazy[name] = target
+
+    def names(self) -> list[str]:
+        return sorted(set(self._items) | set(self._lazy))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items or name in self._lazy or ":" in name
+
+    def get(self, name: str) -> T:
+        if name in self._items:
+            return self._items[name]
+        if name in self._lazy:
+            obj = import_object(self._lazy[name], field=self.field)
+            self._items[name] = obj
+            return obj
+        if ":" in name:
+            return import_object(name, field=self.field)
+        close = difflib.get_close_matches(name, self.names(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise RegistryError(
+            f"{self.field}: unknown {self.kind} '{name}'.{hint} Valid names: {', '.join(self.names())}; "
+            f"or give your own as 'package.module:ClassName'."
+        )
+
+
+def import_object(path: str, field: str = "") -> Any:
+    mod_name, _, attr = path.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise RegistryError(f"{field}: cannot import module '{mod_name}' named in '{path}': {e}") from e
+    obj: Any = mod
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RegistryError(f"{field}: module '{mod_name}' has no attribute '{attr}' (from '{path}')")
+        obj = getattr(obj, part)
+    return obj
+
+
+POLICIES: Registry[Callable[..., Any]] = Registry("policy", "model.family")
+REWARDS: Registry[Callable[..., Any]] = Registry("reward", "rewards[].type")
+ADVANTAGES: Registry[Callable[..., Any]] = Registry("advantage estimator", "algorithm.advantage")
+KL_ESTIMATORS: Registry[Callable[..., Any]] = Registry("KL estimator", "algorithm.kl_estimator")

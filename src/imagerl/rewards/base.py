@@ -1,0 +1,198 @@
+"""The Reward protocol and the set of configured rewards.
+
+A reward maps a `RewardInput` of N samples to `RewardOutput.scores` [N] float32. NaN means the reward
+abstains for that sample (no target text in the prompt, a judge that could not be parsed, a server that
+did not answer): it is never replaced by a silent neutral value. Advantage functions treat an abstaining
+reward as absent for that sample; a configured fallback is used only when the user asks for one.
+
+Rewards are built from `rewards[]` config entries: `type` picks a registered class (or
+``package.module:Class``), `args` are the class's keyword arguments and are checked against its
+signature at start so a typo fails with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..registry import REWARDS
+from ..types import RewardInput, RewardOutput
+
+
+class Reward:
+    """Base class. Subclasses implement `score`; remote rewards override `score_async` too."""
+
+    #: True for rewards whose scoring mostly waits on I/O (remote judges): the loop may overlap them
+    is_remote: bool = False
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name or type(self).__name__
+
+    def score(self, inp: RewardInput) -> RewardOutput:
+        raise NotImplementedError
+
+    def __call__(self, inp: RewardInput) -> RewardOutput:
+        out = self.score(inp)
+        if out.scores.shape[0] != len(inp):
+            raise RuntimeError(f"reward '{self.name}' returned {out.scores.shape[0]} scores for {len(inp)} samples")
+        return out
+
+    async def score_async(self, inp: RewardInput) -> RewardOutput:
+        """Default: run the blocking scorer in a worker thread so other work proceeds."""
+        return await asyncio.to_thread(self.__call__, inp)
+
+    def close(self) -> None:
+        """Release servers, sessions or models."""
+
+
+class NaNRewardError(RuntimeError):
+    pass
+
+
+def check_scores(name: str, out: RewardOutput) -> RewardOutput:
+    """Infinite scores are a bug in the scorer, not an abstain: fail loudly, naming the reward."""
+    if torch.isinf(out.scores).any():
+        raise NaNRewardError(
+            f"reward '{name}' returned an infinite score; fix the scorer (NaN is allowed and means 'abstain')"
+        )
+    return out
+
+
+def build_reward(spec: Any, index: int | str = 0) -> Reward:
+    """Instantiate one reward from a `RewardSpec`-like object (type, name, weight, args)."""
+    rtype = spec["type"] if isinstance(spec, dict) else spec.type
+    args = dict(spec.get("args", {}) if isinstance(spec, dict) else spec.args)
+    name = (spec.get("name", "") if isinstance(spec, dict) else spec.name) or rtype.split(":")[-1]
+    field = f"rewards[{index}]"
+    try:
+        cls = REWARDS.get(rtype)
+    except KeyError as e:
+        raise ValueError(f"{field}.type: {e}") from None
+    check_kwargs(cls, args, f"{field}.args")
+    try:
+        return cls(name=name, **args)
+    except TypeError as e:
+        raise ValueError(f"{field} ({rtype}): {e}") from e
+
+
+def check_kwargs(cls: Any, args: dict[str, Any], field: str) -> None:
+    """Fail on keyword arguments the class does not take, naming the closest valid one."""
+    sig = inspect.signature(cls.__init__)
+    params = [p for p in sig.parameters.values() if p.name not in ("self", "name")]
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for k in args:
+        if k not in valid:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(f"{field}.{k}: unknown argument for {cls.__name__}.{hint} Valid: {', '.join(valid) or '(none)'}")
+    missing = [p.name for p in params if p.default is inspect.Parameter.empty
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]
+    if missing:
+        raise ValueError(f"{field}: {cls.__name__} needs argument(s) {', '.join(missing)}; add them under args:")
+
+
+@dataclass
+class ScoreTable:
+    """Scores of every configured reward for one batch."""
+
+    names: list[str]  # [R]
+    scores: torch.Tensor  # [N, R] float32, NaN = abstain
+    weights: torch.Tensor  # [N, R] per-sample weights (per-dataset reward weights applied)
+    details: dict[str, Any]
+
+    def weighted_total(self, fallback: float | None = None) -> torch.Tensor:
+        """Weighted sum over rewards -> [N]. With no abstains this is exactly sum_r w_r * s_r.
+
+        An abstaining reward neither pulls a sample down nor up: the rewards that voted are rescaled by
+        (total |weight|) / (|weight| that voted). A sample on which every reward abstains stays NaN."""
+        s = self.scores
+        if fallback is not None:
+            s = torch.nan_to_num(s, nan=fallback)
+        valid = ~torch.isnan(s)
+        w_valid = torch.where(valid, self.weights, torch.zeros_like(self.weights))
+        tot = (torch.nan_to_num(s) * w_valid).sum(1)
+        voted = w_valid.abs().sum(1)
+        scale = self.weights.abs().sum(1) / voted.clamp_min(1e-12)
+        return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
+
+
+class RewardSet:
+    """The configured rewards, scored together. Async-aware so remote judges run concurrently."""
+
+    def __init__(self, specs: list[Any]):
+        self.rewards: list[Reward] = [build_reward(s, i) for i, s in enumerate(specs)]
+        self.weights = [float(s["weight"] if isinstance(s, dict) else s.weight) for s in specs]
+        self.names = _unique([r.name for r in self.rewards])
+        for r, n in zip(self.rewards, self.names):
+            r.name = n
+
+    @property
+    def any_remote(self) -> bool:
+        return any(r.is_remote for r in self.rewards)
+
+    def weight_matrix(self, n: int, per_sample: list[dict[str, float]] | None = None) -> torch.Tensor:
+        """[N, R] weights; per-sample overrides (per-dataset reward weights) win over the global ones."""
+        w = torch.tensor(self.weights, dtype=torch.float32).repeat(n, 1)
+        if per_sample:
+            for i, overrides in enumerate(per_sample):
+                for j, name in enumerate(self.names):
+                    if overrides and name in overrides:
+                        w[i, j] = float(overrides[name])
+        return w
+
+    async def score_async(self, inp: RewardInput, per_sample_weights: list[dict[str, float]] | None = None) -> ScoreTable:
+        outs = await asyncio.gather(*(r.score_async(inp) for r in self.rewards))
+        return self._table(inp, list(outs), per_sample_weights)
+
+    def score(self, inp: RewardInput, per_sample_weights: list[dict[str, float]] | None = None) -> ScoreTable:
+        if self.any_remote:
+            return run_sync(self.score_async(inp, per_sample_weights))
+        return self._table(inp, [r(inp) for r in self.rewards], per_sample_weights)
+
+    def _table(self, inp: RewardInput, outs: list[RewardOutput], per_sample_weights: list[dict[str, float]] | None) -> ScoreTable:
+        details: dict[str, Any] = {}
+        cols = []
+        for name, out in zip(self.names, outs):
+            check_scores(name, out)
+            cols.append(out.scores)
+            for k, v in out.details.items():
+                details[f"{name}/{k}"] = v
+        scores = torch.stack(cols, 1) if cols else torch.zeros(len(inp), 0)
+        return ScoreTable(self.names, scores, self.weight_matrix(len(inp), per_sample_weights), details)
+
+    def close(self) -> None:
+        for r in self.rewards:
+            r.close()
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine from synchronous code, also when called inside a running loop's thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as ex:
+        return ex.submit(asyncio.run, coro).result()
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        if n in seen:
+            seen[n] += 1
+            out.append(f"{n}_{seen[n]}")
+        else:
+            seen[n] = 0
+            out.append(n)
+    return out
