@@ -205,6 +205,20 @@ class DistConfig:
 
 
 @dataclass
+class ServerConfig:
+    """`imagerl serve-reward`: the reward server (rewards/server.py). Unused by training."""
+
+    host: str = "127.0.0.1"  # loopback by default; bind other addresses only behind auth
+    port: int = 8100
+    api_key_env: str = ""  # name of an env var holding the Bearer key clients must send ("" = no auth)
+    max_batch: int = 32  # samples coalesced into one scorer call (dynamic batching)
+    max_wait_ms: float = 10.0  # how long the first request of a batch waits for more
+    max_request_bytes: int = 64 * 1024 * 1024  # larger request bodies get 413
+    max_image_pixels: int = 4096 * 4096  # larger images (width*height) get 413
+    chat: dict[str, Any] = field(default_factory=dict)  # LocalVLMBackend args for /v1/chat/completions ({} = none)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -218,6 +232,7 @@ class Config:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 # --------------------------------------------------------------------------------------------------
