@@ -1,0 +1,288 @@
+"""Judge output parsers on real-looking VLM answers, malformed ones included."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from imagerl.rewards.judges.parsers import (
+    find_json_objects,
+    loads_lenient,
+    normalize_text,
+    parse_choice,
+    parse_rubric,
+    parse_score,
+    parse_score_list,
+    parse_yes_no,
+    strip_code_fences,
+    yes_no_probability,
+)
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_normalize_fullwidth_and_chinese_punctuation():
+    assert normalize_text("｛“score”：［８，９］｝") == '{"score":[8,9]}'
+    assert normalize_text(None) == ""
+    assert normalize_text("  ") == ""
+
+
+def test_strip_code_fences():
+    assert strip_code_fences('Here:\n```json\n{"a": 1}\n```\nThanks') == '{"a": 1}'
+    assert strip_code_fences("```{\"a\": 1}```") == '{"a": 1}'
+    assert strip_code_fences("no fence") == "no fence"
+
+
+def test_find_json_objects_ignores_braces_in_strings():
+    text = 'pre {"reasoning": "a } brace", "score": [1]} mid {"x": {"y": 2}} post'
+    assert find_json_objects(text) == ['{"reasoning": "a } brace", "score": [1]}', '{"x": {"y": 2}}']
+    assert find_json_objects("{unclosed") == []
+
+
+@pytest.mark.parametrize(
+    "blob, expected",
+    [
+        ('{"score": [1, 2]}', {"score": [1, 2]}),
+        ('{"score": [1, 2],}', {"score": [1, 2]}),  # trailing comma
+        ("{'score': [1, 2], 'reasoning': 'ok'}", {"score": [1, 2], "reasoning": "ok"}),  # python dict
+        ('{"ok": true, "x": null}', {"ok": True, "x": None}),
+        ("{'ok': true}", {"ok": True}),  # single quotes AND json literal
+        ("{score: [1}", None),
+    ],
+)
+def test_loads_lenient(blob, expected):
+    assert loads_lenient(blob) == expected
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+VIESCORE_CLEAN = '{\n  "reasoning": "The sky was turned purple as asked, the house is unchanged.",\n  "score": [9, 8]\n}'
+VIESCORE_FENCED = 'Sure! Here is my evaluation:\n```json\n{"score": [7, 10], "reasoning": "Good edit."}\n```\nLet me know if you need more.'
+VIESCORE_CHINESE = "｛“score”：［６，７］，“reasoning”：“图像自然，但有轻微伪影。”｝"
+VIESCORE_PROSE_AFTER = '{"score": [5, 6], "reasoning": "ok"} I think the image {is} decent.'
+VIESCORE_SINGLE = "{'score': [3, 4], 'reasoning': 'Artifacts on the hands.'}"
+VIESCORE_NOT_JSON = 'reasoning: the cat is missing\nscore: [2, 9]'
+VIESCORE_STRINGS = '{"score": ["8", "9/10"], "reasoning": "fine"}'
+
+
+@pytest.mark.parametrize(
+    "text, n, expected",
+    [
+        (VIESCORE_CLEAN, 2, [9.0, 8.0]),
+        (VIESCORE_FENCED, 2, [7.0, 10.0]),
+        (VIESCORE_CHINESE, 2, [6.0, 7.0]),
+        (VIESCORE_PROSE_AFTER, 2, [5.0, 6.0]),
+        (VIESCORE_SINGLE, 2, [3.0, 4.0]),
+        (VIESCORE_NOT_JSON, 2, [2.0, 9.0]),
+        (VIESCORE_STRINGS, 2, [8.0, 9.0]),
+        ('{"scores": [4.5]}', 1, [4.5]),  # plural key, float
+        ('{"score": 7, "reasoning": "x"}', 1, [7.0]),  # scalar becomes a one-element list
+        ('{"score": [7, 8]}', None, [7.0, 8.0]),  # no expected length
+    ],
+)
+def test_parse_score_list_good(text, n, expected):
+    assert parse_score_list(text, expected_len=n) == expected
+
+
+@pytest.mark.parametrize(
+    "text, n",
+    [
+        ("", 2),
+        (None, 2),
+        ('{"score": [9, 12]}', 2),  # out of range
+        ('{"score": [-1, 5]}', 2),  # negative
+        ('{"score": [8]}', 2),  # wrong length
+        ('{"score": [8, 9, 7]}', 2),
+        ('{"reasoning": "no score given"}', 2),  # missing field
+        ('{"score": ["good", 8]}', 2),  # non-numeric
+        ('{"score": [true, 8]}', 2),  # bool is not a number
+        ("I cannot evaluate this image.", 2),
+        ("```json\n{\"score\": [\n```", 2),  # truncated generation
+    ],
+)
+def test_parse_score_list_bad(text, n):
+    assert parse_score_list(text, expected_len=n) is None
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8", 8.0),
+        (" 7.5 ", 7.5),
+        ("Score: 8/10", 8.0),
+        ("**Rating:** 6 out of 10. The colours are off.", 6.0),
+        ('```json\n{"score": 9}\n```', 9.0),
+        ("I would rate it a 4 because the dog has 5 legs.", 4.0),  # 'rate' marker beats bare numbers
+        ("评分：７", 7.0),  # full-width digit, the only number
+        ("0", 0.0),
+        ("10/10", 10.0),
+    ],
+)
+def test_parse_score_good(text, expected):
+    assert parse_score(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "There are 3 cats and 2 dogs in the image.",  # ambiguous: two numbers, no marker
+        "Score: 11/10",  # out of range
+        "Score: 15",
+        "The image is great!",
+        '{"score": [8, 9]}',  # a list where one score is expected
+    ],
+)
+def test_parse_score_bad(text):
+    assert parse_score(text) is None
+
+
+def test_parse_score_custom_range():
+    assert parse_score("Rating: 4", lo=1, hi=5) == 4.0
+    assert parse_score("Rating: 7", lo=1, hi=5) is None
+    assert parse_score("3 out of 5", lo=1, hi=5) == 3.0
+
+
+# ---------------------------------------------------------------------------------------------- rubric
+
+DIMS = ["identity", "background", "lighting", "style", "instruction following"]
+
+
+def test_rubric_json_fenced_with_prose():
+    text = (
+        "Here is my assessment.\n```json\n"
+        '{"identity": 8, "background": 9, "lighting": 7, "style": 10, "instruction_following": 6}\n```\n'
+        "Overall a solid edit."
+    )
+    assert parse_rubric(text, DIMS) == {
+        "identity": 8.0, "background": 9.0, "lighting": 7.0, "style": 10.0, "instruction following": 6.0,
+    }
+
+
+def test_rubric_nested_and_dict_values():
+    text = '{"scores": {"Identity": {"score": 5, "reason": "face changed"}, "Background": [6]}, "summary": "meh"}'
+    assert parse_rubric(text, DIMS) == {"identity": 5.0, "background": 6.0}
+
+
+def test_rubric_markdown_lines_partial_and_out_of_range():
+    text = (
+        "1. **Identity**: 7/10 - the face is kept\n"
+        "2. **Background**: 12/10\n"  # out of range: dropped
+        "3. Lighting - 4\n"
+        "4. Instruction-Following: 9\n"
+    )
+    assert parse_rubric(text, DIMS) == {"identity": 7.0, "lighting": 4.0, "instruction following": 9.0}
+
+
+def test_rubric_chinese_punctuation_and_empty():
+    assert parse_rubric("identity：８，background：６", DIMS) == {"identity": 8.0, "background": 6.0}
+    assert parse_rubric("", DIMS) == {}
+    assert parse_rubric("I refuse to answer.", DIMS) == {}
+
+
+# ---------------------------------------------------------------------------------------------- yes/no
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Yes", True),
+        ("yes.", True),
+        ("**No**, the sign says HELO.", False),
+        ("YES, it matches", True),
+        ('"No"', False),
+        ("是的，图片与描述一致。", True),
+        ("不是", False),
+        ("The image shows a cat. Answer: no", False),
+        ("After careful inspection, yes.", True),
+        ("", None),
+        ("Maybe.", None),
+        ("Yes and no: the colour matches but the shape does not.", True),  # first word decides
+        ("It is hard to say yes or no.", None),  # both, not first: contradictory
+        ("Nothing is wrong", None),  # 'nothing' is not 'no'
+    ],
+)
+def test_parse_yes_no(text, expected):
+    assert parse_yes_no(text) == expected
+
+
+def test_yes_no_probability_sums_variants():
+    lp = [{"Yes": math.log(0.5), " yes": math.log(0.1), "YES": math.log(0.1), "No": math.log(0.2), "▁no": math.log(0.1)}]
+    r = yes_no_probability(lp, "Yes")
+    assert r.source == "logprobs"
+    assert r.p_yes == pytest.approx(0.7 / 1.0)
+
+
+def test_yes_no_probability_skips_leading_tokens_and_ignores_others():
+    lp = [
+        {"**": -0.01, "The": -5.0},  # markdown first: no yes/no here
+        {"Yes": math.log(0.3), "No": math.log(0.1), "Maybe": math.log(0.5)},
+    ]
+    r = yes_no_probability(lp, "**Yes**")
+    assert r.p_yes == pytest.approx(0.75)  # renormalised over yes/no only; "Maybe" ignored
+
+
+def test_yes_no_probability_text_fallback_and_failure():
+    assert yes_no_probability(None, "No.").p_yes == 0.0
+    assert yes_no_probability(None, "No.").source == "text"
+    assert yes_no_probability([{"The": -0.1}], "yes").p_yes == 1.0  # no yes/no token -> text
+    r = yes_no_probability([{"The": -0.1}], "The image shows a cat")
+    assert r.p_yes is None and r.source == ""
+
+
+def test_yes_no_probability_robust_to_bad_values():
+    lp = [{"Yes": 1e-7, "No": float("-inf"), "yes": float("nan")}]  # rounding above 0, -inf, NaN
+    r = yes_no_probability(lp, "Yes")
+    assert r.p_yes == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- choice
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A", "A"),
+        ("B", "B"),
+        ("(B).", "B"),
+        ("Image 1", "A"),
+        ("image 2", "B"),
+        ("**Image B**", "B"),
+        ("Second", "B"),
+        ("the first one", "A"),
+        ("Tie", "tie"),
+        ("Answer: B", "B"),
+        ("Final answer - Image 1", "A"),
+        ("I prefer the second image because the text is legible.", "B"),
+        ("My choice is A.", "A"),
+        ("A. The colours match the prompt better.", "A"),
+        ("B is better: the dog is on the left as requested.", "B"),
+        ("Image 2 is clearly better than Image 1.", "B"),
+        ("The first image is better; the second has artifacts.", "A"),
+        ("Image 1 is worse than Image 2 in text rendering.", "B"),
+        ("Both images are equally good.", "tie"),
+        ("They are the same.", "tie"),
+        ("```\nB\n```", "B"),
+        ("Ａ", "A"),  # full-width letter
+        ("答案：B", "B"),
+        ("Only the second image shows a red square on the left.", "B"),
+    ],
+)
+def test_parse_choice_good(text, expected):
+    assert parse_choice(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        None,
+        "A cat sits on a mat.",  # article, not a choice
+        "Image 1 shows a dog and image 2 shows a cat.",  # both named, no verdict
+        "I cannot decide.",
+        "Candidate C",
+    ],
+)
+def test_parse_choice_bad(text):
+    assert parse_choice(text) is None
