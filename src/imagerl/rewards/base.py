@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,19 +108,11 @@ class ScoreTable:
     details: dict[str, Any]
 
     def weighted_total(self, fallback: float | None = None) -> torch.Tensor:
-        """Weighted sum over rewards -> [N]. With no abstains this is exactly sum_r w_r * s_r.
+        """Weighted sum over rewards -> [N] (abstains handled as in `algorithms.advantages.weighted_total`)."""
+        from ..algorithms.advantages import weighted_total
 
-        An abstaining reward neither pulls a sample down nor up: the rewards that voted are rescaled by
-        (total |weight|) / (|weight| that voted). A sample on which every reward abstains stays NaN."""
-        s = self.scores
-        if fallback is not None:
-            s = torch.nan_to_num(s, nan=fallback)
-        valid = ~torch.isnan(s)
-        w_valid = torch.where(valid, self.weights, torch.zeros_like(self.weights))
-        tot = (torch.nan_to_num(s) * w_valid).sum(1)
-        voted = w_valid.abs().sum(1)
-        scale = self.weights.abs().sum(1) / voted.clamp_min(1e-12)
-        return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
+        s = self.scores if fallback is None else torch.nan_to_num(self.scores, nan=fallback)
+        return weighted_total(s, self.weights)
 
 
 class RewardSet:

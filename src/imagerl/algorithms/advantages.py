@@ -1,0 +1,110 @@
+"""Group-relative advantage estimators. Tensors in, tensors out; chosen by name (algorithm.advantage).
+
+Signature of every estimator: ``(rewards_NR, group_ids_N, weights_NR, eps, clip) -> AdvantageOutput``
+on the *global* batch (all ranks gathered), so multi-process training equals single-process training.
+
+- ``group_zscore`` (GRPO, Shao et al. 2024): A_i = (r_i - mean_g) / (std_g + eps) on the weighted total reward.
+- ``global_std``: A_i = (r_i - mean_g) / (std_batch + eps): the group mean removes prompt difficulty, one batch
+  std avoids blowing up near-constant groups (Flow-GRPO's global-std option; Dr.GRPO argues against per-group std).
+- ``mean_only`` (Dr.GRPO, Liu et al. 2025): A_i = r_i - mean_g, no std normalisation.
+- ``gdpo`` (multi-reward, as in DeepGen-RL's MR-GRPO): each reward is z-scored within its group separately, the
+  normalised rewards are combined with their weights, the sum is z-scored over the batch, then clipped.
+
+Std is the population std (ddof=0), as numpy/Flow-GRPO compute it: a group {0, 1} gives advantages {-1, +1}.
+NaN rewards (abstains) are excluded from group statistics; a sample whose reward is NaN gets advantage 0 and
+`valid=False` so the loss skips it. Groups whose members all abstain contribute nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..registry import ADVANTAGES
+
+
+@dataclass
+class AdvantageOutput:
+    adv: torch.Tensor  # [N] float32
+    valid: torch.Tensor  # [N] bool: False for samples with no usable reward
+    total: torch.Tensor  # [N] the scalar reward each advantage was computed from (NaN where invalid)
+
+
+def weighted_total(rewards_NR: torch.Tensor, weights_NR: torch.Tensor) -> torch.Tensor:
+    """sum_r w_r s_r with abstaining rewards removed and the voting weight rescaled -> [N] (NaN if all abstain)."""
+    valid = ~torch.isnan(rewards_NR)
+    w = torch.where(valid, weights_NR, torch.zeros_like(weights_NR))
+    tot = (torch.nan_to_num(rewards_NR) * w).sum(1)
+    voted = w.abs().sum(1)
+    scale = weights_NR.abs().sum(1) / voted.clamp_min(1e-12)
+    return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
+
+
+def group_stats(x_N: torch.Tensor, group_ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample mean, population std and count of its group, ignoring NaN entries -> three [N] tensors."""
+    uniq, inv = torch.unique(group_ids_N, return_inverse=True)
+    G = uniq.numel()
+    valid = ~torch.isnan(x_N)
+    xv = torch.where(valid, x_N, torch.zeros_like(x_N)).double()
+    cnt = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, valid.double())
+    s = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, xv)
+    mean = s / cnt.clamp_min(1)
+    dev2 = torch.where(valid, (xv - mean[inv]) ** 2, torch.zeros_like(xv))
+    var = torch.zeros(G, dtype=torch.float64).index_add_(0, inv, dev2) / cnt.clamp_min(1)
+    return mean[inv].to(x_N.dtype), var.sqrt()[inv].to(x_N.dtype), cnt[inv].to(x_N.dtype)
+
+
+def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOutput:
+    valid = ~torch.isnan(adv)
+    adv = torch.nan_to_num(adv, nan=0.0)
+    if clip > 0:
+        adv = adv.clamp(-clip, clip)
+    return AdvantageOutput(adv=adv.float(), valid=valid, total=total)
+
+
+@ADVANTAGES.register("group_zscore")
+def group_zscore(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
+    r = weighted_total(rewards_NR, weights_NR)
+    mean, std, _ = group_stats(r, group_ids_N)
+    return _finish((r - mean) / (std + eps), r, clip)
+
+
+@ADVANTAGES.register("global_std")
+def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
+    r = weighted_total(rewards_NR, weights_NR)
+    mean, _, _ = group_stats(r, group_ids_N)
+    ok = ~torch.isnan(r)
+    std = r[ok].double().std(unbiased=False).to(r.dtype) if ok.any() else torch.tensor(0.0)
+    return _finish((r - mean) / (std + eps), r, clip)
+
+
+@ADVANTAGES.register("mean_only")
+def mean_only(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
+    r = weighted_total(rewards_NR, weights_NR)
+    mean, _, _ = group_stats(r, group_ids_N)
+    return _finish(r - mean, r, clip)
+
+
+@ADVANTAGES.register("gdpo")
+def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
+    cols = []
+    for j in range(rewards_NR.shape[1]):
+        x = rewards_NR[:, j]
+        mean, std, _ = group_stats(x, group_ids_N)
+        cols.append((x - mean) / (std + eps))
+    z_NR = torch.stack(cols, 1) if cols else rewards_NR
+    # An abstaining reward drops out of the weighted sum for that sample (weights of the rewards that voted
+    # are rescaled), exactly like the scalar total used by the single-reward estimators.
+    combined = weighted_total(z_NR, weights_NR)
+    ok = ~torch.isnan(combined)
+    if ok.sum() > 1:
+        m = combined[ok].double().mean().to(combined.dtype)
+        s = combined[ok].double().std(unbiased=False).to(combined.dtype)
+        combined = (combined - m) / (s + eps)
+    return _finish(combined, weighted_total(rewards_NR, weights_NR), clip)
+
+
+def compute_advantages(name: str, rewards_NR, group_ids_N, weights_NR, eps: float, clip: float) -> AdvantageOutput:
+    return ADVANTAGES.get(name)(rewards_NR, group_ids_N, weights_NR, eps=eps, clip=clip)

@@ -1,0 +1,61 @@
+"""KL penalties against the reference policy, per trained unit. Tensors in, tensors out.
+
+Token-level estimators of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence", 2020),
+with delta = ref_logp - logp:
+    k1 = -delta                      unbiased, high variance, can be negative
+    k2 = delta^2 / 2                 biased, low variance
+    k3 = exp(delta) - delta - 1      unbiased, non-negative (GRPO's choice)
+Flow policies (Gaussian transitions with a shared std):
+    mean      KL(N(mu, s^2) || N(mu_ref, s^2)) = ||mu - mu_ref||^2 / (2 s^2), averaged over latent elements
+              (Flow-GRPO's closed form);
+    velocity  ||v - v_ref||^2 averaged over latent elements (velocity-space KL used by DeepGen-RL; it does not
+              blow up where the transition std is tiny).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import KL_ESTIMATORS
+from ..types import LogProbOutput
+
+
+@KL_ESTIMATORS.register("k1")
+def kl_k1(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    return cur.logp.float() - ref.logp.float()
+
+
+@KL_ESTIMATORS.register("k2")
+def kl_k2(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    return 0.5 * (ref.logp.float() - cur.logp.float()) ** 2
+
+
+@KL_ESTIMATORS.register("k3")
+def kl_k3(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    delta = (ref.logp.float() - cur.logp.float()).clamp(-20, 20)  # exp overflow guard; |delta| > 20 is already pathological
+    return torch.exp(delta) - delta - 1.0
+
+
+def _mean_over_latent(x: torch.Tensor, nk_dims: int = 2) -> torch.Tensor:
+    return x.flatten(nk_dims).mean(-1) if x.dim() > nk_dims else x
+
+
+@KL_ESTIMATORS.register("mean")
+def kl_gaussian_mean(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    if cur.mean is None or ref.mean is None or cur.std is None:
+        raise RuntimeError("algorithm.kl_estimator=mean needs a flow policy (transition means and stds)")
+    sq = _mean_over_latent((cur.mean.float() - ref.mean.float()) ** 2)  # [N, K]
+    std = cur.std.float()
+    std = _mean_over_latent(std) if std.dim() > 2 else std
+    return sq / (2.0 * std.pow(2).clamp_min(1e-20))
+
+
+@KL_ESTIMATORS.register("velocity")
+def kl_velocity(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    if cur.velocity is None or ref.velocity is None:
+        raise RuntimeError("algorithm.kl_estimator=velocity needs a flow policy (velocity predictions)")
+    return _mean_over_latent((cur.velocity.float() - ref.velocity.float()) ** 2)
+
+
+def kl_per_unit(name: str, cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    return KL_ESTIMATORS.get(name)(cur, ref)

@@ -1,0 +1,124 @@
+"""Atomic, resumable checkpoints.
+
+A checkpoint is a directory ``checkpoints/step_000050`` holding
+    trainable.safetensors   the trained weights (LoRA adapters or full-FT parameters)
+    optimizer.pt            optimizer + LR-scheduler state
+    state.json              step, sampler position, RNG states (python/numpy/torch), config digest
+It is written into ``step_000050.tmp-<pid>`` first, every file fsync'ed, then renamed in one `os.replace`: a
+kill at any moment leaves either the previous complete checkpoint or the new complete one, never half of one.
+`latest_checkpoint` only considers complete directories (a `COMPLETE` marker written last, before the rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+MARKER = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
+    state: dict[str, Any],
+    keep_last: int = 2,
+) -> Path:
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f"step_{step:06d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    with open(tmp / "trainable.safetensors", "rb+") as f:
+        os.fsync(f.fileno())
+    with open(tmp / "optimizer.pt", "wb") as f:
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, indent=1, default=str).encode())
+    _write_bytes(tmp / MARKER, b"ok\n")
+    _fsync_dir(tmp)
+    if final.exists():  # same step written again (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    prune(ckpt_root, keep_last)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.exists():
+        return []
+    out = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and ".tmp" not in p.name
+           and (p / MARKER).exists()]
+    return sorted(out, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    cks = list_checkpoints(ckpt_root)
+    return cks[-1] if cks else None
+
+
+def prune(ckpt_root: Path, keep_last: int) -> None:
+    for p in ckpt_root.iterdir():  # leftovers of killed writes
+        if ".tmp-" in p.name and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    if keep_last > 0:
+        for p in list_checkpoints(ckpt_root)[:-keep_last]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not (path / MARKER).exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    trainable = load_file(str(path / "trainable.safetensors"))
+    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+    state = json.loads((path / "state.json").read_text())
+    return {"trainable": trainable, **opt, "state": state}

@@ -1,0 +1,197 @@
+"""Prompt datasets and the seeded, resumable, group-aware prompt sampler.
+
+Files: .txt (one prompt a line, blank lines and '#' comments skipped), .jsonl (a prompt field plus any
+metadata kept for rewards), .csv and .parquet (a prompt column; the other columns become metadata).
+Built-ins: ``builtin:color_shapes`` ("a red square on the left", metadata {color, shape, position}) and
+``builtin:colors`` (a smaller set for the CPU demo).
+
+Sampling: every step draws B prompts for the whole job (all ranks draw the same global batch from the same
+seed, then each rank takes its slice), so the data a run sees does not depend on the number of processes.
+A mixture picks the dataset of each prompt by weight; within a dataset prompts are drawn without
+replacement in seeded epochs. The sampler state (per-dataset epoch and position, draw counter) is saved in
+checkpoints so a resumed run sees the same prompts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tiny import COLORS, POSITIONS, SHAPES
+from ..types import PromptBatch
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclass
+class PromptDataset:
+    name: str
+    rows: list[dict[str, Any]]  # each has "prompt" and metadata
+    weight: float = 1.0
+    reward_weights: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def builtin_dataset(name: str) -> list[dict[str, Any]]:
+    if name == "color_shapes":
+        return [
+            {"prompt": f"a {c} {s} on the {p}", "color": c, "shape": s, "position": p}
+            for c in COLORS for s in SHAPES for p in POSITIONS
+        ]
+    if name == "colors":
+        # small and clearly separable: what a tiny model can learn on 2 CPU cores in minutes
+        return [
+            {"prompt": f"a {c} square on the {p}", "color": c, "shape": "square", "position": p}
+            for c in ("red", "green", "blue", "yellow") for p in ("left", "right")
+        ]
+    raise DataError(f"unknown built-in dataset 'builtin:{name}'. Available: builtin:color_shapes, builtin:colors")
+
+
+def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.datasets[0].path") -> list[dict[str, Any]]:
+    if path.startswith("builtin:"):
+        return builtin_dataset(path.split(":", 1)[1])
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{field_name}: prompt file '{path}' does not exist (cwd: {Path.cwd()}). Fix the path.")
+    if p.is_dir():
+        raise DataError(f"{field_name}: '{path}' is a directory; give a .txt/.jsonl/.csv/.parquet file")
+    suffix = p.suffix.lower()
+    rows: list[dict[str, Any]]
+    try:
+        if suffix == ".txt":
+            rows = []
+            for line in p.read_text(encoding="utf-8").splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    rows.append({"prompt": line})
+        elif suffix == ".jsonl":
+            rows = []
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{field_name}: {path} line {i} is not valid JSON: {e.msg}") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{field_name}: {path} line {i} must be a JSON object with a '{prompt_field}' field")
+                rows.append(_take_prompt(obj, prompt_field, f"{path} line {i}", field_name))
+        elif suffix == ".csv":
+            with p.open(newline="", encoding="utf-8") as f:
+                rows = [_take_prompt(dict(r), prompt_field, f"{path} row {i}", field_name)
+                        for i, r in enumerate(csv.DictReader(f), 2)]
+        elif suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p).to_pylist()
+            rows = [_take_prompt(r, prompt_field, f"{path} row {i}", field_name) for i, r in enumerate(table)]
+        else:
+            raise DataError(f"{field_name}: '{path}' has unknown extension '{suffix}'; use .txt, .jsonl, .csv or .parquet")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{field_name}: {path} is not UTF-8 text: {e}") from None
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow / csv errors on corrupt files
+        raise DataError(f"{field_name}: cannot read {path}: {e}") from e
+    if not rows:
+        raise DataError(f"{field_name}: prompt file '{path}' is empty (no prompts found). Add prompts or fix the path.")
+    return rows
+
+
+def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, field_name: str) -> dict[str, Any]:
+    if prompt_field not in obj:
+        raise DataError(
+            f"{field_name}: {where} has no '{prompt_field}' field (fields: {', '.join(map(str, obj))}). "
+            f"Set prompt_field: <name> on the dataset."
+        )
+    out = {k: v for k, v in obj.items() if k != prompt_field}
+    out["prompt"] = str(obj[prompt_field])
+    return out
+
+
+def load_datasets(specs: list[Any], section: str = "data.datasets") -> list[PromptDataset]:
+    out = []
+    for i, s in enumerate(specs):
+        rows = load_rows(s.path, s.prompt_field, f"{section}[{i}].path")
+        if s.limit:
+            rows = rows[: s.limit]
+        name = s.name or (s.path.split(":", 1)[1] if s.path.startswith("builtin:") else Path(s.path).stem)
+        out.append(PromptDataset(name=name, rows=rows, weight=s.weight, reward_weights=dict(s.reward_weights)))
+    return out
+
+
+class PromptSampler:
+    """Seeded mixture sampler with resumable state. `next_batch(B)` is identical on every rank."""
+
+    def __init__(self, datasets: list[PromptDataset], seed: int):
+        self.datasets = datasets
+        self.seed = seed
+        self.state: dict[str, Any] = {"draws": 0, "epoch": [0] * len(datasets), "pos": [0] * len(datasets)}
+        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _perm(self, d: int, epoch: int) -> torch.Tensor:
+        key = (d, epoch)
+        if key not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + d * 7919 + epoch)
+            self._perm_cache = {key: torch.randperm(len(self.datasets[d]), generator=g)}
+        return self._perm_cache[key]
+
+    def _pick_dataset(self) -> int:
+        if len(self.datasets) == 1:
+            return 0
+        g = torch.Generator().manual_seed(self.seed * 31 + 17 + self.state["draws"])
+        w = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
+        return int(torch.multinomial(w / w.sum(), 1, generator=g))
+
+    def next_batch(self, batch_size: int) -> tuple[PromptBatch, list[dict[str, float]]]:
+        prompts, metas, names, rweights = [], [], [], []
+        for _ in range(batch_size):
+            d = self._pick_dataset()
+            self.state["draws"] += 1
+            ds = self.datasets[d]
+            if self.state["pos"][d] >= len(ds):
+                self.state["epoch"][d] += 1
+                self.state["pos"][d] = 0
+            row = ds.rows[int(self._perm(d, self.state["epoch"][d])[self.state["pos"][d]])]
+            self.state["pos"][d] += 1
+            prompts.append(row["prompt"])
+            metas.append({k: v for k, v in row.items() if k != "prompt"})
+            names.append(ds.name)
+            rweights.append(ds.reward_weights)
+        return PromptBatch(prompts=prompts, metadata=metas, dataset_names=names), rweights
+
+    def state_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self.state))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state.get("pos", [])) != len(self.datasets):
+            raise ValueError("sampler state in the checkpoint was written for a different number of datasets")
+        self.state = json.loads(json.dumps(state))
+
+
+def slice_for_rank(batch: PromptBatch, weights: list[dict[str, float]], rank: int, world: int) -> tuple[PromptBatch, list[dict[str, float]], int]:
+    """Contiguous slice of the global prompt batch for this rank; returns the slice and its first global index."""
+    B = len(batch)
+    if B % world:
+        raise ValueError(f"data.prompts_per_step={B} must be divisible by the number of processes ({world})")
+    per = B // world
+    lo, hi = rank * per, (rank + 1) * per
+    return (
+        PromptBatch(
+            prompts=batch.prompts[lo:hi],
+            metadata=batch.metadata[lo:hi],
+            source_images=batch.source_images[lo:hi] if batch.source_images else None,
+            dataset_names=batch.dataset_names[lo:hi] if batch.dataset_names else None,
+        ),
+        weights[lo:hi],
+        lo,
+    )

@@ -1,0 +1,354 @@
+"""The one GRPO training loop: rollout -> rewards -> advantages -> clipped policy update -> log / eval / save.
+
+It never branches on the model family (policies are adapters, see policies/base.py) nor on the algorithm
+variant (advantage estimators and KL estimators come from registries). Distributed code is confined to
+`imagerl.dist`: every rank draws the same global prompt batch, rolls out its slice, rewards and group ids are
+gathered so advantages are computed on the global batch, per-unit loss weights are normalised with global
+counts, and gradients are summed over ranks: K processes compute the same update as one.
+
+Determinism and exact resume: every random draw of step s comes from generators seeded by (run.seed, s, rank),
+so a run resumed from the checkpoint after step s reproduces steps s+1.. of an uninterrupted run bit for bit
+on CPU in fp32 (tested). Checkpoints also carry the global RNG states for user code that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import dist
+from ..algorithms.advantages import AdvantageOutput, compute_advantages
+from ..algorithms.kl import kl_per_unit
+from ..algorithms.losses import clipped_surrogate, unit_weights
+from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ..config import Config, to_dict, to_yaml
+from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
+from ..policies import POLICIES  # noqa: F401  (registers policy names)
+from ..policies.base import Policy, resolve_device
+from ..rewards import REWARDS  # noqa: F401  (registers reward names)
+from ..rewards.base import RewardSet, ScoreTable
+from ..types import PromptBatch, RewardInput, Rollout
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seeded_generator(seed: int, step: int, rank: int, purpose: int) -> torch.Generator:
+    # A 63-bit mix of the four integers; distinct purposes never share a stream.
+    s = (seed * 1_000_003 + step * 9_176_867 + rank * 104_729 + purpose * 7_919) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+ROLLOUT, TRAIN, EVAL, SFT = 1, 2, 3, 4
+
+
+def lr_lambda(cfg: Config):
+    warm, total, kind, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio
+
+    def f(i: int) -> float:  # i = optimizer steps taken so far
+        if warm and i < warm:
+            return (i + 1) / warm
+        if kind == "constant":
+            return 1.0
+        prog = min(1.0, (i - warm) / max(1, total - warm))
+        if kind == "linear":
+            return floor + (1 - floor) * (1 - prog)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * prog))
+
+    return f
+
+
+@dataclass
+class StepResult:
+    rollout: Rollout
+    table: ScoreTable
+    adv: AdvantageOutput
+    metrics: dict[str, float]
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.run.device)
+        self.dist = dist.init(cfg.dist.backend, self.device)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        if cfg.run.deterministic:
+            torch.use_deterministic_algorithms(True)
+        # Same seed on every rank: tiny random weights and LoRA init must be identical across processes.
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed % 2**32)
+        torch.manual_seed(cfg.run.seed)
+        self.out = Path(cfg.run.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        self.datasets = load_datasets(cfg.data.datasets)
+        self.sampler = PromptSampler(self.datasets, cfg.run.seed)
+        self.sft_datasets = cfg.data.sft_datasets
+        self.rewards = RewardSet(cfg.rewards)
+        self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
+        self.policy.setup_reference()
+        self.params = self.policy.trainable_parameters()
+        if not self.params:
+            raise TrainingError("the policy has no trainable parameters: enable model.lora or list model.trainable modules")
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.start_step = 0
+        self.sft_iter = None
+        if cfg.run.resume:
+            self._maybe_resume()
+        from ..logging import RunLogger
+
+        self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step, is_main=self.dist.is_main)
+        if self.start_step:
+            self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
+
+    # ------------------------------------------------------------------------------------------------
+    def autocast(self):
+        dt = self.cfg.run.dtype
+        if dt == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dt])
+
+    def _maybe_resume(self) -> None:
+        ck = latest_checkpoint(self.ckpt_dir)
+        if ck is None:
+            return
+        state = load_checkpoint(ck)
+        self.policy.load_trainable_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["state"]["sampler"])
+        set_rng_state(state["rng"])
+        self.start_step = int(state["state"]["step"])
+
+    def save(self, step: int) -> Path | None:
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(
+                self.ckpt_dir, step, self.policy.trainable_state_dict(), self.optimizer.state_dict(),
+                self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg)},
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
+        dist.barrier(self.dist)
+        return path
+
+    # ------------------------------------------------------------------------------------------------
+    def rollout(self, step: int) -> tuple[Rollout, list[dict[str, float]]]:
+        cfg = self.cfg
+        B, G = cfg.data.prompts_per_step, cfg.rollout.group_size
+        batch, rweights = self.sampler.next_batch(B)
+        local, lw, first = slice_for_rank(batch, rweights, self.dist.rank, self.dist.world)
+        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, ROLLOUT)
+        self.policy.eval()
+        with torch.no_grad(), self.autocast():
+            ro = self.policy.rollout(local, G, gen, group_id_offset=(step - 1) * B + first)
+        per_sample = [w for w in lw for _ in range(G)]
+        return ro, per_sample
+
+    def score(self, ro: Rollout, per_sample_weights: list[dict[str, float]]) -> ScoreTable:
+        return self.rewards.score(RewardInput.from_rollout(ro), per_sample_weights)
+
+    def advantages(self, ro: Rollout, table: ScoreTable) -> tuple[AdvantageOutput, torch.Tensor, torch.Tensor]:
+        a = self.cfg.algorithm
+        scores = table.scores
+        if self.cfg.scoring.fallback is not None:
+            scores = torch.nan_to_num(scores, nan=self.cfg.scoring.fallback)
+        g_scores = dist.all_gather_cat(scores, self.dist)
+        g_weights = dist.all_gather_cat(table.weights, self.dist)
+        g_ids = dist.all_gather_cat(ro.group_ids.cpu(), self.dist)
+        out = compute_advantages(a.advantage, g_scores, g_ids, g_weights, a.adv_eps, a.adv_clip)
+        n = len(ro)
+        lo = self.dist.rank * n
+        local = AdvantageOutput(out.adv[lo: lo + n], out.valid[lo: lo + n], out.total[lo: lo + n])
+        return local, g_scores, out.total
+
+    def _check_abstains(self, g_scores: torch.Tensor, table: ScoreTable) -> None:
+        nan_rows = torch.isnan(g_scores).all(1)
+        frac = float(nan_rows.float().mean()) if len(nan_rows) else 0.0
+        limit = self.cfg.scoring.max_abstain_fraction
+        if frac >= 1.0 or frac > limit:
+            per = {n: int(torch.isnan(g_scores[:, j]).sum()) for j, n in enumerate(table.names)}
+            raise TrainingError(
+                f"{frac:.0%} of samples have no reward (every reward abstained/NaN; abstains per reward: {per}). "
+                "Check that the rewards fit the prompts (e.g. OCR needs quoted text), that judge servers are up, "
+                "or set scoring.fallback=<value> to use a fixed score for abstains."
+            )
+
+    # ------------------------------------------------------------------------------------------------
+    def train_on(self, ro: Rollout, adv: AdvantageOutput, step: int) -> dict[str, float]:
+        cfg, a = self.cfg, self.cfg.algorithm
+        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, TRAIN)
+        n = len(ro)
+        mb = a.micro_batch_size
+        need_kl = a.kl_coef > 0
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "loss/policy", "loss/kl", "loss/sft", "kl", "clip_frac", "ratio/mean", "ratio/max", "ratio/min", "grad_norm")}
+        first_dev = 0.0
+        self.policy.eval()  # no dropout: the recomputed distribution must be the sampling distribution
+        for epoch in range(a.inner_epochs):
+            order = torch.randperm(n, generator=gen) if a.inner_epochs > 1 else torch.arange(n)
+            # Plan every (micro-batch, unit chunk) first so loss weights use the counts of the whole global batch.
+            plan = []
+            sel = torch.zeros_like(ro.mask)
+            for lo in range(0, n, mb):
+                idx = order[lo: lo + mb]
+                sub = ro.select(idx)
+                chunks = self.policy.unit_chunks(sub, gen)
+                for units in chunks:
+                    sel[idx.unsqueeze(1), units.unsqueeze(0)] = True
+                plan.append((idx, sub, chunks))
+            eff = sel & ro.mask
+            valid = adv.valid
+            tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
+            tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
+            w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
+            grpo_scale = 1.0 - a.sft_weight
+            self.optimizer.zero_grad(set_to_none=True)
+            acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0}
+            rmax, rmin = -math.inf, math.inf
+            for idx, sub, chunks in plan:
+                adv_n = adv.adv[idx]
+                for units in chunks:
+                    w = w_NT[idx][:, units]
+                    if float(w.sum()) == 0.0:
+                        continue
+                    with self.autocast():
+                        cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
+                    terms = clipped_surrogate(cur.logp, sub.old_logp[:, units], adv_n, a.clip_eps_low, a.clip_eps_high, a.dual_clip)
+                    loss_pg = (terms.loss * w).sum()
+                    loss = loss_pg
+                    if need_kl:
+                        with torch.no_grad(), self.policy.reference(), self.autocast():
+                            ref = self.policy.log_prob(sub, units, need_kl_terms=True)
+                        kl_u = kl_per_unit(a.kl_estimator, cur, ref)
+                        loss_kl = a.kl_coef * (kl_u * w).sum()
+                        loss = loss + loss_kl
+                        acc["kl"] += float(loss_kl)
+                        acc["kl_raw"] += float((kl_u.detach() * w).sum())
+                    (loss * grpo_scale).backward()
+                    m = w > 0
+                    r = terms.ratio.detach()[m]
+                    acc["pg"] += float(loss_pg)
+                    acc["clip"] += float(terms.clipped[m].float().sum())
+                    acc["rsum"] += float(r.sum())
+                    acc["cnt"] += float(m.sum())
+                    rmax, rmin = max(rmax, float(r.max())), min(rmin, float(r.min()))
+                    if epoch == 0:
+                        first_dev = max(first_dev, float((r - 1).abs().max()))
+            sft_loss = torch.tensor(0.0)
+            if a.sft_weight > 0:
+                sft_loss = self._sft_step(step, epoch)
+            dist.average_gradients(self.params, self.dist)
+            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            if not torch.isfinite(gn):
+                raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
+            self.optimizer.step()
+            self.scheduler.step()
+            cnt = max(acc["cnt"], 1.0)
+            stats["loss/policy"].append(acc["pg"])
+            stats["loss/kl"].append(acc["kl"])
+            stats["loss/sft"].append(float(sft_loss))
+            stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * float(sft_loss))
+            stats["kl"].append(acc["kl_raw"])
+            stats["clip_frac"].append(acc["clip"] / cnt)
+            stats["ratio/mean"].append(acc["rsum"] / cnt)
+            stats["ratio/max"].append(rmax if rmax > -math.inf else 1.0)
+            stats["ratio/min"].append(rmin if rmin < math.inf else 1.0)
+            stats["grad_norm"].append(float(gn))
+        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        out["ratio/first_epoch_max_dev"] = first_dev
+        return out
+
+    def _sft_step(self, step: int, epoch: int) -> torch.Tensor:
+        from ..data.pairs import sft_batch  # prompt+image pairs for the auxiliary loss
+
+        a = self.cfg.algorithm
+        gen = seeded_generator(self.cfg.run.seed, step * 97 + epoch, self.dist.rank, SFT)
+        batch = sft_batch(self.cfg.data.sft_datasets, a.sft_batch_size, gen, size=int(getattr(self.policy, "image_size", 64)))
+        with self.autocast():
+            loss = self.policy.sft_loss(batch, gen)
+        (a.sft_weight * loss).backward()
+        return loss.detach()
+
+    # ------------------------------------------------------------------------------------------------
+    def step(self, step: int) -> StepResult:
+        t0 = time.perf_counter()
+        ro, per_sample_w = self.rollout(step)
+        t1 = time.perf_counter()
+        table = self.score(ro, per_sample_w)
+        t2 = time.perf_counter()
+        adv, g_scores, g_total = self.advantages(ro, table)
+        self._check_abstains(g_scores, table)
+        train_stats = self.train_on(ro, adv, step)
+        t3 = time.perf_counter()
+        m: dict[str, float] = {}
+        ok = ~torch.isnan(g_total)
+        m["reward/mean"] = float(g_total[ok].mean()) if ok.any() else math.nan
+        m["reward/std"] = float(g_total[ok].std(unbiased=False)) if ok.sum() > 1 else 0.0
+        for j, name in enumerate(table.names):
+            col = g_scores[:, j]
+            okj = ~torch.isnan(col)
+            m[f"reward/{name}/mean"] = float(col[okj].mean()) if okj.any() else math.nan
+            m[f"reward/{name}/abstain"] = float((~okj).sum())
+        m["reward/abstain"] = float((~ok).sum())
+        m["adv/abs_mean"] = float(adv.adv.abs().mean())
+        for k, v in table.details.items():
+            if isinstance(v, (int, float)):
+                m[f"reward/{k}"] = float(v)
+        m.update(train_stats)
+        m["lr"] = float(self.scheduler.get_last_lr()[0])
+        m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t1 - t0, t2 - t1, t3 - t2, t3 - t0
+        return StepResult(ro, table, adv, m)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        specs = self.cfg.data.eval_datasets or self.cfg.data.datasets
+        ds = load_datasets(specs, "data.eval_datasets")
+        rows = [r for d in ds for r in d.rows][: self.cfg.data.prompts_per_step]
+        batch = PromptBatch(prompts=[r["prompt"] for r in rows], metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in rows])
+        gen = seeded_generator(self.cfg.run.seed, 0, self.dist.rank, EVAL)
+        with torch.no_grad(), self.autocast():
+            ro = self.policy.rollout(batch, self.cfg.rollout.group_size, gen, eval_mode=True)
+        t = self.rewards.score(RewardInput.from_rollout(ro))
+        tot = t.weighted_total()
+        return {"eval/reward/mean": float(tot[~torch.isnan(tot)].mean()) if (~torch.isnan(tot)).any() else math.nan}
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        last: dict[str, float] = {}
+        try:
+            for step in range(self.start_step + 1, cfg.train.steps + 1):
+                res = self.step(step)
+                last = res.metrics
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    last.update(self.evaluate(step))
+                self.logger.log_step(step, last)
+                if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1 or step == cfg.train.steps):
+                    self.logger.log_samples(step, res.rollout.images, res.rollout.prompts, res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids)
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    self.save(step)
+            if cfg.checkpoint.save_final and self.start_step < cfg.train.steps:
+                self.save(cfg.train.steps)
+        finally:
+            paths = self.logger.finish()
+            self.rewards.close()
+        return {"metrics": last, "paths": paths}
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    trainer = GRPOTrainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        dist.shutdown(trainer.dist)
