@@ -56,6 +56,11 @@ def group_stats(x_N: torch.Tensor, group_ids_N: torch.Tensor) -> tuple[torch.Ten
     return mean[inv].to(x_N.dtype), var.sqrt()[inv].to(x_N.dtype), cnt[inv].to(x_N.dtype)
 
 
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den, with 0 where den == 0 (a constant group carries no signal; never a NaN advantage)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
 def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOutput:
     valid = ~torch.isnan(adv)
     adv = torch.nan_to_num(adv, nan=0.0)
@@ -68,7 +73,7 @@ def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOut
 def group_zscore(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
     r = weighted_total(rewards_NR, weights_NR)
     mean, std, _ = group_stats(r, group_ids_N)
-    return _finish((r - mean) / (std + eps), r, clip)
+    return _finish(_safe_div(r - mean, std + eps), r, clip)
 
 
 @ADVANTAGES.register("global_std")
@@ -77,7 +82,7 @@ def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: flo
     mean, _, _ = group_stats(r, group_ids_N)
     ok = ~torch.isnan(r)
     std = r[ok].double().std(unbiased=False).to(r.dtype) if ok.any() else torch.tensor(0.0)
-    return _finish((r - mean) / (std + eps), r, clip)
+    return _finish(_safe_div(r - mean, std + eps), r, clip)
 
 
 @ADVANTAGES.register("mean_only")
@@ -93,7 +98,7 @@ def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0
     for j in range(rewards_NR.shape[1]):
         x = rewards_NR[:, j]
         mean, std, _ = group_stats(x, group_ids_N)
-        cols.append((x - mean) / (std + eps))
+        cols.append(_safe_div(x - mean, std + eps))
     z_NR = torch.stack(cols, 1) if cols else rewards_NR
     # An abstaining reward drops out of the weighted sum for that sample (weights of the rewards that voted
     # are rescaled), exactly like the scalar total used by the single-reward estimators.
@@ -102,7 +107,7 @@ def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0
     if ok.sum() > 1:
         m = combined[ok].double().mean().to(combined.dtype)
         s = combined[ok].double().std(unbiased=False).to(combined.dtype)
-        combined = (combined - m) / (s + eps)
+        combined = _safe_div(combined - m, s + eps)
     return _finish(combined, weighted_total(rewards_NR, weights_NR), clip)
 
 

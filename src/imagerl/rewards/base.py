@@ -120,7 +120,7 @@ class RewardSet:
 
     def __init__(self, specs: list[Any]):
         self.rewards: list[Reward] = [build_reward(s, i) for i, s in enumerate(specs)]
-        self.weights = [float(s["weight"] if isinstance(s, dict) else s.weight) for s in specs]
+        self.weights = [float(s.get("weight", 1.0) if isinstance(s, dict) else s.weight) for s in specs]
         self.names = _unique([r.name for r in self.rewards])
         for r, n in zip(self.rewards, self.names):
             r.name = n

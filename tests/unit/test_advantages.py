@@ -1,0 +1,93 @@
+"""Advantage estimators against hand-computed tables."""
+
+import math
+
+import pytest
+import torch
+
+from imagerl.algorithms.advantages import compute_advantages, group_stats, weighted_total
+
+NAN = math.nan
+
+
+def adv(name, rewards, gids, weights=None, eps=0.0, clip=0.0):
+    r = torch.tensor(rewards, dtype=torch.float32)
+    if r.dim() == 1:
+        r = r[:, None]
+    w = torch.ones_like(r) if weights is None else torch.tensor(weights, dtype=torch.float32).expand_as(r).clone()
+    return compute_advantages(name, r, torch.tensor(gids), w, eps, clip)
+
+
+def test_group_zscore_table():
+    # group 0: [1, 3] -> mean 2, pop std 1 -> [-1, 1]; group 1: [0, 0, 3, 1] -> mean 1, var (1+1+4+0)/4=1.5
+    out = adv("group_zscore", [1, 3, 0, 0, 3, 1], [0, 0, 1, 1, 1, 1])
+    s = math.sqrt(1.5)
+    expected = [-1, 1, -1 / s, -1 / s, 2 / s, 0]
+    assert torch.allclose(out.adv, torch.tensor(expected), atol=1e-6)
+    assert out.valid.all()
+
+
+def test_eps_and_constant_group():
+    out = adv("group_zscore", [2, 2, 0, 1], [0, 0, 1, 1], eps=1e-4)
+    assert torch.allclose(out.adv[:2], torch.zeros(2))  # a constant group carries no signal
+    assert torch.allclose(out.adv[2:], torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001]), atol=1e-6)
+
+
+def test_mean_only_drgrpo():
+    out = adv("mean_only", [1, 3, 0, 0, 3, 1], [0, 0, 1, 1, 1, 1])
+    assert torch.allclose(out.adv, torch.tensor([-1.0, 1, -1, -1, 2, 0]))
+
+
+def test_global_std():
+    r = [1, 3, 0, 0, 3, 1]
+    out = adv("global_std", r, [0, 0, 1, 1, 1, 1])
+    std = torch.tensor(r, dtype=torch.float64).std(unbiased=False).item()  # 8/6 mean -> pop std
+    expected = torch.tensor([-1, 1, -1, -1, 2, 0], dtype=torch.float32) / std
+    assert torch.allclose(out.adv, expected, atol=1e-6)
+
+
+def test_clipping():
+    out = adv("mean_only", [0, 10], [0, 0], clip=2.0)
+    assert out.adv.tolist() == [-2.0, 2.0]
+
+
+def test_nan_abstain_excluded_from_stats():
+    # group 0: [1, NaN, 3] -> stats over {1, 3}; the NaN sample is invalid with advantage 0
+    out = adv("group_zscore", [1, NAN, 3], [5, 5, 5])
+    assert out.valid.tolist() == [True, False, True]
+    assert torch.allclose(out.adv, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_weighted_total_rescales_voting_weights():
+    r = torch.tensor([[1.0, 0.0], [NAN, 0.5], [NAN, NAN]])
+    w = torch.tensor([[2.0, 1.0]]).expand(3, 2)
+    t = weighted_total(r, w)
+    assert t[0].item() == pytest.approx(2.0)  # 2*1 + 1*0
+    assert t[1].item() == pytest.approx(0.5 * 3.0)  # only reward 1 voted: 1*0.5 scaled by 3/1
+    assert math.isnan(t[2].item())
+
+
+def test_gdpo_table():
+    # two rewards, two groups of two. Each reward z-scored in its group, then weighted sum, then batch z-score.
+    r = [[1, 0], [3, 0], [0, 5], [2, 1]]
+    out = adv("gdpo", r, [0, 0, 1, 1], weights=[1.0, 0.5])
+    # per-group z: reward0: g0 [-1, 1], g1 [-1, 1]; reward1: g0 [0, 0] (constant), g1 [1, -1]
+    comb = torch.tensor([-1 + 0.0, 1 + 0.0, -1 + 0.5, 1 - 0.5])
+    expected = (comb - comb.mean()) / comb.std(unbiased=False)
+    assert torch.allclose(out.adv, expected, atol=1e-5)
+
+
+def test_group_stats_matches_torch():
+    x = torch.randn(12)
+    g = torch.tensor([0, 1, 2] * 4)
+    mean, std, cnt = group_stats(x, g)
+    for k in range(3):
+        sel = x[g == k]
+        assert torch.allclose(mean[g == k], sel.mean().expand(4), atol=1e-6)
+        assert torch.allclose(std[g == k], sel.std(unbiased=False).expand(4), atol=1e-6)
+    assert (cnt == 4).all()
+
+
+def test_unknown_estimator_names_field():
+    with pytest.raises(KeyError, match="algorithm.advantage"):
+        adv("group_zcore", [1, 2], [0, 0])

@@ -1,0 +1,83 @@
+"""Config loading: files, overrides, env vars, jsonnet, and errors that name the key and the fix."""
+
+import pytest
+
+from imagerl.config import ConfigError, load_config
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_demo_loads_and_overrides(tmp_path):
+    cfg = load_config(None, ["train.steps=3", f"run.output_dir={tmp_path}/x", "rollout.group_size=4"])
+    assert cfg.train.steps == 3 and cfg.rollout.group_size == 4 and cfg.model.tiny
+    assert cfg.run.output_dir == f"{tmp_path}/x"
+
+
+def test_bundled_recipe_by_name():
+    assert load_config("demo").model.family == "janus"
+
+
+def test_env_var_in_value(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMAGERL_TEST_OUT", str(tmp_path / "o"))
+    p = write(tmp_path, "c.yaml", "run:\n  output_dir: ${oc.env:IMAGERL_TEST_OUT}\nmodel: {tiny: true}\n")
+    assert load_config(p).run.output_dir == str(tmp_path / "o")
+    p2 = write(tmp_path, "d.yaml", "run:\n  output_dir: ${env:IMAGERL_MISSING,fallback}\nmodel: {tiny: true}\n")
+    assert load_config(p2).run.output_dir == "fallback"
+
+
+def test_jsonnet_with_env_ext_vars(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEPS", "7")
+    p = write(tmp_path, "c.jsonnet", "{ model: { tiny: true }, train: { steps: std.parseInt(std.extVar('STEPS')) } }")
+    assert load_config(p).train.steps == 7
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = write(tmp_path, "c.yaml", "model: {tiny: true}\ntrain:\n  stpes: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.stpes.*Did you mean 'train\.steps'"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"'optim\.learning_rate'"):
+        load_config(p.parent / "c.yaml" if False else None, ["optim.learning_rate=1e-4"])
+
+
+def test_unknown_key_in_list_entry():
+    with pytest.raises(ConfigError, match=r"rewards\.0\.wieght.*Did you mean 'rewards\.0\.weight'"):
+        load_config(None, ["rewards.0.wieght=2"])
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.steps"):
+        load_config(None, ["train.steps=many"])
+
+
+def test_bad_choice_names_valid_values():
+    with pytest.raises(ConfigError, match=r"algorithm\.loss_agg='tokenmean'.*Did you mean 'token_mean'"):
+        load_config(None, ["algorithm.loss_agg=tokenmean"])
+
+
+def test_cross_field_errors():
+    with pytest.raises(ConfigError, match="group_size"):
+        load_config(None, ["rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="model.path is empty"):
+        load_config(None, ["model.tiny=false"])
+    with pytest.raises(ConfigError, match="sft_datasets"):
+        load_config(None, ["algorithm.sft_weight=0.1"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("no/such/file.yaml")
+
+
+def test_bad_yaml(tmp_path):
+    p = write(tmp_path, "c.yaml", "model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])

@@ -1,0 +1,80 @@
+"""Prompt files, seeded sampling and clear errors for bad data files."""
+
+import json
+
+import pytest
+
+from imagerl.config import DatasetConfig
+from imagerl.data.prompts import DataError, PromptSampler, load_datasets, load_rows, slice_for_rank
+
+
+def test_txt_jsonl_csv_parquet(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na cat\n\na dog\n")
+    assert [r["prompt"] for r in load_rows(str(tmp_path / "p.txt"))] == ["a cat", "a dog"]
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "a sign", "text": "HI"}) + "\n")
+    assert load_rows(str(tmp_path / "p.jsonl")) == [{"prompt": "a sign", "text": "HI"}]
+    (tmp_path / "p.csv").write_text("caption,score\nx,1\ny,2\n")
+    rows = load_rows(str(tmp_path / "p.csv"), prompt_field="caption")
+    assert rows == [{"prompt": "x", "score": "1"}, {"prompt": "y", "score": "2"}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["p1", "p2"], "k": [1, 2]}), tmp_path / "p.parquet")
+    assert load_rows(str(tmp_path / "p.parquet"))[1] == {"prompt": "p2", "k": 2}
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "missing.txt"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.txt' is empty"):
+        load_rows(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
+        load_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "nofield.jsonl").write_text('{"caption": "x"}\n')
+    with pytest.raises(DataError, match="no 'prompt' field.*prompt_field"):
+        load_rows(str(tmp_path / "nofield.jsonl"))
+    (tmp_path / "corrupt.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="corrupt.parquet"):
+        load_rows(str(tmp_path / "corrupt.parquet"))
+    (tmp_path / "x.docx").write_text("x")
+    with pytest.raises(DataError, match="unknown extension"):
+        load_rows(str(tmp_path / "x.docx"))
+
+
+def test_sampler_seeded_epochs_and_resume():
+    ds = load_datasets([DatasetConfig(path="builtin:colors")])
+    a = PromptSampler(ds, seed=3)
+    seen = [p for _ in range(2) for p in a.next_batch(4)[0].prompts]
+    assert sorted(seen) == sorted(r["prompt"] for r in ds[0].rows)  # one epoch = every prompt once
+    state = a.state_dict()
+    nxt = a.next_batch(4)[0].prompts
+    b = PromptSampler(ds, seed=3)
+    b.load_state_dict(state)
+    assert b.next_batch(4)[0].prompts == nxt
+    c = PromptSampler(ds, seed=4)
+    assert [c.next_batch(8)[0].prompts] != [seen]
+
+
+def test_mixture_weights_and_reward_weights(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(f"a{i}" for i in range(50)))
+    (tmp_path / "b.txt").write_text("\n".join(f"b{i}" for i in range(50)))
+    ds = load_datasets([DatasetConfig(path=str(tmp_path / "a.txt"), weight=3.0, reward_weights={"ocr": 2.0}),
+                        DatasetConfig(path=str(tmp_path / "b.txt"), weight=1.0)])
+    s = PromptSampler(ds, seed=0)
+    batch, rw = s.next_batch(400)
+    frac_a = sum(p.startswith("a") for p in batch.prompts) / 400
+    assert 0.67 < frac_a < 0.83
+    assert all((w == {"ocr": 2.0}) == p.startswith("a") for w, p in zip(rw, batch.prompts))
+    assert set(batch.dataset_names) == {"a", "b"}
+
+
+def test_slice_for_rank():
+    ds = load_datasets([DatasetConfig(path="builtin:colors")])
+    batch, rw = PromptSampler(ds, 0).next_batch(4)
+    parts = [slice_for_rank(batch, rw, r, 2) for r in range(2)]
+    assert parts[0][0].prompts + parts[1][0].prompts == batch.prompts
+    assert parts[1][2] == 2
+    with pytest.raises(ValueError, match="divisible"):
+        slice_for_rank(batch, rw, 0, 3)

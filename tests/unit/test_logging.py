@@ -1,0 +1,369 @@
+"""RunLogger: metrics.jsonl (content, NaN, resume), sample grids, reward curve, console, backends."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from PIL import Image
+
+from imagerl.config import Config, ConfigError
+from imagerl.logging import (
+    BackendNotInstalledError,
+    RunLogger,
+    format_duration,
+    grid_layout,
+    make_sample_grid,
+    plot_reward_curve,
+    read_metrics,
+    reward_names,
+    summarize,
+    tile_scale,
+)
+
+
+def make_cfg(**logging_kw) -> Config:
+    cfg = Config()
+    cfg.run.name = "test-run"
+    for k, v in logging_kw.items():
+        setattr(cfg.logging, k, v)
+    return cfg
+
+
+def fake_metrics(step: int) -> dict[str, float]:
+    return {"reward/mean": 0.1 * step, "reward/std": 0.05, "reward/ocr/mean": 0.2 * step, "loss": 1.0 / step,
+            "kl": 1e-3 * step, "time/step": 0.5}
+
+
+def run_steps(logger: RunLogger, steps: range) -> None:
+    for s in steps:
+        logger.log_step(s, fake_metrics(s))
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics.jsonl
+# --------------------------------------------------------------------------------------------------
+
+
+def test_metrics_jsonl_one_flushed_line_per_step(tmp_path):
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=3, stream=io.StringIO())
+    lg.log_step(1, {"reward/mean": 0.25, "loss": torch.tensor(0.5), "n": 3})
+    # flushed while the logger is still open (a crash after this line keeps it)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs == [{"step": 1, "reward/mean": 0.25, "loss": 0.5, "n": 3}]
+    lg.log_step(2, {"reward/mean": 0.5, "step": 999})  # the explicit step wins over a "step" metric
+    out = lg.finish()
+    assert out["metrics"] == tmp_path / "metrics.jsonl"
+    assert [r["step"] for r in read_metrics(out["metrics"])] == [1, 2]
+    with pytest.raises(RuntimeError, match="after finish"):
+        lg.log_step(3, {})
+
+
+def test_nan_and_inf_written_as_null_and_read_back_as_nan(tmp_path):
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=1, stream=io.StringIO())
+    lg.log_step(1, {"reward/mean": float("nan"), "kl": float("inf"), "loss": -float("inf"), "lr": 1e-5})
+    lg.finish()
+    line = (tmp_path / "metrics.jsonl").read_text().strip()
+
+    def reject(c):
+        raise AssertionError(f"non-standard JSON constant {c}")
+
+    rec = json.loads(line, parse_constant=reject)  # strict JSON: no NaN/Infinity tokens
+    assert rec == {"step": 1, "reward/mean": None, "kl": None, "loss": None, "lr": 1e-5}
+    back = read_metrics(tmp_path / "metrics.jsonl")[0]
+    assert math.isnan(back["reward/mean"]) and math.isnan(back["kl"]) and back["lr"] == 1e-5
+
+
+def test_resume_truncates_to_start_step_and_matches_uninterrupted(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    lg = RunLogger(make_cfg(), full, total_steps=6, stream=io.StringIO())
+    run_steps(lg, range(1, 7))
+    lg.finish()
+
+    # A run that crashed after step 5 with its last checkpoint at step 3, and a torn line at the end.
+    lg = RunLogger(make_cfg(), resumed, total_steps=6, stream=io.StringIO())
+    run_steps(lg, range(1, 6))
+    lg.finish()
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "reward/me')
+    lg = RunLogger(make_cfg(), resumed, total_steps=6, start_step=3, stream=io.StringIO())
+    assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [1, 2, 3]
+    run_steps(lg, range(4, 7))
+    out = lg.finish()
+    assert (resumed / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
+    assert out["reward_curve"].exists()
+
+
+def test_fresh_run_in_used_directory_starts_a_new_file(tmp_path):
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=3, stream=io.StringIO())
+    run_steps(lg, range(1, 4))
+    lg.finish()
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=3, start_step=0, stream=io.StringIO())
+    lg.log_step(1, {"reward/mean": 9.0})
+    lg.finish()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 9.0}]
+
+
+def test_read_metrics_names_a_corrupt_middle_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2"):
+        read_metrics(p)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_summarize_compact_line():
+    line = summarize({"step": 12, "reward/mean": 0.5321, "reward/std": 0.12, "reward/ocr/mean": 0.41,
+                      "reward/clip/mean": 0.62, "reward/abstain": 0.125, "loss": float("nan"), "kl": 4e-4,
+                      "clip_frac": 0.031, "time/step": 1.5, "ratio/max": 3.0}, total_steps=100)
+    assert line.startswith("step 12/100 | reward 0.5321±0.12 (ocr 0.41, clip 0.62)")
+    assert "abstain 12%" in line and "loss n/a" in line and "kl 4.00e-04" in line
+    assert "clip 3.1%" in line and "1.50 s/step" in line
+    assert "ratio" not in line  # unknown keys stay in metrics.jsonl only
+    assert summarize({}) == ""
+    assert reward_names(["reward/mean", "reward/std", "reward/abstain", "reward/ocr/mean", "reward/ocr/std",
+                         "reward/clip"]) == ["ocr", "clip"]
+    assert [format_duration(s) for s in (5, 133, 3720, None)] == ["5s", "2m13s", "1h02m", "?"]
+
+
+def test_grid_layout_and_tile_scale():
+    assert grid_layout(n_groups=4, group_size=8, max_images=16) == (2, 8)
+    assert grid_layout(n_groups=8, group_size=4, max_images=16) == (4, 4)
+    assert grid_layout(n_groups=2, group_size=4, max_images=16) == (2, 4)
+    assert grid_layout(n_groups=3, group_size=16, max_images=4) == (1, 4)
+    assert tile_scale(16, 16, 96, 512) == (96, 96)  # x6, nearest neighbour
+    assert tile_scale(10, 20, 96, 512) == (100, 200)  # integer factor 10 on the short side
+    assert tile_scale(128, 128, 96, 512) == (128, 128)
+    assert tile_scale(1024, 512, 96, 512) == (512, 256)  # big samples are shrunk
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample grid
+# --------------------------------------------------------------------------------------------------
+
+PAD, FRAME = 6, 2  # the grid's spacing constants
+
+
+def solid_images(n: int, h: int, w: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
+    """n images, each one distinct solid colour (so a tile can be found in the grid by colour)."""
+    colors = [(10 + 20 * i, 255 - 20 * i, (70 * i) % 256) for i in range(n)]
+    imgs = torch.stack([torch.tensor(c, dtype=torch.float32).div(255).view(3, 1, 1).expand(3, h, w) for c in colors])
+    return imgs, colors
+
+
+def find_box(grid: Image.Image, color: tuple[int, int, int]) -> tuple[int, int, int, int] | None:
+    mask = Image.eval(grid.convert("RGB"), lambda v: v)  # copy
+    px = mask.load()
+    xs, ys = [], []
+    for y in range(grid.height):
+        for x in range(grid.width):
+            if px[x, y] == color:
+                xs.append(x)
+                ys.append(y)
+    if not xs:
+        return None
+    return min(xs), min(ys), max(xs) + 1, max(ys) + 1
+
+
+@pytest.mark.parametrize("n,g,hw,max_images,rows,cols,tile", [
+    (8, 4, 16, 16, 2, 4, 96),   # 2 prompts x 4 samples, 16 px upscaled x6
+    (16, 8, 8, 4, 1, 4, 96),    # a group cut to 4 columns, 8 px upscaled x12
+    (6, 2, 40, 16, 3, 2, 120),  # 40 px -> x3
+])
+def test_sample_grid_size_and_tiles(tmp_path, n, g, hw, max_images, rows, cols, tile):
+    imgs, colors = solid_images(n, hw, hw)
+    rewards = torch.arange(n, dtype=torch.float32) / n  # within each group, the last sample is best
+    gids = torch.arange(n) // g
+    prompts = [f"prompt number {int(i)}" for i in gids]
+    lg = RunLogger(make_cfg(samples_per_grid=max_images), tmp_path, total_steps=10, stream=io.StringIO())
+    path = lg.log_samples(7, imgs, prompts, rewards, gids)
+    lg.finish()
+    assert path == tmp_path / "samples" / "step_000007.png" and path.exists()
+    grid = Image.open(path)
+    assert grid.width == PAD + cols * (tile + 2 * FRAME + PAD)
+    assert rows * (tile + 2 * FRAME) < grid.height < rows * (tile + 2 * FRAME + 80) + 40
+
+    # Row 0 holds group 0, best first; a cut group shows its best and its worst sample.
+    members = list(range(g))[::-1]  # best-first
+    if cols < g:
+        members = [members[round(j * (g - 1) / (cols - 1))] for j in range(cols)]
+    boxes = [find_box(grid, colors[i]) for i in members]
+    assert all(b is not None for b in boxes)
+    for b in boxes:
+        assert (b[2] - b[0], b[3] - b[1]) == (tile, tile)  # whole tile, nearest-neighbour (no blur)
+    assert [b[0] for b in boxes] == sorted(b[0] for b in boxes)  # left to right = best to worst
+    shown_rows = {int(gids[i]) for i in range(n) if find_box(grid, colors[i]) is not None}
+    assert shown_rows == set(range(rows))
+
+
+def test_sample_grid_marks_advantage_sign_and_abstain():
+    imgs, colors = solid_images(4, 8, 8)
+    rewards = torch.tensor([0.9, 0.1, float("nan"), 0.5])
+    grid = make_sample_grid(imgs, ["p"] * 4, rewards, None, max_images=16, min_tile=32)
+    px = grid.convert("RGB").load()
+
+    def frame_color(i):
+        x0, y0, _, _ = find_box(grid, colors[i])
+        return px[x0 - 1, y0 - 1]
+
+    assert frame_color(0) == (46, 160, 67)  # above the group mean (0.5): green
+    assert frame_color(1) == (207, 34, 46)  # below: red
+    assert frame_color(2) == (175, 175, 175)  # abstained (NaN): grey, shown last
+    assert find_box(grid, colors[2])[0] > find_box(grid, colors[1])[0]
+
+
+def test_sample_grid_accepts_one_prompt_per_group_and_rejects_bad_input():
+    imgs, _ = solid_images(4, 8, 8)
+    gids = torch.tensor([0, 0, 1, 1])
+    assert make_sample_grid(imgs, ["a", "b"], torch.zeros(4), gids).width > 0
+    with pytest.raises(ValueError, match=r"\[N, 3, H, W\]"):
+        make_sample_grid(imgs[:, :2], ["a"] * 4, torch.zeros(4))
+    with pytest.raises(ValueError, match="one reward per image"):
+        make_sample_grid(imgs, ["a"] * 4, torch.zeros(3))
+    with pytest.raises(ValueError, match="prompts"):
+        make_sample_grid(imgs, ["a"] * 3, torch.zeros(4), gids)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reward curve
+# --------------------------------------------------------------------------------------------------
+
+
+def test_reward_curve_from_metrics_file(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    with open(p, "w") as f:
+        for s in range(1, 41):
+            rec = {"step": s, "reward/mean": None if s == 7 else 0.02 * s, "reward/std": 0.1,
+                   "reward/ocr/mean": 0.01 * s, "reward/clip/mean": 0.5, "loss": 0.1, "kl": 1e-3}
+            f.write(json.dumps(rec) + "\n")
+    out = plot_reward_curve(read_metrics(p), tmp_path / "curve.png", title="t")
+    im = Image.open(out)
+    assert im.format == "PNG" and im.size == (990, 715)  # 9 x 6.5 in at 110 dpi: two panels
+    assert len(set(im.convert("RGB").getdata())) > 50  # something was drawn
+    # No loss/kl: a single, shorter panel; no rewards at all still gives a picture.
+    assert Image.open(plot_reward_curve([{"step": 1, "reward/mean": 0.3}], tmp_path / "a.png")).size == (990, 462)
+    assert Image.open(plot_reward_curve([], tmp_path / "b.png")).size == (990, 462)
+
+
+# --------------------------------------------------------------------------------------------------
+# Console
+# --------------------------------------------------------------------------------------------------
+
+
+def test_plain_lines_every_log_every_when_not_a_tty(tmp_path):
+    buf = io.StringIO()
+    lg = RunLogger(make_cfg(log_every=2), tmp_path, total_steps=5, stream=buf)
+    run_steps(lg, range(1, 6))
+    lg.print("hello [rank0]")
+    lg.finish()
+    lines = buf.getvalue().splitlines()
+    assert [l.split(" |")[0] for l in lines[:3]] == ["step 2/5", "step 4/5", "step 5/5"]  # + always the last
+    assert "reward 0.4±0.05" in lines[1] and "eta" in lines[1]
+    assert lines[3] == "hello [rank0]"  # markup is not interpreted
+    assert "\x1b[" not in buf.getvalue()  # no control characters in a log file
+
+
+def test_console_off_prints_no_step_lines(tmp_path):
+    buf = io.StringIO()
+    lg = RunLogger(make_cfg(console=False), tmp_path, total_steps=2, stream=buf)
+    run_steps(lg, range(1, 3))
+    lg.finish()
+    assert buf.getvalue() == ""
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    buf = io.StringIO()
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=4, start_step=1, stream=buf, tty=True)
+    run_steps(lg, range(2, 5))
+    lg.finish()
+    text = buf.getvalue()
+    assert "4/4" in text and "test-run" in text and "eta" in text and "s/step" in text
+    assert "reward 0.4" in text and "step 2/4 |" not in text  # the bar replaces the plain lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Distributed and backends
+# --------------------------------------------------------------------------------------------------
+
+
+def test_non_main_rank_is_a_null_logger(tmp_path):
+    out = tmp_path / "run"
+    buf = io.StringIO()
+    lg = RunLogger(make_cfg(tensorboard=True), out, total_steps=3, is_main=False, stream=buf)
+    lg.log_step(1, {"reward/mean": 1.0})
+    assert lg.log_samples(1, torch.rand(2, 3, 4, 4), ["a", "a"], torch.zeros(2)) is None
+    lg.print("x")
+    assert lg.finish() == {}
+    assert not out.exists() and buf.getvalue() == ""
+
+
+def test_tensorboard_writes_scalars_and_images(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=3, stream=io.StringIO())
+    for s in range(1, 4):
+        lg.log_step(s, {"reward/mean": 0.1 * s, "kl": float("nan")})
+    lg.log_samples(3, torch.rand(4, 3, 8, 8), ["a", "a", "b", "b"], torch.rand(4))
+    lg.finish()
+    files = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert files
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("reward/mean")] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert "kl" not in acc.Tags()["scalars"]  # NaN is not sent (it is null in metrics.jsonl)
+    assert acc.Tags()["images"] == ["samples"]
+
+
+def test_failing_backend_warns_once_and_training_goes_on(tmp_path, caplog):
+    pytest.importorskip("tensorboard")
+    lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=3, stream=io.StringIO())
+    tb = lg._backends[0]
+
+    def broken(*a, **k):  # simulate a backend that errors (e.g. a full disk under tb/)
+        raise OSError("disk full")
+
+    tb.writer.add_scalar = broken
+    with caplog.at_level("WARNING", logger="imagerl"):
+        run_steps(lg, range(1, 4))
+        out = lg.finish()
+    warnings = [r for r in caplog.records if "tensorboard log failed" in r.getMessage()]
+    assert len(warnings) == 1 and "disk full" in warnings[0].getMessage()
+    assert tb.failures == 3
+    assert len(read_metrics(out["metrics"])) == 3  # the required file is complete
+
+
+@pytest.mark.parametrize("key,package", [("wandb", "wandb"), ("swanlab", "swanlab")])
+def test_missing_optional_backend_fails_at_construction_with_the_fix(tmp_path, key, package):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(BackendNotInstalledError) as ei:
+        RunLogger(make_cfg(**{key: True}), tmp_path, total_steps=3, stream=io.StringIO())
+    msg = str(ei.value)
+    assert f"logging.{key}=true" in msg and f"pip install {package}" in msg and "imagerl[logging]" in msg
+    assert isinstance(ei.value, ConfigError) and isinstance(ei.value, ImportError)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # a previous run's file is untouched
+
+
+@pytest.mark.parametrize("key,package", [("wandb", "wandb"), ("swanlab", "swanlab")])
+def test_installed_optional_backend_logs_offline(tmp_path, key, package, monkeypatch):
+    pytest.importorskip(package)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    lg = RunLogger(make_cfg(**{key: True}), tmp_path, total_steps=2, stream=io.StringIO())
+    run_steps(lg, range(1, 3))
+    lg.log_samples(2, torch.rand(2, 3, 8, 8), ["a", "a"], torch.rand(2))
+    lg.finish()
+    assert lg._backends[0].failures == 0
+    assert (tmp_path / package).is_dir() and any((tmp_path / package).rglob("*.png"))

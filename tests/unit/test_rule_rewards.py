@@ -1,0 +1,75 @@
+"""Rule rewards on hand-made images."""
+
+import math
+
+import pytest
+import torch
+
+from imagerl.data.pairs import draw_shape
+from imagerl.rewards.base import RewardSet, build_reward
+from imagerl.types import RewardInput
+
+
+def inp(images, prompts, metas=None):
+    return RewardInput(images=images, prompts=prompts, metadata=metas or [{} for _ in prompts])
+
+
+def test_color_position_prefers_the_described_image():
+    r = build_reward({"type": "color_position", "args": {}})
+    good = draw_shape("red", "square", "left", 32)
+    wrong_side = draw_shape("red", "square", "right", 32)
+    wrong_color = draw_shape("blue", "square", "left", 32)
+    full_red = torch.zeros(3, 32, 32)
+    full_red[0] = 1
+    left_red = torch.full((3, 32, 32), 0.5)
+    left_red[:, :, :16] = torch.tensor([1.0, 0, 0]).view(3, 1, 1)
+    out = r(inp(torch.stack([good, wrong_side, wrong_color, left_red, full_red]), ["a red square on the left"] * 5))
+    s = out.scores
+    grey_match = 1 - 0.5 / 0.6  # grey (0.5,0.5,0.5) is at RGB distance 0.5 (normalised) from red, tolerance 0.6
+    assert s[3] == pytest.approx(0.75 * 1.0 + 0.25 * (1 - grey_match))  # perfect region, grey outside
+    assert s[0] > s[1] and s[0] > s[2]
+    assert s[4] == pytest.approx(0.75)  # red everywhere: region matches, leak penalised
+
+
+def test_color_position_abstains_without_colour():
+    r = build_reward({"type": "color_position"})
+    out = r(inp(torch.rand(2, 3, 8, 8), ["a photo of a cat", "a green square"]))
+    assert math.isnan(out.scores[0]) and not math.isnan(out.scores[1])
+    assert out.num_abstain == 1
+
+
+def test_brightness_and_jpeg():
+    imgs = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16), torch.rand(3, 16, 16)])
+    b = build_reward({"type": "brightness"})(inp(imgs, ["x"] * 3)).scores
+    assert b[0] == pytest.approx(0.0) and b[1] == pytest.approx(1.0, abs=1e-6)
+    j = build_reward({"type": "jpeg_compressibility"})(inp(imgs, ["x"] * 3)).scores
+    assert j[0] > j[2] and j[1] > j[2]  # flat images compress better than noise
+
+
+def test_bad_reward_args_are_named():
+    with pytest.raises(ValueError, match=r"rewards\[0\].args.tolerence.*Did you mean 'tolerance'"):
+        build_reward({"type": "color_position", "args": {"tolerence": 0.5}})
+    with pytest.raises(ValueError, match=r"rewards\[0\].type.*color_position"):
+        build_reward({"type": "colour_position"})
+
+
+def test_reward_set_weights_and_per_dataset_overrides():
+    rs = RewardSet([{"type": "brightness", "weight": 2.0}, {"type": "brightness", "name": "dark", "weight": 1.0, "args": {"target": "dark"}}])
+    assert rs.names == ["brightness", "dark"]
+    t = rs.score(inp(torch.ones(2, 3, 4, 4), ["a", "b"]), [{}, {"dark": 5.0}])
+    assert torch.allclose(t.weights, torch.tensor([[2.0, 1.0], [2.0, 5.0]]))
+    assert torch.allclose(t.weighted_total(), torch.tensor([2.0, 2.0]))
+
+
+def test_infinite_score_is_an_error():
+    from imagerl.rewards.base import Reward
+    from imagerl.types import RewardOutput
+    from imagerl.registry import REWARDS
+
+    class Broken(Reward):
+        def score(self, inp):
+            return RewardOutput(scores=torch.tensor([float("inf")]))
+
+    REWARDS.register("broken_inf_test", Broken)
+    with pytest.raises(RuntimeError, match="broken_inf_test.*infinite"):
+        RewardSet([{"type": "broken_inf_test"}]).score(inp(torch.zeros(1, 3, 2, 2), ["x"]))
