@@ -781,6 +781,8 @@ class RunLogger:
         """Append ``{"step": step, **metrics}`` to metrics.jsonl and update the console and mirrors."""
         if not self.enabled:
             return
+        if self._finished:
+            raise RuntimeError("RunLogger.log_step called after finish(); create a new RunLogger to keep logging")
         step = int(step)
         rec: dict[str, Any] = {"step": step}
         for k, v in metrics.items():
@@ -806,7 +808,8 @@ class RunLogger:
         if not self._console_on:
             return
         eta = self._eta(step)
-        speed = f"{self._durations[-1]:.2f} s/step" if self._durations else ""
+        recent = list(self._durations)[-5:]  # a short window: live, but not jumpy
+        speed = f"{sum(recent) / len(recent):.2f} s/step" if recent else ""
         if self._progress is not None:
             stats = summarize({k: rec[k] for k in ("reward/mean", "reward/std", "loss", "kl") if k in rec})
             self._progress.update(self._task, completed=min(step, self.total_steps), eta=format_duration(eta),
