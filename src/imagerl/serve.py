@@ -1,0 +1,47 @@
+"""`imagerl serve-reward CONFIG [key=value ...]`: serve a recipe's `rewards:` (and an optional chat VLM)
+over HTTP with the settings of its `server:` section. See docs/reward_server.md and rewards/server.py.
+
+The server needs no policy: the training-only check that `model.path` is set (or `model.tiny`) is
+satisfied with `model.tiny=true` before the user's overrides, so a reward-only YAML is enough.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def main(config_path: str, overrides: list[str] | None = None) -> int:
+    import uvicorn
+
+    from .config import ConfigError, load_config
+    from .rewards.server import build_server
+
+    try:
+        cfg = load_config(config_path, ["model.tiny=true", *(overrides or [])])
+        server = build_server(cfg)
+    except (ConfigError, ValueError) as e:
+        print(f"imagerl serve-reward: {e}", file=sys.stderr)
+        return 2
+    sc = cfg.server
+    if sc.host not in ("127.0.0.1", "localhost", "::1") and server.api_key is None:
+        log.warning("serving on %s without an API key: anyone who can reach this address can use it. "
+                    "Set server.api_key_env to the name of an env var holding a key.", sc.host)
+    chat = f", chat model '{server.chat.served_name}' at /v1/chat/completions" if server.chat else ""
+    print(f"imagerl reward server: rewards {list(server.rewards)}{chat} on http://{sc.host}:{sc.port} "
+          f"(auth {'on' if server.api_key else 'off'}; max_batch {sc.max_batch}, max_wait_ms {sc.max_wait_ms:g})",
+          flush=True)
+    try:
+        uvicorn.run(server.app, host=sc.host, port=sc.port, log_level="info", access_log=False, lifespan="off")
+    finally:
+        server.close()
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        print("usage: python -m imagerl.serve CONFIG [key=value ...]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
