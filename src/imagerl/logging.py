@@ -447,9 +447,9 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
     """reward/mean per step (raw and moving average, ±std band), one line per individual reward, and
     loss / kl in a second panel when present. Written with matplotlib's Agg backend (no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # A bare Figure on an Agg canvas: no pyplot, so no global backend switch and no display needed
+    # (and nothing changes for a user who has pyplot open in a notebook).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     path = Path(path)
@@ -471,6 +471,7 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str
         ax, ax2 = fig.subplots(2, 1, sharex=True, height_ratios=[2, 1])
     else:
         ax, ax2 = fig.subplots(1, 1), None
+    FigureCanvasAgg(fig)
 
     xs, ys = series("reward/mean")
     if xs:
