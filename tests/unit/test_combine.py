@@ -1,0 +1,172 @@
+"""Reward combinations: NaN (abstain) semantics on hand-computed tables, and nested specs end to end.
+
+The children used end to end are small rule rewards defined here and referenced the way users reference
+their own code, as ``test_combine:MetadataScore`` (pytest puts this directory on sys.path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+from imagerl.rewards.base import Reward, build_reward
+from imagerl.rewards.combine import (
+    gated_scores,
+    group_normalize,
+    max_deviation_scores,
+    product_scores,
+    weighted_sum_scores,
+)
+from imagerl.types import RewardInput, RewardOutput
+
+NAN = math.nan
+
+
+def close(a: torch.Tensor, b: list[float]) -> bool:
+    return torch.allclose(a, torch.tensor(b, dtype=a.dtype), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+class MetadataScore(Reward):
+    """A rule reward: the number stored under metadata[key] (NaN when the field is missing)."""
+
+    def __init__(self, *, key: str, name: str = "") -> None:
+        super().__init__(name)
+        self.key = key
+
+    def score(self, inp: RewardInput) -> RewardOutput:
+        vals = [float(m.get(self.key, NAN)) for m in inp.metadata]
+        return RewardOutput(torch.tensor(vals), details={"seen": len(vals)})
+
+
+class AsyncMetadataScore(MetadataScore):
+    """The same, declared remote with a native coroutine (exercises the concurrent path)."""
+
+    is_remote = True
+    calls = 0
+
+    async def score_async(self, inp: RewardInput) -> RewardOutput:
+        await asyncio.sleep(0)
+        type(self).calls += 1
+        return self.score(inp)
+
+
+def child(key: str, weight: float = 1.0, remote: bool = False) -> dict:
+    cls = "AsyncMetadataScore" if remote else "MetadataScore"
+    return {"type": f"test_combine:{cls}", "name": key, "weight": weight, "args": {"key": key}}
+
+
+def batch(rows: list[dict], groups: list[int] | None = None) -> RewardInput:
+    n = len(rows)
+    return RewardInput(images=torch.zeros(n, 3, 2, 2), prompts=["p"] * n, metadata=rows,
+                       group_ids=torch.tensor(groups) if groups is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------- pure rules
+
+
+def test_weighted_sum_table():
+    s = torch.tensor([[1.0, 2.0], [NAN, 2.0], [NAN, NAN], [4.0, NAN]])
+    w = torch.tensor([1.0, 3.0])
+    # skip: row1 = 3*2 rescaled by |w| total 4 / voted 3 = 8 ; row3 = 1*4 * 4/1 = 16
+    assert close(weighted_sum_scores(s, w, "skip"), [7.0, 8.0, NAN, 16.0])
+    assert close(weighted_sum_scores(s, w, "any"), [7.0, NAN, NAN, NAN])
+    assert close(weighted_sum_scores(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0, -1.0])), [-1.0])
+    with pytest.raises(ValueError, match="nan_mode"):
+        weighted_sum_scores(s, w, "mean")
+
+
+def test_gated_table():
+    gate = torch.tensor([0.9, 0.2, NAN, 0.5, 0.7])
+    value = torch.tensor([3.0, 3.0, 3.0, 4.0, NAN])
+    assert close(gated_scores(gate, value, 0.5), [3.0, 0.0, NAN, 4.0, NAN])  # threshold inclusive
+    assert close(gated_scores(gate, value, 0.5, below=-1.0), [3.0, -1.0, NAN, 4.0, NAN])
+
+
+def test_product_table():
+    s = torch.tensor([[0.5, 0.8], [NAN, 1.0], [2.0, 3.0], [0.0, 0.5]])
+    assert close(product_scores(s, torch.tensor([1.0, 2.0])), [0.32, NAN, 18.0, 0.0])
+    assert close(product_scores(torch.tensor([[-2.0, 3.0]]), torch.tensor([3.0, 1.0])), [-24.0])  # integer power ok
+    with pytest.raises(ValueError, match="child 0.*non-integer"):
+        product_scores(torch.tensor([[-0.5, 1.0]]), torch.tensor([0.5, 1.0]))
+
+
+def test_group_normalize_and_max_deviation_table():
+    # groups: 0 = rows 0-2, 1 = rows 3-4, 2 = row 5 (every child abstains there)
+    s = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0], [5.0, 1.0], [5.0, NAN], [NAN, NAN]])
+    g = torch.tensor([0, 0, 0, 1, 1, 2])
+    z = group_normalize(s, g)
+    # child A, group 0: mean 2, population std sqrt(2/3)  -> z = -/+ sqrt(3/2)
+    # child B, group 0: mean 1, std sqrt(2)              -> z = -1/sqrt2, -1/sqrt2, sqrt2
+    # group 1: A constant -> 0 ; B one valid value -> 0 (no information) and NaN where it abstains
+    r15, r2 = math.sqrt(1.5), math.sqrt(2.0)
+    assert close(z[:, 0], [-r15, 0.0, r15, 0.0, 0.0, NAN])
+    assert close(z[:, 1], [-1 / r2, -1 / r2, r2, 0.0, NAN, NAN])
+    res = max_deviation_scores(s, g, torch.tensor([1.0, 1.0]))
+    assert close(res.scores, [-r15, -1 / r2, r2, 0.0, 0.0, NAN])
+    assert res.chosen.tolist() == [0, 1, 1, 0, 0, -1]  # tie at row 3 -> lower index
+    weighted = max_deviation_scores(s, g, torch.tensor([2.0, 1.0]))
+    assert close(weighted.scores, [-2 * r15, -1 / r2, 2 * r15, 0.0, 0.0, NAN])  # row 1: A has z = 0
+    assert weighted.chosen.tolist()[:3] == [0, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------- reward classes
+
+
+def test_weighted_sum_reward_from_nested_specs():
+    r = build_reward({"type": "weighted_sum", "name": "total",
+                      "args": {"children": [child("a", 1.0), child("b", 3.0)]}})
+    out = r(batch([{"a": 1, "b": 2}, {"b": 2}, {}]))
+    assert close(out.scores, [7.0, 8.0, NAN])
+    assert out.details["a/score"][0] == 1.0 and math.isnan(out.details["a/score"][1])
+    assert out.details["b/seen"] == 3  # children's details are kept under their names
+    strict = build_reward({"type": "weighted_sum", "args": {"children": [child("a"), child("b")], "nan_mode": "any"}})
+    assert close(strict(batch([{"a": 1, "b": 2}, {"b": 2}])).scores, [3.0, NAN])
+
+
+def test_gated_and_product_rewards():
+    g = build_reward({"type": "gated", "args": {"gate": child("ocr"), "value": child("aesthetic"), "threshold": 0.8}})
+    out = g(batch([{"ocr": 0.9, "aesthetic": 6.0}, {"ocr": 0.1, "aesthetic": 9.0}, {"aesthetic": 9.0}]))
+    assert close(out.scores, [6.0, 0.0, NAN])
+    assert out.details["gate_pass_rate"] == pytest.approx(1 / 3)
+    p = build_reward({"type": "product", "args": {"children": [child("a"), child("b", 2.0)]}})
+    assert close(p(batch([{"a": 0.5, "b": 0.5}, {"a": 0.5}])).scores, [0.125, NAN])
+
+
+def test_max_deviation_reward_uses_group_ids():
+    r = build_reward({"type": "max_deviation", "args": {"children": [child("a"), child("b")]}})
+    rows = [{"a": 1, "b": 0}, {"a": 2, "b": 0}, {"a": 3, "b": 3}]
+    out = r(batch(rows, groups=[4, 4, 4]))
+    assert close(out.scores, [-math.sqrt(1.5), -1 / math.sqrt(2), math.sqrt(2)])
+    assert out.details["chosen/a"] == pytest.approx(1 / 3) and out.details["chosen/b"] == pytest.approx(2 / 3)
+    # separate groups of one: nothing deviates
+    assert close(r(batch(rows, groups=[1, 2, 3])).scores, [0.0, 0.0, 0.0])
+
+
+def test_remote_child_makes_combination_remote_and_concurrent():
+    AsyncMetadataScore.calls = 0
+    r = build_reward({"type": "weighted_sum", "args": {"children": [child("a", remote=True), child("b")]}})
+    assert r.is_remote
+    out = r(batch([{"a": 1, "b": 1}]))  # sync call runs the async path
+    assert close(out.scores, [2.0]) and AsyncMetadataScore.calls == 1
+
+
+def test_nested_combinations_and_duplicate_names():
+    inner = {"type": "product", "name": "inner", "args": {"children": [child("a"), child("a")]}}
+    r = build_reward({"type": "weighted_sum", "args": {"children": [inner, child("b", 0.5)]}})
+    out = r(batch([{"a": 3, "b": 4}]))
+    assert close(out.scores, [9.0 + 2.0])
+    assert {"inner/a/score", "inner/a_1/score"} <= set(out.details)  # duplicate child names made unique
+
+
+def test_bad_child_specs_name_the_field():
+    with pytest.raises(ValueError, match="children must be a non-empty list"):
+        build_reward({"type": "weighted_sum", "args": {"children": []}})
+    with pytest.raises(ValueError, match=r"rewards\[sum.children\[1\]\].type.*unknown reward 'ocrr'.*Did you mean 'ocr'"):
+        build_reward({"type": "weighted_sum", "name": "sum", "args": {"children": [child("a"), {"type": "ocrr"}]}})
+    with pytest.raises(ValueError, match="expected a reward spec"):
+        build_reward({"type": "gated", "args": {"gate": "ocr", "value": child("a")}})
+    with pytest.raises(ValueError, match="weight must be a number"):
+        build_reward({"type": "product", "args": {"children": [dict(child("a"), weight="heavy")]}})
