@@ -22,12 +22,15 @@ embeddings are computed once per distinct prompt and shared by its G samples.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..base import resolve_dtype
+from . import sde as sde_math
+from .base import FlowPolicy, tiny_preset
 
 # Scheduler config of FLUX.1-dev (scheduler/scheduler_config.json); used for tiny builds and as a fallback.
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -96,26 +99,6 @@ class FluxComponents:
         return int(self.vae.config.latent_channels)
 
 
-def resolve_tiny_preset(
-    presets: dict[str, dict[str, Any]], size: str, overrides: dict[str, Any] | None, family: str
-) -> dict[str, Any]:
-    """Preset `size` with `overrides` applied; unknown names fail naming the config field and valid keys."""
-    if size not in presets:
-        raise ValueError(f"model.tiny_size='{size}' is not a {family} tiny preset; choose one of {sorted(presets)}")
-    p = dict(presets[size])
-    for k, v in (overrides or {}).items():
-        if k not in p:
-            import difflib
-
-            close = difflib.get_close_matches(k, list(p), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ValueError(
-                f"model.tiny_overrides.{k} is not a {family} tiny-model knob.{hint} Valid keys: {', '.join(sorted(p))}"
-            )
-        p[k] = v
-    return p
-
-
 def build_tiny_flux(size: str = "test", overrides: dict[str, Any] | None = None, seed: int = 0) -> FluxComponents:
     """Tiny random FLUX of the real classes (CLIPTextModel, T5EncoderModel, FluxTransformer2DModel,
     AutoencoderKL), built offline. The same (size, overrides, seed) always gives the same weights, so a
@@ -125,7 +108,7 @@ def build_tiny_flux(size: str = "test", overrides: dict[str, Any] | None = None,
 
     from ...tiny import build_tokenizer
 
-    p = resolve_tiny_preset(FLUX_TINY_PRESETS, size, overrides, "FLUX")
+    p = tiny_preset(FLUX_TINY_PRESETS, size, dict(overrides or {}), "FLUX")
     if sum(p["axes_dims_rope"]) != p["attention_head_dim"]:
         raise ValueError(
             f"model.tiny_overrides: sum(axes_dims_rope)={sum(p['axes_dims_rope'])} must equal "
@@ -172,18 +155,6 @@ def build_tiny_flux(size: str = "test", overrides: dict[str, Any] | None = None,
         transformer=transformer, vae=vae, text_encoder=clip, tokenizer=tok_clip, text_encoder_2=t5, tokenizer_2=tok_t5,
         scheduler_config=dict(FLUX_SCHEDULER_CONFIG), max_sequence_length=int(p["max_sequence_length"]),
         default_image_size=int(p["image_size"]),
-    )
-
-
-def build_tiny_flux_pipeline(size: str = "test", overrides: dict[str, Any] | None = None, seed: int = 0):
-    """A whole diffusers `FluxPipeline` from tiny parts (to save as a local 'checkpoint' in tests)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-    c = build_tiny_flux(size, overrides, seed)
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**{k: v for k, v in c.scheduler_config.items() if v is not None}),
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer, text_encoder_2=c.text_encoder_2,
-        tokenizer_2=c.tokenizer_2, transformer=c.transformer,
     )
 
 
@@ -268,52 +239,30 @@ def flux_image_ids(h: int, w: int, device: torch.device | None = None, dtype: to
     return ids.to(dtype)
 
 
-def dynamic_shift_mu(
-    image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5, max_shift: float = 1.15
-) -> float:
-    """mu of the resolution-dependent time shift: linear in the number of image tokens."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    return float(base_shift + slope * (image_seq_len - base_seq_len))
+def flux_schedule_kwargs(scheduler_config: dict[str, Any], image_seq_len: int, timestep_shift: float = 0.0) -> dict[str, float]:
+    """Arguments of `sde.sigma_schedule` for FLUX / Qwen-Image at `image_seq_len` packed image tokens.
 
-
-def shifted_sigmas(
-    num_steps: int, mu: float, shift_terminal: float | None = None, time_shift_type: str = "exponential"
-) -> torch.Tensor:
-    """Noise levels [num_steps + 1] from 1 down to 0 with the dynamic time shift of FLUX / Qwen-Image.
-
-    Uniform sigmas in (0, 1] are shifted: exponential sigma' = e^mu / (e^mu + 1/sigma - 1), linear
-    sigma' = mu / (mu + 1/sigma - 1); optionally stretched so the last non-zero sigma is `shift_terminal`
-    (Qwen-Image uses 0.02); a terminal 0 is appended."""
-    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    if time_shift_type == "exponential":
-        s = math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0))
-    elif time_shift_type == "linear":
-        s = mu / (mu + (1.0 / s - 1.0))
-    else:
-        raise ValueError(f"unknown time_shift_type '{time_shift_type}' (exponential | linear)")
-    if shift_terminal:
-        one_minus = 1.0 - s
-        s = 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
-    return torch.cat([s, s.new_zeros(1)]).to(torch.float32)
-
-
-def flux_sigmas(scheduler_config: dict[str, Any], num_steps: int, image_seq_len: int, shift_override: float = 0.0) -> torch.Tensor:
-    """The sigma schedule [num_steps + 1] FLUX samples with at this resolution.
-
-    `shift_override` > 0 replaces the resolution-dependent shift by the static SD3-style shift
-    sigma' = s*sigma / (1 + (s-1)*sigma) (rollout.timestep_shift)."""
-    if shift_override > 0:
-        s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-        s = shift_override * s / (1 + (shift_override - 1) * s)
-        return torch.cat([s, s.new_zeros(1)]).to(torch.float32)
-    cfg = scheduler_config
-    if not cfg.get("use_dynamic_shifting", True):
-        return flux_sigmas(scheduler_config, num_steps, image_seq_len, float(cfg.get("shift", 1.0)) or 1.0)
-    mu = dynamic_shift_mu(
-        image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-        cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+    `timestep_shift` > 0 (rollout.timestep_shift) replaces the resolution-dependent shift by a static one.
+    Otherwise mu grows linearly with the token count (dynamic shifting of the scheduler config); the
+    exponential time shift with mu equals the static shift with s = e^mu. A config without dynamic shifting
+    uses its static `shift`. The linear time-shift variant of diffusers is not supported (no released
+    FLUX / Qwen-Image checkpoint uses it)."""
+    if timestep_shift > 0:
+        return {"shift": float(timestep_shift)}
+    c = scheduler_config
+    if not c.get("use_dynamic_shifting", True):
+        shift = float(c.get("shift") or 1.0)
+        return {"shift": shift} if shift != 1.0 else {}
+    if c.get("time_shift_type", "exponential") != "exponential":
+        raise ValueError(f"scheduler time_shift_type='{c.get('time_shift_type')}' is not supported; only 'exponential'")
+    mu = sde_math.dynamic_shift_mu(
+        image_seq_len,
+        int(c.get("base_image_seq_len") or 256),
+        int(c.get("max_image_seq_len") or 4096),
+        float(c.get("base_shift") if c.get("base_shift") is not None else 0.5),
+        float(c.get("max_shift") if c.get("max_shift") is not None else 1.15),
     )
-    return shifted_sigmas(num_steps, mu, cfg.get("shift_terminal"), cfg.get("time_shift_type", "exponential"))
+    return {"mu": float(mu)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,3 +312,142 @@ def encode_flux_images(vae: nn.Module, images_B3HW: torch.Tensor, generator: tor
     z = dist.sample(generator) if generator is not None else dist.mode()
     z = (z - float(vae.config.shift_factor or 0.0)) * float(vae.config.scaling_factor)
     return pack_latents(z.float())
+
+
+# --------------------------------------------------------------------------------------------------
+# Policy
+# --------------------------------------------------------------------------------------------------
+
+
+def check_image_size(size: int, multiple: int, family: str) -> None:
+    if size <= 0 or size % multiple:
+        raise ValueError(
+            f"model.image_size={size}: {family} needs a positive multiple of {multiple} "
+            "(VAE downsampling x 2x2 latent patches); e.g. model.image_size=512"
+        )
+
+
+def save_transformer(transformer: nn.Module, path: str, uses_lora: bool, pipeline_cls_name: str) -> None:
+    """LoRA: adapter weights in the diffusers LoRA format of the family's pipeline (load with
+    `pipe.load_lora_weights(path)`); full fine-tune: `<path>/transformer` (load with
+    `<Transformer>.from_pretrained(path, subfolder='transformer')`)."""
+    import os
+
+    os.makedirs(path, exist_ok=True)
+    if uses_lora:
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        pipe_cls = getattr(diffusers, pipeline_cls_name)
+        pipe_cls.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+    else:
+        transformer.save_pretrained(os.path.join(path, "transformer"))
+
+
+def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Move a module to `device`, casting to `dtype` only when given and different (loaded pipelines
+    already have their dtype, and some keep chosen submodules in fp32 on purpose)."""
+    module = module.to(device)
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        module = module.to(dtype)
+    return module
+
+
+
+class FluxPolicy(FlowPolicy):
+    """FLUX.1 adapter (`model.family: flux`): trains the FluxTransformer2DModel (LoRA or full), with frozen
+    CLIP / T5 text encoders and VAE. Latents are packed tokens [L, 4C] throughout (noise, replay, SDE);
+    only `decode` unpacks them."""
+
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+    default_image_size = DEFAULT_IMAGE_SIZE
+
+    def __init__(self, cfg, device: torch.device):
+        super().__init__(cfg, device)
+        m = cfg.model
+        dtype = resolve_dtype(m.dtype)
+        if m.tiny:
+            comps = build_tiny_flux(m.tiny_size, m.tiny_overrides, seed=cfg.run.seed)
+            self.image_size = m.image_size or comps.default_image_size
+        else:
+            comps = load_flux(m.path, dtype, m.revision)
+        self.comps = comps  # tokenizers, scheduler config (plain attributes, not modules)
+        self.weight_dtype = dtype
+        cast = dtype if m.tiny else None  # from_pretrained already loaded `dtype`
+        self.transformer = move_module(comps.transformer, device, cast)
+        self.vae = move_module(comps.vae, device, cast)
+        self.text_encoder = move_module(comps.text_encoder, device, cast)
+        self.text_encoder_2 = move_module(comps.text_encoder_2, device, cast)
+        for frozen in (self.vae, self.text_encoder, self.text_encoder_2):
+            self.freeze(frozen)
+        if m.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.setup_trainable(self.transformer)
+        self.transformer.eval()
+        check_image_size(self.image_size, 2 * comps.vae_scale_factor, "FLUX")
+        self.latent_hw = (self.image_size // comps.vae_scale_factor, self.image_size // comps.vae_scale_factor)
+        self.img_ids = flux_image_ids(*self.latent_hw, device=device)
+        #: FLUX.1-dev: guidance is an input embedding, no unconditional branch
+        self.guidance_distilled = bool(self.transformer.config.guidance_embeds)
+
+    # ---- hooks ------------------------------------------------------------------------------------
+    def trainable_module(self) -> nn.Module:
+        return self.transformer
+
+    def latent_shape(self) -> tuple[int, ...]:
+        h, w = self.latent_hw
+        return ((h // 2) * (w // 2), 4 * self.comps.latent_channels)
+
+    def timestep_schedule_kwargs(self) -> dict[str, float]:
+        return flux_schedule_kwargs(self.comps.scheduler_config, self.latent_shape()[0], self.cfg.rollout.timestep_shift)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        e = encode_flux_prompts(self.comps, prompts, self.device)
+        return {"t5": e.t5_BTD, "pooled": e.pooled_BP}
+
+    def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
+                         guidance: float) -> torch.Tensor:
+        if self.guidance_distilled:
+            # FLUX.1-dev: one forward with the guidance scale as an embedding (true CFG would double the
+            # cost and leave the distribution the model was distilled for)
+            g = torch.full((latents.shape[0],), float(guidance), device=latents.device, dtype=torch.float32)
+            return self.transformer_forward(latents, sigma, dict(cond, guidance=g))
+        return super().predict_velocity(latents, sigma, cond, guidance)
+
+    def transformer_forward(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        dtype = self.weight_dtype
+        g = cond.get("guidance")
+        if self.guidance_distilled and g is None:  # sft_loss: condition on the rollout guidance scale
+            g = torch.full((latents.shape[0],), float(self.cfg.rollout.cfg_scale), device=latents.device)
+        v = flux_velocity(
+            self.transformer, latents.to(dtype), sigma, cond["t5"].to(dtype), cond["pooled"].to(dtype), self.img_ids,
+            g if self.guidance_distilled else None,
+        )
+        return v
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_flux_latents(self.vae, latents, *self.latent_hw)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return encode_flux_images(self.vae, images)
+
+    def pipeline(self):
+        """A diffusers `FluxPipeline` sharing this policy's modules (inference, `load_lora_weights`, export)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+        c = self.comps
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**{k: v for k, v in c.scheduler_config.items() if v is not None}),
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=c.tokenizer, text_encoder_2=self.text_encoder_2,
+            tokenizer_2=c.tokenizer_2, transformer=self.transformer,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save_pretrained(self, path: str) -> None:
+        """LoRA: `pytorch_lora_weights.safetensors` loadable with `FluxPipeline.load_lora_weights(path)`;
+        full fine-tuning: a diffusers transformer directory at `path/transformer`."""
+        save_transformer(self.transformer, path, self.uses_lora(), "FluxPipeline")
