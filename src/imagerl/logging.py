@@ -489,7 +489,8 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str
         rx, ry = series(key)
         if rx:
             w = max(1, min(50, len(rx) // 10))
-            ax.plot(rx, _moving_average(ry, w), color=f"C{j + 1}", linewidth=1.3, alpha=0.9, label=key)
+            ax.plot(rx, _moving_average(ry, w), color=f"C{j + 1}", linewidth=1.3, alpha=0.9,
+                    label=f"{key} (moving avg)" if w > 1 else key)
     if not xs and not reward_names(keys):
         ax.text(0.5, 0.5, "no reward logged yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
     ax.set_ylabel("reward")
