@@ -235,12 +235,12 @@ class GRPOTrainer:
                         kl_u = kl_per_unit(a.kl_estimator, cur, ref)
                         loss_kl = a.kl_coef * (kl_u * w).sum()
                         loss = loss + loss_kl
-                        acc["kl"] += float(loss_kl)
+                        acc["kl"] += float(loss_kl.detach())
                         acc["kl_raw"] += float((kl_u.detach() * w).sum())
                     (loss * grpo_scale).backward()
                     m = w > 0
                     r = terms.ratio.detach()[m]
-                    acc["pg"] += float(loss_pg)
+                    acc["pg"] += float(loss_pg.detach())
                     acc["clip"] += float(terms.clipped[m].float().sum())
                     acc["rsum"] += float(r.sum())
                     acc["cnt"] += float(m.sum())
