@@ -51,6 +51,16 @@ class Policy(nn.Module):
         """
         raise NotImplementedError
 
+    def emit_chunk(self, lo: int, hi: int, images: torch.Tensor) -> None:
+        """Adapters call this inside `rollout` as soon as rows [lo, hi) are decoded to images.
+
+        The trainer sets `chunk_callback` so that rewards (remote judges especially) score a micro-batch
+        while the next one is still being generated. Calling it is optional: without it scoring simply
+        starts after the rollout returns. `images` must already be final ([n,3,H,W] in [0,1])."""
+        cb = getattr(self, "chunk_callback", None)
+        if cb is not None:
+            cb(lo, hi, images)
+
     # ---- training -------------------------------------------------------------------------------
     def unit_chunks(self, rollout: Rollout, generator: torch.Generator) -> list[torch.Tensor]:
         """Index tensors into the T units; each chunk is scored by one `log_prob` call.

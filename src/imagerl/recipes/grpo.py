@@ -35,6 +35,7 @@ from ..policies import POLICIES  # noqa: F401  (registers policy names)
 from ..policies.base import Policy, resolve_device
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
+from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
 
 
@@ -97,6 +98,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         self.sft_datasets = cfg.data.sft_datasets
         self.rewards = RewardSet(cfg.rewards)
+        self.scorer = ScoringRunner(self.rewards)
         self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
         self.policy.setup_reference()
         self.params = self.policy.trainable_parameters()
@@ -146,20 +148,34 @@ class GRPOTrainer:
         return path
 
     # ------------------------------------------------------------------------------------------------
-    def rollout(self, step: int) -> tuple[Rollout, list[dict[str, float]]]:
+    def rollout_and_score(self, step: int) -> tuple[Rollout, ScoreTable, float, float]:
+        """Roll out this rank's slice of the step's prompts and score it -> (rollout, table, t_rollout, t_reward).
+
+        With scoring.overlap the policy hands over each decoded micro-batch (whole groups) to the scoring
+        thread while it generates the next one; t_reward is then only the wait after the rollout ends."""
         cfg = self.cfg
         B, G = cfg.data.prompts_per_step, cfg.rollout.group_size
         batch, rweights = self.sampler.next_batch(B)
         local, lw, first = slice_for_rank(batch, rweights, self.dist.rank, self.dist.world)
-        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, ROLLOUT)
-        self.policy.eval()
-        with torch.no_grad(), self.autocast():
-            ro = self.policy.rollout(local, G, gen, group_id_offset=(step - 1) * B + first)
         per_sample = [w for w in lw for _ in range(G)]
-        return ro, per_sample
-
-    def score(self, ro: Rollout, per_sample_weights: list[dict[str, float]]) -> ScoreTable:
-        return self.rewards.score(RewardInput.from_rollout(ro), per_sample_weights)
+        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, ROLLOUT)
+        chunker = None
+        if cfg.scoring.overlap:
+            chunker = ChunkScorer(self.scorer, local.prompts, local.metadata, G, per_sample, local.source_images)
+        self.policy.chunk_callback = chunker
+        self.policy.eval()
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad(), self.autocast():
+                ro = self.policy.rollout(local, G, gen, group_id_offset=(step - 1) * B + first)
+        finally:
+            self.policy.chunk_callback = None
+        t1 = time.perf_counter()
+        if chunker is not None and chunker.covers_all() and ro.texts is None:
+            table = chunker.collect()
+        else:
+            table = self.scorer.score(RewardInput.from_rollout(ro), per_sample)
+        return ro, table, t1 - t0, time.perf_counter() - t1
 
     def advantages(self, ro: Rollout, table: ScoreTable) -> tuple[AdvantageOutput, torch.Tensor, torch.Tensor]:
         a = self.cfg.algorithm
@@ -285,9 +301,7 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
         t0 = time.perf_counter()
-        ro, per_sample_w = self.rollout(step)
-        t1 = time.perf_counter()
-        table = self.score(ro, per_sample_w)
+        ro, table, t_roll, t_rew = self.rollout_and_score(step)
         t2 = time.perf_counter()
         adv, g_scores, g_total = self.advantages(ro, table)
         self._check_abstains(g_scores, table)
@@ -309,7 +323,7 @@ class GRPOTrainer:
                 m[f"reward/{k}"] = float(v)
         m.update(train_stats)
         m["lr"] = float(self.scheduler.get_last_lr()[0])
-        m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t1 - t0, t2 - t1, t3 - t2, t3 - t0
+        m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t_roll, t_rew, t3 - t2, t3 - t0
         return StepResult(ro, table, adv, m)
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -320,7 +334,7 @@ class GRPOTrainer:
         gen = seeded_generator(self.cfg.run.seed, 0, self.dist.rank, EVAL)
         with torch.no_grad(), self.autocast():
             ro = self.policy.rollout(batch, self.cfg.rollout.group_size, gen, eval_mode=True)
-        t = self.rewards.score(RewardInput.from_rollout(ro))
+        t = self.scorer.score(RewardInput.from_rollout(ro))
         tot = t.weighted_total()
         return {"eval/reward/mean": float(tot[~torch.isnan(tot)].mean()) if (~torch.isnan(tot)).any() else math.nan}
 
@@ -342,6 +356,7 @@ class GRPOTrainer:
                 self.save(cfg.train.steps)
         finally:
             paths = self.logger.finish()
+            self.scorer.close()
             self.rewards.close()
         return {"metrics": last, "paths": paths}
 
