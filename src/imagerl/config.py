@@ -39,8 +39,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    output_dir: str = "runs/demo"
-    seed: int = 0
+    output_dir: str = "runs/demo"  # metrics.jsonl, samples/, checkpoints/, reward_curve.png, config.yaml; rerun = resume
+    seed: int = 0  # seeds weights init, prompt order and every sampling stream (per step and rank)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "fp32"  # compute dtype under autocast: fp32 | bf16 | fp16
     name: str = ""  # run name for loggers; defaults to the output dir's name

@@ -1,0 +1,81 @@
+"""Write docs/config.md from the typed schema in src/imagerl/config.py (defaults + the inline comments).
+
+Run `python scripts/gen_config_reference.py` after changing the schema; tests/unit/test_docs.py fails when the
+file is stale, so the reference can never drift from the code.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from imagerl import config as C  # noqa: E402
+
+SECTIONS = {f.name: f for f in dataclasses.fields(C.Config)}
+
+
+def comments() -> dict[tuple[str, str], str]:
+    """(ClassName, field) -> trailing comment text, read from the source."""
+    src = (ROOT / "src/imagerl/config.py").read_text().splitlines()
+    tree = ast.parse("\n".join(src))
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            for stmt in node.body:
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    line = src[stmt.lineno - 1]
+                    text = line.split("#", 1)[1].strip() if "#" in line else ""
+                    out[(node.name, stmt.target.id)] = text.replace("|", "\\|")
+    return out
+
+
+def fmt(v) -> str:
+    if isinstance(v, str):
+        return f'"{v}"' if v else '""'
+    if dataclasses.is_dataclass(v):
+        return "(section)"
+    return repr(v).replace("|", "\\|")
+
+
+def render() -> str:
+    com = comments()
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `src/imagerl/config.py` by `scripts/gen_config_reference.py`; do not edit by hand.",
+        "Every key can be set in the YAML file or overridden as `key=value` (`imagerl train CONFIG train.steps=20`).",
+        "Lists of sections (`rewards`, `data.datasets`) are indexed: `rewards.0.weight=2`.",
+        "Values can read environment variables: `${oc.env:NAME}` or `${oc.env:NAME,default}`.",
+        "",
+    ]
+    root = C.Config()
+    for name in SECTIONS:
+        val = getattr(root, name)
+        elem = val[0] if isinstance(val, list) and val else val
+        cls = type(elem)
+        title = f"`{name}`" + (" (a list of entries)" if isinstance(val, list) else "")
+        lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            d = getattr(elem, f.name)
+            if dataclasses.is_dataclass(d):
+                for g in dataclasses.fields(d):
+                    lines.append(f"| `{name}.{f.name}.{g.name}` | `{fmt(getattr(d, g.name))}` | {com.get((type(d).__name__, g.name), '')} |")
+                continue
+            if isinstance(d, list) and d and dataclasses.is_dataclass(d[0]):
+                lines.append(f"| `{name}.{f.name}` | list of {type(d[0]).__name__} | {com.get((cls.__name__, f.name), '')} (entries have the keys of `data.datasets`) |")
+                continue
+            key = f"{name}.N.{f.name}" if isinstance(val, list) else f"{name}.{f.name}"
+            lines.append(f"| `{key}` | `{fmt(d)}` | {com.get((cls.__name__, f.name), '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    out = ROOT / "docs" / "config.md"
+    out.write_text(render())
+    print(f"wrote {out}")
