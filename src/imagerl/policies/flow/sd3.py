@@ -30,11 +30,11 @@ from .base import FlowPolicy, tiny_preset
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     # image_size px; the x2 VAE gives latent = image_size / 2; patch 2 -> (image_size / 4)^2 tokens
     "test": dict(image_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, latent_channels=4,
-                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, vocab_size=320),
+                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320),
     "demo": dict(image_size=32, num_layers=2, num_attention_heads=4, attention_head_dim=8, latent_channels=4,
-                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, vocab_size=320),
+                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320),
     "bench": dict(image_size=64, num_layers=4, num_attention_heads=4, attention_head_dim=32, latent_channels=4,
-                  vae_channels=16, clip_hidden=32, t5_dim=64, max_sequence_length=32, vocab_size=512),
+                  vae_channels=16, clip_hidden=32, t5_dim=64, max_sequence_length=32, clip_length=77, vocab_size=512),
 }
 
 
@@ -72,7 +72,7 @@ def build_tiny_sd3(size: str = "test", overrides: dict[str, Any] | None = None, 
         clip_cfg = CLIPTextConfig(
             bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=p["clip_hidden"],
             intermediate_size=2 * p["clip_hidden"], num_attention_heads=2, num_hidden_layers=2,
-            vocab_size=p["vocab_size"], hidden_act="gelu", projection_dim=p["clip_hidden"], max_position_embeddings=77,
+            vocab_size=p["vocab_size"], hidden_act="gelu", projection_dim=p["clip_hidden"], max_position_embeddings=p["clip_length"],
         )
         te1, te2 = CLIPTextModelWithProjection(clip_cfg), CLIPTextModelWithProjection(clip_cfg)
         te3 = T5EncoderModel(T5Config(vocab_size=p["vocab_size"], d_model=p["t5_dim"], d_kv=8, d_ff=2 * p["t5_dim"],
@@ -80,7 +80,8 @@ def build_tiny_sd3(size: str = "test", overrides: dict[str, Any] | None = None, 
                                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=2))
     finally:
         torch.random.set_rng_state(state)
-    tok77 = build_tokenizer(vocab_size=p["vocab_size"], model_max_length=77, append_eos=True)
+    # CLIP pools at the first EOS, so its tokenizer appends one; the pipeline pads CLIP to model_max_length
+    tok77 = build_tokenizer(vocab_size=p["vocab_size"], model_max_length=p["clip_length"], append_eos=True)
     tok_t5 = build_tokenizer(vocab_size=p["vocab_size"], model_max_length=p["max_sequence_length"], append_eos=True)
     return dict(
         components=dict(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=transformer, vae=vae,
@@ -138,6 +139,12 @@ class SD3Policy(FlowPolicy):
             for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.transformer):
                 m.to(self.weight_dtype)
         self.setup_trainable(self.transformer)
+        if not self.uses_lora():
+            # The last MMDiT block is context_pre_only: its text-query projection feeds only text outputs that
+            # are discarded, so it never gets a gradient; leave it frozen instead of carrying dead optimizer state.
+            for blk in self.transformer.transformer_blocks:
+                if getattr(blk, "context_pre_only", False) and getattr(blk.attn, "add_q_proj", None) is not None:
+                    blk.attn.add_q_proj.requires_grad_(False)
         if mcfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.eval()
@@ -187,6 +194,8 @@ class SD3Policy(FlowPolicy):
             from peft.utils import get_peft_model_state_dict
 
             sd = get_peft_model_state_dict(self.transformer)
-            StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=sd)
+            # the LoRA config (r, alpha, targets) travels as safetensors metadata, so loading gets alpha/r right
+            meta = self.transformer.peft_config["default"].to_dict()
+            StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta)
         else:
             self.transformer.save_pretrained(os.path.join(path, "transformer"))

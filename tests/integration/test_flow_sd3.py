@@ -1,0 +1,229 @@
+"""SD3 flow policy on tiny random diffusers/transformers models (the real classes): rollout structure,
+log-prob consistency across micro-batch compositions, training changes every trainable parameter,
+reference policy, SFT gradients, evaluation determinism, export."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from imagerl.config import Config
+from imagerl.types import PromptBatch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["a red square on the left", "a blue circle on the top"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models are dominated by per-op overhead; on a shared 2-core machine one thread is 10-30x faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(**over):
+    from imagerl.policies.flow.sd3 import SD3Policy
+
+    cfg = Config()
+    cfg.model.family, cfg.model.tiny, cfg.model.tiny_size = "sd3", True, "test"
+    cfg.rollout.num_steps, cfg.rollout.cfg_scale, cfg.rollout.noise_level = 4, 4.5, 0.7
+    for k, v in over.items():  # section__key=value
+        sec, key = k.split("__")
+        setattr(getattr(cfg, sec) if sec != "lora" else cfg.model.lora, key, v)
+    pol = SD3Policy(cfg, torch.device("cpu"))
+    pol.eval()
+    return pol
+
+
+def batch(prompts=PROMPTS):
+    return PromptBatch(prompts=list(prompts), metadata=[{"i": i} for i in range(len(prompts))])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("sde", ["flow_grpo", "cps", "dance"])
+@pytest.mark.parametrize("cfg_in_training", [True, False])
+def test_first_step_ratio_is_one_for_any_micro_batch(sde, cfg_in_training):
+    """The recomputed log-prob equals the rollout's to 1e-5 when the training micro-batch differs from the
+    rollout batch (sizes 1, 2, 4, shuffled rows), with CFG on and off and an SDE window."""
+    pol = make(rollout__sde=sde, rollout__cfg_in_training=cfg_in_training, rollout__num_steps=6,
+               rollout__sde_window=3, rollout__sde_window_range=[1, 4])
+    ro = pol.rollout(batch(), 3, gen())
+    assert ro.old_logp.shape == (6, 6) and ro.mask.shape == (6, 6)
+    window = ro.mask[0].nonzero().reshape(-1)
+    assert 1 <= len(window) <= 3 and 1 <= int(window[0]) < 4  # CPS may lose the last step (std 0)
+    assert (ro.old_logp[~ro.mask] == 0).all() and (ro.old_logp[ro.mask] != 0).all()
+    assert float(ro.replay["guidance"][0]) == (4.5 if cfg_in_training else 1.0)
+    order = torch.randperm(6, generator=gen(1))
+    for mb in (1, 2, 4):
+        for lo in range(0, 6, mb):
+            idx = order[lo: lo + mb]
+            sub = ro.select(idx)
+            units = window
+            with torch.no_grad():
+                out = pol.log_prob(sub, units)
+            ratio = torch.exp(out.logp - sub.old_logp[:, units])
+            assert (ratio - 1).abs().max() < 1e-5, (mb, (ratio - 1).abs().max())
+
+
+def test_rollout_encodes_once_per_prompt_and_batches_cfg():
+    pol = make(rollout__num_steps=3)
+    seen_prompts, fwd_batches = [], []
+    orig = pol.encode_prompts
+    pol.encode_prompts = lambda p: (seen_prompts.append(list(p)), orig(p))[1]
+    h = pol.transformer.register_forward_pre_hook(lambda m, args, kwargs: fwd_batches.append(kwargs["hidden_states"].shape[0]),
+                                                  with_kwargs=True)
+    pol._neg_cond = None
+    ro = pol.rollout(batch(), 4, gen())
+    h.remove()
+    assert [p for p in seen_prompts if p != [""]] == [PROMPTS]  # B prompts, not N = B*G
+    assert fwd_batches == [16, 16, 16]  # one forward per step: 8 cond + 8 uncond rows
+    assert ro.images.shape == (8, 3, 16, 16) and 0 <= ro.images.min() and ro.images.max() <= 1
+    assert ro.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert ro.prompts[3] == PROMPTS[0] and ro.metadata[4] == {"i": 1}
+    assert ro.replay["latents"].shape == (8, 4, 4, 8, 8)  # [N, T+1, C, h, w]
+    torch.testing.assert_close(ro.replay["cond"]["pooled"][0], ro.replay["cond"]["pooled"][3])
+
+
+def test_rollout_micro_batches_and_shared_noise():
+    pol = make(rollout__shared_noise=True)
+    full = pol.rollout(batch(), 3, gen())
+    lat0 = full.replay["latents"][:, 0]
+    assert torch.equal(lat0[0], lat0[2]) and not torch.equal(lat0[0], lat0[3])
+    pol.cfg.rollout.micro_batch_size = 2
+    chunked = pol.rollout(batch(), 3, gen())
+    torch.testing.assert_close(chunked.old_logp, full.old_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.images, full.images, atol=1e-5, rtol=0)
+
+
+def test_unit_chunks_timestep_fraction():
+    pol = make(algorithm__timestep_fraction=0.6, rollout__num_steps=10)
+    ro = pol.rollout(batch(), 2, gen())
+    chunks = pol.unit_chunks(ro, gen(3))
+    assert len(chunks) == 6 and all(c.numel() == 1 for c in chunks)  # round(0.6 * 10)
+    assert len({int(c) for c in chunks}) == 6 and all(ro.mask[0, int(c)] for c in chunks)
+    assert [int(c) for c in chunks] != [int(c) for c in pol.unit_chunks(ro, gen(4))]
+
+
+def _train_step(pol, ro, opt):
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    opt.zero_grad()
+    for units in pol.unit_chunks(ro, gen(5)):
+        out = pol.log_prob(ro, units, need_kl_terms=True)
+        ratio = torch.exp(out.logp - ro.old_logp[:, units])
+        loss = -(ratio * adv[:, None]).mean() + 1e-3 * out.velocity.pow(2).mean()
+        loss.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_changes_every_trainable_parameter(lora):
+    pol = make(lora__enabled=lora, lora__r=4, lora__alpha=8.0, rollout__cfg_in_training=False)
+    params = pol.named_trainable_parameters()
+    assert params and all("lora_" in n for n, _ in params) == lora
+    frozen_before = {n: p.detach().clone() for n, p in pol.named_parameters() if not p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params}
+    opt = torch.optim.Adam([p for _, p in params], lr=1e-2)
+    ro = pol.rollout(batch(), 2, gen())
+    # LoRA: B starts at zero, so A gets no gradient at the first step; the second step moves it too.
+    for _ in range(2 if lora else 1):
+        _train_step(pol, ro, opt)
+    unchanged = [n for n, p in params if torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged[:5]
+    assert all(torch.equal(p, frozen_before[n]) for n, p in pol.named_parameters() if n in frozen_before)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_reference_context_is_the_initial_policy(lora):
+    pol = make(lora__enabled=lora, lora__r=4, algorithm__kl_coef=0.01)
+    pol.setup_reference()
+    ro = pol.rollout(batch(), 2, gen())
+    units = pol.unit_chunks(ro, gen())[0]
+    with torch.no_grad():
+        init = pol.log_prob(ro, units, need_kl_terms=True)
+    opt = torch.optim.Adam(pol.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        _train_step(pol, ro, opt)
+    with torch.no_grad():
+        cur = pol.log_prob(ro, units, need_kl_terms=True)
+        with pol.reference():
+            ref = pol.log_prob(ro, units, need_kl_terms=True)
+        after = pol.log_prob(ro, units, need_kl_terms=True)
+    assert (cur.velocity - init.velocity).abs().max() > 1e-4  # training moved the policy
+    torch.testing.assert_close(ref.velocity, init.velocity, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref.logp, init.logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after.velocity, cur.velocity)  # leaving the context restores the policy
+    assert ref.mean.shape == (4, 1, 4, 8, 8) and ref.std.shape == (4, 1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sft_loss_grads_only_on_trainable(lora):
+    pol = make(lora__enabled=lora, lora__r=4)
+    imgs = torch.rand(2, 3, 24, 24)  # resized to the policy's 16 px
+    loss = pol.sft_loss({"prompts": PROMPTS, "images": imgs}, gen())
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    for n, p in pol.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0 or "lora_A" in n, n  # LoRA A: zero grad while B == 0
+        else:
+            assert p.grad is None, n
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pol.trainable_parameters())
+    with pytest.raises(ValueError, match="images"):
+        pol.sft_loss({"prompts": PROMPTS, "images": imgs[:1]}, gen())
+
+
+def test_eval_mode_is_deterministic_ode():
+    pol = make(rollout__eval_num_steps=5, rollout__eval_cfg_scale=2.0)
+    a = pol.rollout(batch(), 2, gen(7), eval_mode=True)
+    b = pol.rollout(batch(), 2, gen(7), eval_mode=True)
+    assert a.old_logp.shape == (4, 5) and not a.mask.any() and (a.old_logp == 0).all()
+    assert float(a.replay["guidance"][0]) == 2.0 and a.replay["sde"] == "ode"
+    assert torch.equal(a.images, b.images)
+    assert pol.unit_chunks(a, gen()) == []
+    # ODE: the image is a function of the initial noise only (no noise is drawn after it)
+    g = gen(7)
+    x0 = torch.randn((4, *pol.latent_shape()), generator=g)
+    torch.testing.assert_close(a.replay["latents"][:, 0], x0)
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(ValueError, match="rollout.sde"):
+        make(rollout__sde="ddpm")
+    with pytest.raises(ValueError, match="model.tiny_size"):
+        make(model__tiny_size="huge")
+    with pytest.raises(ValueError, match="tiny_overrides.num_layer"):
+        make(model__tiny_overrides={"num_layer": 3})
+    pol = make(rollout__sde_window=2, rollout__sde_window_range=[5, 9])
+    with pytest.raises(ValueError, match="sde_window_range"):
+        pol.rollout(batch(), 2, gen())
+
+
+def test_save_pretrained_loads_in_diffusers(tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    pol = make()
+    pol.save_pretrained(str(tmp_path / "full"))
+    t = SD3Transformer2DModel.from_pretrained(str(tmp_path / "full" / "transformer"))
+    sd = pol.transformer.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in t.state_dict().items())
+
+    lp = make(lora__enabled=True, lora__r=4)
+    with torch.no_grad():
+        for n, p in lp.named_trainable_parameters():
+            p.add_(0.01)
+    lp.save_pretrained(str(tmp_path / "lora"))
+    fresh = make()
+    fresh._pipe.load_lora_weights(str(tmp_path / "lora"))
+    x = torch.randn(2, *lp.latent_shape())
+    cond = lp.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.transformer_forward(x, torch.tensor([0.5, 0.5]), cond),
+                                   lp.transformer_forward(x, torch.tensor([0.5, 0.5]), cond), atol=1e-5, rtol=1e-5)
