@@ -503,6 +503,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
         if d.weight <= 0:
             raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
+    if cfg.dist.strategy in ("fsdp2", "deepspeed"):
+        raise ConfigError(
+            f"dist.strategy={cfg.dist.strategy} is not implemented yet; use dist.strategy=ddp (or auto) under torchrun: "
+            "gradients are all-reduced with globally normalised loss weights (same update as one process)"
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")
     if cfg.rollout.sde_window_range and len(cfg.rollout.sde_window_range) != 2:
