@@ -207,6 +207,7 @@ class RewardServer:
             self._score_batch, max_batch=max_batch, max_wait_ms=max_wait_ms, key=ScoreJob.key, size=len, name="scorer"
         )
         self.started = time.time()
+        self.requests = {"score": 0, "chat": 0}  # accepted requests per endpoint (for /health and tests)
         self.app = self._build_app()
 
     # -- scoring (runs in the batcher's worker thread) ----------------------------------------
@@ -313,6 +314,7 @@ class RewardServer:
                         list(texts) if texts is not None else None, source_images, group_ids)
 
     async def score(self, body: Any) -> dict[str, Any]:
+        self.requests["score"] += 1
         job = await asyncio.to_thread(self._parse_score, body)  # decoding PNGs is CPU work: keep the loop free
         chunks = [job.chunk(lo, min(lo + self.max_batch, len(job))) for lo in range(0, len(job), self.max_batch)]
         results: list[JobResult] = await asyncio.gather(*(self.batcher.submit_async(c) for c in chunks))
@@ -336,6 +338,7 @@ class RewardServer:
                                 "{model: <path or hub id>} to its config", code="model_not_found")
         if not isinstance(d, dict):
             raise APIError(400, "the request body must be a JSON object")
+        self.requests["chat"] += 1
         model = d.get("model") or self.chat.served_name
         if model != self.chat.served_name:
             raise APIError(404, f"model '{model}' is not served here; this server serves '{self.chat.served_name}'",
@@ -396,6 +399,7 @@ class RewardServer:
             "chat_model": self.chat.served_name if self.chat is not None else None,
             "queue_depth": self.batcher.depth,
             "chat_queue_depth": self.chat.queue_depth if self.chat is not None else 0,
+            "requests": dict(self.requests),
             "batches": self.batcher.num_batches,
             "samples": self.batcher.num_items,
             "max_batch": self.max_batch,

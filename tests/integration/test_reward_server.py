@@ -1,0 +1,459 @@
+"""The reward server on loopback, end to end: real uvicorn, real rewards, a tiny real Qwen2.5-VL.
+
+Checks that scores through HTTP equal the in-process scorer (on 8-bit images, which is what PNG carries),
+that concurrent clients are coalesced into fewer scorer calls without mixing their groups, that the
+OpenAI-compatible chat endpoint works with the official `openai` client (log-probs included), and that
+bad input is rejected with a status and message naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from imagerl.rewards.base import Reward, build_reward, run_sync  # noqa: E402
+from imagerl.rewards.judges.backend import image_to_data_uri  # noqa: E402
+from imagerl.rewards.remote import RemoteReward  # noqa: E402
+from imagerl.rewards.server import RewardServer, ServerThread, encode_png  # noqa: E402
+from imagerl.rewards.vlm_local import LocalVLMBackend  # noqa: E402
+from imagerl.types import RewardInput, RewardOutput  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+REPO = Path(__file__).resolve().parents[2]
+
+
+class GroupCentredBrightness(Reward):
+    """Mean brightness minus its group's mean: a real scorer whose answer depends on `group_ids`."""
+
+    def score(self, inp: RewardInput) -> RewardOutput:
+        b = inp.images.mean(dim=(1, 2, 3))
+        out = torch.empty_like(b)
+        for g in inp.group_ids.unique():
+            m = inp.group_ids == g
+            out[m] = b[m] - b[m].mean()
+        return RewardOutput(out, {"group_count": len(inp.group_ids.unique())})
+
+
+def q8(x: torch.Tensor) -> torch.Tensor:
+    """What a PNG round trip keeps: 8 bits per channel."""
+    return x.clamp(0, 1).mul(255).round().div(255)
+
+
+def color_batch(n: int, seed: int = 0) -> RewardInput:
+    g = torch.Generator().manual_seed(seed)
+    imgs = q8(torch.rand(n, 3, 32, 32, generator=g))
+    imgs[0] = 0
+    imgs[0, 0, :, :16] = 1.0  # a red left half: color_position scores it high
+    colors = ["red", "blue", "green", "yellow"]
+    prompts = [f"a {colors[i % 4]} square on the left" if i % 3 else "an abstract thing" for i in range(n)]
+    prompts[0] = "a red square on the left"
+    return RewardInput(images=imgs, prompts=prompts, metadata=[{} for _ in range(n)],
+                       group_ids=torch.arange(n) // 2)
+
+
+def msg(img: torch.Tensor, text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_to_data_uri(img)}},
+                                         {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def rewards() -> dict[str, Reward]:
+    return {
+        "color_position": build_reward({"type": "color_position"}),
+        "brightness": build_reward({"type": "brightness"}),
+        "group_brightness": GroupCentredBrightness("group_brightness"),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(rewards):
+    srv = RewardServer(rewards, max_batch=64, max_wait_ms=40, chat_backend=LocalVLMBackend(tiny=True, max_wait_ms=30))
+    th = ServerThread(srv.app).start()
+    yield srv, th.url
+    th.stop()
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def guarded(rewards):
+    """A server with auth and tight limits."""
+    os.environ["IMAGERL_TEST_SERVER_KEY"] = "s3cret-test-key"
+    srv = RewardServer({"brightness": rewards["brightness"]}, api_key="s3cret-test-key", api_key_env="IMAGERL_TEST_SERVER_KEY",
+                       max_request_bytes=20_000, max_image_pixels=48 * 48, chat_backend=None)
+    th = ServerThread(srv.app).start()
+    yield srv, th.url
+    th.stop()
+    srv.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_remote_scores_equal_in_process_and_abstain_is_nan(server, rewards):
+    srv, url = server
+    inp = color_batch(10)
+    remote = RemoteReward(name="remote", url=url, rewards=["color_position"], batch_size=4)
+    try:
+        out = remote(inp)
+        local = rewards["color_position"](inp).scores
+        assert torch.equal(torch.isnan(out.scores), torch.isnan(local))
+        assert torch.isnan(out.scores).any(), "prompts naming no colour must abstain, as NaN, through HTTP"
+        ok = ~torch.isnan(local)
+        torch.testing.assert_close(out.scores[ok], local[ok], atol=1e-6, rtol=0)
+        assert out.scores[0] > 0.9
+        assert out.details["failed_samples"] == 0 and out.details["failed_requests"] == 0
+        assert remote.stats()["requests"] == 3  # 10 samples in chunks of 4
+    finally:
+        remote.close()
+
+
+def test_several_names_combine_nan_aware_and_report_components(server, rewards):
+    _, url = server
+    inp = color_batch(6, seed=1)
+    remote = RemoteReward(name="r", url=url, rewards=["color_position", "brightness"], weights={"brightness": 2.0})
+    try:
+        out = run_sync(remote.score_async(inp))
+    finally:
+        remote.close()
+    cp, br = rewards["color_position"](inp).scores, rewards["brightness"](inp).scores
+    torch.testing.assert_close(out.details["brightness"], br, atol=1e-6, rtol=0)
+    both = ~torch.isnan(cp)
+    torch.testing.assert_close(out.scores[both], cp[both] + 2 * br[both], atol=1e-5, rtol=0)
+    # where color_position abstains, brightness alone is rescaled to the full weight (3), never a 0 stand-in
+    torch.testing.assert_close(out.scores[~both], 3 * br[~both], atol=1e-5, rtol=0)
+
+
+def test_concurrent_clients_are_coalesced_without_mixing_groups(server, rewards):
+    srv, url = server
+    inps = [color_batch(4, seed=s) for s in range(6)]  # every client uses group ids 0, 0, 1, 1
+    batches0, score0 = srv.batcher.num_batches, srv.requests["score"]
+
+    async def go() -> list[dict]:
+        async with httpx.AsyncClient(timeout=20) as c:
+            async def one(inp: RewardInput) -> dict:
+                r = await c.post(f"{url}/v1/score", json={
+                    "rewards": ["group_brightness", "brightness"], "images": [encode_png(x) for x in inp.images],
+                    "prompts": inp.prompts, "group_ids": inp.group_ids.tolist()})
+                assert r.status_code == 200, r.text
+                return r.json()
+            return await asyncio.gather(*(one(i) for i in inps))
+
+    outs = asyncio.run(go())
+    assert srv.requests["score"] - score0 == 6
+    assert srv.batcher.num_batches - batches0 < 6, "concurrent requests should share scorer calls"
+    for inp, o in zip(inps, outs):
+        expect = rewards["group_brightness"](inp).scores
+        torch.testing.assert_close(torch.tensor(o["scores"]["group_brightness"]), expect, atol=1e-5, rtol=0)
+        assert o["details"]["group_brightness"]["batch_size"] >= 4
+
+
+def test_health_lists_rewards_and_queue(server):
+    srv, url = server
+    h = httpx.get(f"{url}/health").json()
+    assert h["status"] == "ok"
+    assert set(h["rewards"]) == {"color_position", "brightness", "group_brightness"}
+    assert h["chat_model"] == "tiny-qwen2.5-vl"
+    assert h["queue_depth"] == 0
+
+
+def test_openai_client_chat_completions_with_logprobs(server):
+    import openai
+
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+    assert [m.id for m in client.models.list().data] == ["tiny-qwen2.5-vl"]
+    img = q8(torch.rand(3, 40, 56))
+    r = client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "Is this red? Answer yes or no."),
+                                       max_tokens=5, temperature=0, logprobs=True, top_logprobs=4)
+    ch = r.choices[0]
+    assert isinstance(ch.message.content, str) and ch.finish_reason in ("stop", "length")
+    lp = ch.logprobs.content
+    assert len(lp) == r.usage.completion_tokens and 1 <= len(lp) <= 5
+    for pos in lp:
+        assert len(pos.top_logprobs) == 4
+        vals = [t.logprob for t in pos.top_logprobs]
+        assert vals == sorted(vals, reverse=True) and all(v <= 0 for v in vals)
+        # greedy decoding picks the most likely token, so it heads its own top-k list
+        assert pos.top_logprobs[0].logprob == pytest.approx(pos.logprob, abs=1e-6)
+    # the probabilities are a real distribution: top-4 mass is below 1
+    assert sum(math.exp(t.logprob) for t in lp[0].top_logprobs) < 1.0
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny-qwen2.5-vl'"):
+        client.chat.completions.create(model="gpt-4o", messages=msg(img, "hi"), max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="n > 1"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, n=2)
+
+
+def test_http_judge_equals_in_process_judge_and_batches(server):
+    """The same tiny weights (same seed) in-process and behind our server give the same greedy answer and
+    log-probs, also when concurrent requests were batched together (left padding must not change them)."""
+    from imagerl.rewards.http_client import OpenAIChatBackend
+
+    srv, url = server
+    local = LocalVLMBackend(tiny=True, max_batch=1)
+    http = OpenAIChatBackend(base_urls=url, timeout=20)
+    imgs = [q8(torch.rand(3, 32 + 8 * i, 48)) for i in range(4)]
+    texts = ["Is it red?", "Does the image show a circle? Answer yes or no.", "yes", "Rate the image from 0 to 10"]
+    chat0 = srv.requests["chat"]
+    batches0 = srv.chat._batcher.num_batches
+
+    async def go():
+        return await asyncio.gather(*(http.chat(msg(im, t), max_tokens=4, top_logprobs=3) for im, t in zip(imgs, texts)))
+
+    try:
+        remote_res = asyncio.run(go())
+        assert http.model == "tiny-qwen2.5-vl"  # picked from /v1/models
+        for im, t, rr in zip(imgs, texts, remote_res):
+            lr = local.complete_sync(msg(im, t), max_tokens=4, top_logprobs=3).to_chat_result(True)
+            assert rr.text == lr.text
+            assert len(rr.top_logprobs) == len(lr.top_logprobs)
+            for a, b in zip(rr.top_logprobs, lr.top_logprobs):
+                assert a.keys() == b.keys()
+                for k in a:
+                    assert a[k] == pytest.approx(b[k], abs=1e-4)
+        assert srv.requests["chat"] - chat0 == 4
+        assert srv.chat._batcher.num_batches - batches0 < 4
+    finally:
+        http.close()
+        local.close()
+
+
+def test_yes_no_judge_through_our_chat_endpoint(server):
+    """The judge reward with an `http` backend pointed at our server: every sample gets a request and an
+    answer; the tiny random judge may not say yes/no, in which case the sample abstains (NaN) and is counted."""
+    _, url = server
+    judge = build_reward({"type": "yes_no_judge", "args": {"backend": {"type": "http", "base_urls": [f"{url}/v1"], "timeout": 20},
+                                                           "top_logprobs": 5}})
+    inp = color_batch(3)
+    try:
+        out = judge(inp)
+    finally:
+        judge.close()
+    assert out.details["requests"] == 3 and out.details["request_failures"] == 0
+    ok = ~torch.isnan(out.scores)
+    assert ((out.scores[ok] >= 0) & (out.scores[ok] <= 1)).all()
+    assert out.details["abstained"] == int((~ok).sum()) == out.details["parse_failures"]
+
+
+def test_yes_no_judge_served_by_score_endpoint():
+    judge = build_reward({"type": "yes_no_judge", "name": "judge",
+                          "args": {"backend": {"type": "inprocess", "tiny": True}, "top_logprobs": 5}})
+    srv = RewardServer({"judge": judge}, max_wait_ms=1)
+    inp = color_batch(2)
+    try:
+        with ServerThread(srv.app) as url:
+            r = httpx.post(f"{url}/v1/score", json={"images": [encode_png(x) for x in inp.images], "prompts": inp.prompts},
+                           timeout=30)
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert len(d["scores"]["judge"]) == 2
+        assert d["details"]["judge"]["requests"] == 2 and d["details"]["judge"]["request_failures"] == 0
+        assert all(s is None or 0 <= s <= 1 for s in d["scores"]["judge"])
+    finally:
+        srv.close()
+
+
+def test_broken_scorer_abstains_with_error_and_server_survives(server):
+    class Broken(Reward):
+        def score(self, inp):
+            raise RuntimeError("scorer exploded")
+
+    srv = RewardServer({"broken": Broken("broken"), "brightness": build_reward({"type": "brightness"})}, max_wait_ms=1)
+    inp = color_batch(2)
+    try:
+        with ServerThread(srv.app) as url:
+            body = {"images": [encode_png(x) for x in inp.images], "prompts": inp.prompts}
+            d = httpx.post(f"{url}/v1/score", json=body, timeout=10).json()
+            assert d["scores"]["broken"] == [None, None]
+            assert "scorer exploded" in d["details"]["broken"]["error"]
+            assert all(isinstance(s, float) for s in d["scores"]["brightness"])
+            assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    finally:
+        srv.close()
+
+
+# --------------------------------------------------------------------------- auth, limits, bad input
+
+
+def _png(h: int, w: int) -> str:
+    return encode_png(torch.rand(3, h, w))
+
+
+def test_auth_rejects_missing_and_wrong_key_with_clear_message(guarded):
+    _, url = guarded
+    body = {"images": [_png(8, 8)], "prompts": ["a"]}
+    r = httpx.post(f"{url}/v1/score", json=body)
+    assert r.status_code == 401
+    assert "Authorization: Bearer" in r.json()["error"]["message"] and "IMAGERL_TEST_SERVER_KEY" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/score", json=body, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and "wrong API key" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/score", json=body, headers={"Authorization": "Bearer s3cret-test-key"})
+    assert r.status_code == 200 and len(r.json()["scores"]["brightness"]) == 1
+    assert httpx.get(f"{url}/health").status_code == 200  # health stays open for load balancers
+
+
+def test_remote_reward_with_key_from_env(guarded, rewards):
+    _, url = guarded
+    inp = RewardInput(images=q8(torch.rand(2, 3, 16, 16)), prompts=["a", "b"], metadata=[{}, {}])
+    ok = RemoteReward(name="b", url=url, rewards=["brightness"], api_key_env="IMAGERL_TEST_SERVER_KEY")
+    os.environ["IMAGERL_WRONG_KEY"] = "wrong"
+    bad = RemoteReward(name="b", url=url, rewards=["brightness"], api_key_env="IMAGERL_WRONG_KEY", retries=3)
+    try:
+        torch.testing.assert_close(ok(inp).scores, rewards["brightness"](inp).scores, atol=1e-6, rtol=0)
+        out = bad(inp)
+        assert torch.isnan(out.scores).all()  # rejected: abstain, never a neutral score
+        assert out.details["failed_samples"] == 2 and "401" in out.details["last_error"]
+        assert bad.stats()["attempts"] == 1, "a 401 must not be retried"
+    finally:
+        ok.close()
+        bad.close()
+    with pytest.raises(ValueError, match="IMAGERL_NOT_SET_ANYWHERE is not set"):
+        RemoteReward(url=url, api_key_env="IMAGERL_NOT_SET_ANYWHERE")
+
+
+def test_size_limits_and_bad_input_name_the_field(guarded):
+    _, url = guarded
+    h = {"Authorization": "Bearer s3cret-test-key"}
+
+    def post(body=None, **kw):
+        return httpx.post(f"{url}/v1/score", json=body, headers=h, **kw) if body is not None else httpx.post(f"{url}/v1/score", headers=h, **kw)
+
+    r = post({"images": [_png(64, 64)], "prompts": ["a"]})  # 4096 px > 48*48
+    assert r.status_code == 413
+    m = r.json()["error"]["message"]
+    assert "images[0]" in m and "2304" in m and "server.max_image_pixels" in m
+    r = post({"images": [_png(48, 48)] * 6, "prompts": ["a"] * 6})  # ~6 x 9 KB of base64 > 20 KB
+    assert r.status_code == 413 and "server.max_request_bytes" in r.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit must hold on a streamed body too
+        for _ in range(30):
+            yield b"x" * 1000
+
+    r = httpx.post(f"{url}/v1/score", content=chunks(), headers=h)
+    assert r.status_code == 413
+    corrupt = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10).decode()
+    r = post({"images": [_png(8, 8), corrupt], "prompts": ["a", "b"]})
+    assert r.status_code == 400 and "images[1]" in r.json()["error"]["message"]
+    r = post({"images": [_png(8, 8), "not base64!!"], "prompts": ["a", "b"]})
+    assert r.status_code == 400 and "images[1] is not valid base64" in r.json()["error"]["message"]
+    r = post({"images": [_png(8, 8), _png(8, 16)], "prompts": ["a", "b"]})
+    assert r.status_code == 400 and "images[1]" in r.json()["error"]["message"]
+    r = post({"images": [_png(8, 8)], "prompts": ["a", "b"]})
+    assert r.status_code == 400 and "prompts must be a list of 1" in r.json()["error"]["message"]
+    r = post({"images": [_png(8, 8)], "prompts": ["a"], "rewards": ["clip"]})
+    assert r.status_code == 400 and "['clip']" in r.json()["error"]["message"] and "brightness" in r.json()["error"]["message"]
+    r = post({"images": [_png(8, 8)], "prompt": ["a"]})
+    assert r.status_code == 400 and "unknown field" in r.json()["error"]["message"]
+    r = post(content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": []}, headers=h)
+    assert r.status_code == 404 and "server.chat" in r.json()["error"]["message"]
+
+
+def test_chat_rejects_oversized_and_corrupt_images(server):
+    srv, url = server
+    old = srv.chat.max_image_pixels
+    srv.chat.max_image_pixels = 32 * 32
+    try:
+        big = msg(torch.rand(3, 40, 40), "hi")
+        r = httpx.post(f"{url}/v1/chat/completions", json={"messages": big, "max_tokens": 2}, timeout=20)
+        assert r.status_code == 413 and "1600 pixels" in r.json()["error"]["message"]
+    finally:
+        srv.chat.max_image_pixels = old
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": bad, "max_tokens": 2}, timeout=20)
+    assert r.status_code == 400 and "messages[0].content[0]" in r.json()["error"]["message"]
+
+
+# --------------------------------------------------------------------------- the CLI entry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_demo_config_builds_a_working_server():
+    """configs/reward_server_demo.yaml through the same path as `imagerl serve-reward` (load_config +
+    build_server), served in-process."""
+    from imagerl.config import load_config
+    from imagerl.rewards.server import build_server
+
+    cfg = load_config(REPO / "configs/reward_server_demo.yaml", ["model.tiny=true", "server.max_wait_ms=1"])
+    srv = build_server(cfg)
+    try:
+        assert {"brightness", "color_position", "judge"} <= set(srv.rewards)
+        assert srv.chat is not None and srv.api_key is None
+        with ServerThread(srv.app) as url:
+            remote = RemoteReward(url=url, rewards=["color_position", "judge"])
+            try:
+                out = remote(color_batch(3))
+            finally:
+                remote.close()
+        assert out.details["failed_samples"] == 0
+        assert out.details["judge"].shape == (3,)
+        assert out.scores[0] >= 0.4  # color_position ~0.99 weighs in even if the random judge abstains
+    finally:
+        srv.close()
+
+
+@pytest.mark.slow
+def test_serve_reward_cli_entry_serves_demo_config():
+    """`python -m imagerl.serve configs/reward_server_demo.yaml` (what `imagerl serve-reward` calls) comes up,
+    serves the demo rewards and the tiny chat judge, and a RemoteReward scores against it."""
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "imagerl.serve", str(REPO / "configs/reward_server_demo.yaml"),
+                             f"server.port={port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        h = httpx.get(f"{url}/health").json()
+        assert {"brightness", "color_position", "judge"} <= set(h["rewards"])
+        assert h["chat_model"] == "tiny-qwen2.5-vl"
+        remote = RemoteReward(url=url, rewards=["color_position", "judge"])
+        try:
+            out = remote(color_batch(3))
+        finally:
+            remote.close()
+        assert out.details["failed_samples"] == 0
+        assert out.scores[0] >= 0.4  # color_position ~0.99 weighs in even if the random judge abstains
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_serve_reward_cli_bad_config_exits_with_message(tmp_path, capsys):
+    from imagerl.serve import main
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("rewards:\n  - type: brightnes\nserver:\n  port: 0\n")
+    assert main(str(cfg), []) == 2
+    err = capsys.readouterr().err
+    assert "brightness" in err  # the closest valid name
