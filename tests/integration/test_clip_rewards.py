@@ -1,0 +1,141 @@
+"""CLIP-family rewards on tiny random-weight `CLIPModel`s (the real class), offline.
+
+Scores are checked against an independent computation: transformers' own `CLIPModel.forward`
+(logits_per_image = exp(logit_scale) * normalised image @ normalised text), fed by the transformers PIL
+image processor and the tokenizer, so a mistake in our preprocessing, pooling, normalisation or scaling
+shows up as a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from imagerl.rewards.base import build_reward
+from imagerl.rewards.clip import (
+    CLIPScoreReward,
+    ClipPreprocess,
+    HPSReward,
+    PickScoreReward,
+    build_tiny_clip,
+    preprocess_images,
+)
+from imagerl.types import RewardInput
+
+PROMPTS = ["a red square on the left", "a blue circle on the top", "a photo of a cat", "a sign that says hello"]
+
+
+def smooth_images(n: int, h: int = 48, w: int = 64, seed: int = 0) -> torch.Tensor:
+    """[n,3,h,w] low-frequency random images (resampling differences between PIL and torch stay small)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 4, 5, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True).clamp(0, 1)
+
+
+def batch(images: torch.Tensor, prompts: list[str]) -> RewardInput:
+    return RewardInput(images=images, prompts=prompts, metadata=[{}] * len(prompts))
+
+
+def pil_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+    from PIL import Image
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    pils = [Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for im in images]
+    return torch.as_tensor(np.asarray(proc(images=pils, return_tensors="np")["pixel_values"]))
+
+
+def test_torch_preprocessing_matches_transformers_pil_processor():
+    images = smooth_images(3)
+    ours = preprocess_images(images, ClipPreprocess(32, (32, 32)))
+    ref = pil_pixels(images, 32)
+    assert ours.shape == ref.shape == (3, 3, 32, 32)
+    assert (ours - ref).abs().mean() < 0.01  # PIL resamples 8-bit pixels; we resample floats
+    assert (ours - ref).abs().max() < 0.05
+
+
+def test_preprocess_config_from_json_dicts():
+    pp = ClipPreprocess.from_config({"size": {"shortest_edge": 224}, "crop_size": {"height": 224, "width": 224},
+                                     "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    assert pp == ClipPreprocess(224, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert ClipPreprocess.from_config({"size": 336, "crop_size": 336}).crop == (336, 336)
+    # a non-square image: shortest side to 224, centre crop 224x224
+    out = preprocess_images(torch.rand(2, 3, 100, 300), ClipPreprocess(224, (224, 224)))
+    assert out.shape == (2, 3, 224, 224)
+
+
+def test_scores_equal_clip_forward_logits():
+    images = smooth_images(4)
+    pick = PickScoreReward(tiny=True, device="cpu")
+    out = pick(batch(images, PROMPTS))
+    assert out.scores.shape == (4,) and torch.isfinite(out.scores).all()
+    # independent path: transformers' PIL processor + CLIPModel.forward's own normalisation and logit scale
+    tiny = build_tiny_clip(seed=0)
+    tok = tiny.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                            pixel_values=pil_pixels(images, 32)).logits_per_image  # [N images, N texts]
+    assert torch.allclose(out.scores, logits.diagonal(), atol=0.01 * float(logits.abs().max()))
+    # the matched prompt is the diagonal, not some other entry: off-diagonal logits differ
+    assert not torch.allclose(logits.diagonal(), logits[:, 0], atol=1e-4)
+
+
+def test_modes_and_rewards_share_one_cosine():
+    images = smooth_images(4, seed=1)
+    inp = batch(images, PROMPTS)
+    cos = CLIPScoreReward(tiny=True, device="cpu")(inp).scores
+    assert (cos.abs() <= 1.0 + 1e-6).all()
+    scale = math.exp(float(build_tiny_clip(seed=0).model.logit_scale.detach()))
+    assert torch.allclose(CLIPScoreReward(tiny=True, mode="logit")(inp).scores, scale * cos, atol=1e-5)
+    assert torch.allclose(CLIPScoreReward(tiny=True, mode="clipscore")(inp).scores, 2.5 * cos.clamp_min(0), atol=1e-6)
+    assert torch.allclose(PickScoreReward(tiny=True)(inp).scores, scale * cos, atol=1e-5)
+    assert torch.allclose(HPSReward(tiny=True)(inp).scores, cos, atol=1e-6)
+
+
+def test_deterministic_batch_invariant_and_seeded():
+    images = smooth_images(5, seed=2)
+    prompts = PROMPTS + ["a yellow star on the bottom " * 30]  # long prompt: truncated to 77 tokens, not an error
+    a = CLIPScoreReward(tiny=True, batch_size=5)(batch(images, prompts)).scores
+    b = CLIPScoreReward(tiny=True, batch_size=2)(batch(images, prompts)).scores
+    c = CLIPScoreReward(tiny=True, batch_size=1)(batch(images, prompts)).scores
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+    other = CLIPScoreReward(tiny=True, seed=1)(batch(images, prompts)).scores
+    assert not torch.allclose(a, other, atol=1e-3)  # the seed is the weights
+    before = torch.random.get_rng_state()
+    CLIPScoreReward(tiny=True)
+    assert torch.equal(before, torch.random.get_rng_state())  # building tiny weights leaves the global RNG alone
+
+
+def test_tiny_text_tower_pools_at_eos():
+    tiny = build_tiny_clip()
+    ids = tiny.tokenizer(["a cat"], return_tensors="pt")["input_ids"][0].tolist()
+    assert ids[0] == tiny.tokenizer.bos_token_id and ids[-1] == tiny.tokenizer.eos_token_id == 3
+    assert tiny.model.config.text_config.eos_token_id == 3  # not 2: the legacy argmax pooling would be used
+
+
+def test_loads_a_saved_checkpoint_from_a_local_path(tmp_path):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tiny = build_tiny_clip(seed=0)
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "proc")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path / "proc")
+    images = smooth_images(3, seed=3)
+    loaded = build_reward({"type": "pickscore", "args": {"model": str(tmp_path / "model"), "processor": str(tmp_path / "proc"),
+                                                        "device": "cpu"}})
+    ref = PickScoreReward(tiny=True)
+    assert torch.allclose(loaded(batch(images, PROMPTS[:3])).scores, ref(batch(images, PROMPTS[:3])).scores, atol=1e-5)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="hps.*open_clip.*convert"):
+        HPSReward()
+    with pytest.raises(ValueError, match="args.model='/nonexistent/clip'"):
+        CLIPScoreReward(model="/nonexistent/clip")
+    with pytest.raises(ValueError, match="args.mode"):
+        CLIPScoreReward(tiny=True, mode="softmax")
+    with pytest.raises(ValueError, match="args.dtype"):
+        PickScoreReward(tiny=True, dtype="fp8")
