@@ -51,6 +51,22 @@ class Policy(nn.Module):
         """
         raise NotImplementedError
 
+    @staticmethod
+    def row_generators(generator: torch.Generator, group_ids: torch.Tensor, group_size: int,
+                       device: torch.device | str = "cpu") -> list[torch.Generator]:
+        """One generator per sample row, keyed by (the step's seed, global group id, index in group).
+
+        Drawing each row's randomness from its own stream makes samples independent of how rows are
+        batched: the same prompt gets the same images whatever rollout.micro_batch_size is and however
+        many processes share the batch (which is what makes K processes reproduce one exactly).
+        `group_ids` is [N] prompt-major (G consecutive rows per group)."""
+        base = int(generator.initial_seed())
+        gens = []
+        for i, g in enumerate(group_ids.tolist()):
+            s = (base * 6_364_136_223_846_793_005 + int(g) * 1_442_695_040_888_963_407 + (i % group_size) * 2_862_933_555_777_941_757) % (2**63 - 1)
+            gens.append(torch.Generator(device=device).manual_seed(s))
+        return gens
+
     def emit_chunk(self, lo: int, hi: int, images: torch.Tensor) -> None:
         """Adapters call this inside `rollout` as soon as rows [lo, hi) are decoded to images.
 
