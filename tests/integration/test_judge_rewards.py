@@ -335,3 +335,29 @@ def test_edit_judge_yes_no_mode_and_needs_sources():
         EditJudge(backend=ScriptedBackend(edit_answers))(RewardInput(images=flat_images([0.2]), prompts=["x"], metadata=[{}]))
     with pytest.raises(ValueError, match="combine"):
         EditJudge(backend=ScriptedBackend(edit_answers), combine="sum")
+
+
+# ---------------------------------------------------------------------------------------------- real backend
+
+
+@pytest.mark.slow  # about 6-14 s on a loaded 2-core machine, mostly importing and building the tiny VLM
+def test_yes_no_judge_end_to_end_with_the_in_process_tiny_vlm():
+    """Wiring through the real in-process backend (a tiny random Qwen2.5-VL): its answers are random,
+    so only the accounting is checked: every sample is either scored in [0, 1] or counted as a failure."""
+    r = build_reward({"type": "yes_no_judge", "name": "judge",
+                      "args": {"backend": {"type": "inprocess", "tiny": True}, "max_tokens": 4, "max_concurrency": 4}})
+    try:
+        n = 4
+        inp = RewardInput(images=torch.rand(n, 3, 56, 56, generator=torch.Generator().manual_seed(0)),
+                          prompts=[f"a red square {i}" for i in range(n)], metadata=[{}] * n)
+        out = r(inp)
+        d = out.details
+        assert d["requests"] == n and d["request_failures"] == 0
+        finite = ~torch.isnan(out.scores)
+        assert ((out.scores[finite] >= 0) & (out.scores[finite] <= 1)).all()
+        assert d["from_logprobs"] + d["from_text"] == int(finite.sum())
+        assert d["parse_failures"] == n - int(finite.sum()) == d["abstained"]
+        again = r(inp)  # greedy decoding: the same answers
+        assert torch.equal(torch.nan_to_num(again.scores, nan=-1), torch.nan_to_num(out.scores, nan=-1))
+    finally:
+        r.close()

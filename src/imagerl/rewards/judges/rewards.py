@@ -186,7 +186,7 @@ class JudgeReward(Reward):
         return [image_to_data_uri(s) for s in inp.source_images]
 
     def close(self) -> None:
-        closer = getattr(self.backend, "aclose", None) or getattr(self.backend, "close", None)
+        closer = getattr(self.backend, "close", None) or getattr(self.backend, "aclose", None)
         if closer is None:
             return
         res = closer()
