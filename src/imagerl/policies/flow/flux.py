@@ -339,7 +339,12 @@ def save_transformer(transformer: nn.Module, path: str, uses_lora: bool, pipelin
         from peft.utils import get_peft_model_state_dict
 
         pipe_cls = getattr(diffusers, pipeline_cls_name)
-        pipe_cls.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(transformer))
+        # the adapter config (rank, alpha, targets) travels with the weights: without it diffusers would
+        # load with alpha = r and silently change the LoRA scale
+        meta = transformer.peft_config["default"].to_dict()
+        pipe_cls.save_lora_weights(
+            path, transformer_lora_layers=get_peft_model_state_dict(transformer), transformer_lora_adapter_metadata=meta
+        )
     else:
         transformer.save_pretrained(os.path.join(path, "transformer"))
 

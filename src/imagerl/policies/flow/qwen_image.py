@@ -303,6 +303,27 @@ def encode_qwen_image_images(vae: nn.Module, images_B3HW: torch.Tensor) -> torch
 # Policy
 # --------------------------------------------------------------------------------------------------
 
+# Submodules of the LAST dual-stream block that only produce text-token outputs, which the model discards
+# (only image tokens reach norm_out / proj_out). They can never receive a gradient.
+_DEAD_TEXT_PATH = ("attn.add_q_proj.", "attn.norm_added_q.", "attn.to_add_out.", "txt_mlp.")
+
+
+def freeze_dead_text_path(transformer: nn.Module) -> list[str]:
+    """Take the last block's text-output-only parameters (and LoRA on them) out of training.
+
+    Why: they get no gradient, so DDP (without find_unused_parameters) would fail on them, weight decay
+    would shrink them for nothing, and "every trainable parameter changes" could not hold. Returns the
+    names frozen."""
+    last = len(transformer.transformer_blocks) - 1
+    prefix = f"transformer_blocks.{last}."
+    frozen = []
+    for name, p in transformer.named_parameters():
+        if p.requires_grad and name.startswith(prefix) and any(k in name[len(prefix):] for k in _DEAD_TEXT_PATH):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 
 class QwenImagePolicy(FlowPolicy):
     """Qwen-Image adapter (`model.family: qwen_image`): trains the QwenImageTransformer2DModel (LoRA or full)
@@ -331,6 +352,7 @@ class QwenImagePolicy(FlowPolicy):
         if m.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.setup_trainable(self.transformer)
+        freeze_dead_text_path(self.transformer)
         self.transformer.eval()
         check_image_size(self.image_size, 2 * comps.vae_scale_factor, "Qwen-Image")
         f = comps.vae_scale_factor

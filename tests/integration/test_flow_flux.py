@@ -1,0 +1,229 @@
+"""FLUX.1 flow policy on tiny random models of the real classes (FluxTransformer2DModel, AutoencoderKL,
+CLIPTextModel, T5EncoderModel): latent packing / ids / schedule equal diffusers', the deterministic rollout
+reproduces `FluxPipeline`, distilled guidance runs one forward per step, first-step ratio 1 for any
+micro-batch, training changes every trainable parameter and nothing frozen, real loading from a local
+directory, LoRA export loadable by diffusers."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from imagerl.config import Config
+from imagerl.types import PromptBatch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PROMPTS = ["a red square on the left", "a blue circle on the top"]
+
+
+def make(**over):
+    from imagerl.policies.flow.flux import FluxPolicy
+
+    cfg = Config()
+    cfg.model.family, cfg.model.tiny, cfg.model.tiny_size = "flux", True, "test"
+    cfg.rollout.num_steps, cfg.rollout.cfg_scale, cfg.rollout.noise_level = 4, 3.5, 0.7
+    for k, v in over.items():
+        sec, key = k.split("__")
+        setattr(getattr(cfg, sec) if sec != "lora" else cfg.model.lora, key, v)
+    pol = FluxPolicy(cfg, torch.device("cpu"))
+    pol.eval()
+    return pol
+
+
+def batch(prompts=PROMPTS):
+    return PromptBatch(prompts=list(prompts), metadata=[{"i": i} for i in range(len(prompts))])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_packing_ids_and_schedule_match_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from imagerl.policies.flow import sde
+    from imagerl.policies.flow.flux import FLUX_SCHEDULER_CONFIG, flux_image_ids, flux_schedule_kwargs, pack_latents, unpack_latents
+
+    z = torch.randn(2, 4, 8, 6)
+    packed = pack_latents(z)
+    assert torch.equal(packed, FluxPipeline._pack_latents(z, 2, 4, 8, 6))
+    assert torch.equal(unpack_latents(packed, 8, 6), z)
+    assert torch.equal(flux_image_ids(8, 6), FluxPipeline._prepare_latent_image_ids(2, 4, 3, "cpu", torch.float32))
+    sch = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in FLUX_SCHEDULER_CONFIG.items() if v is not None})
+    for steps, seq_len in [(4, 16), (16, 1024), (28, 4096)]:
+        kw = flux_schedule_kwargs(FLUX_SCHEDULER_CONFIG, seq_len)
+        mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq_len - 256)
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        torch.testing.assert_close(sde.sigma_schedule(steps, **kw), sch.sigmas.float(), atol=1e-6, rtol=0)
+    assert flux_schedule_kwargs(FLUX_SCHEDULER_CONFIG, 4096, timestep_shift=3.0) == {"shift": 3.0}
+
+
+def test_deterministic_rollout_reproduces_flux_pipeline():
+    """eval_mode (ODE) from the same initial noise gives the image FluxPipeline gives: same text encoding,
+    guidance embedding, shifted sigmas, Euler steps, unpacking and VAE scaling."""
+    pol = make(rollout__eval_num_steps=4)
+    ro = pol.rollout(batch(), 1, gen(3), eval_mode=True)
+    with torch.no_grad():
+        ref = pol.pipeline()(
+            PROMPTS, latents=ro.replay["latents"][:, 0], num_inference_steps=4, guidance_scale=3.5, height=16, width=16,
+            max_sequence_length=pol.comps.max_sequence_length, output_type="pt",
+        ).images
+    assert ref.shape == ro.images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(ro.images, ref, atol=1e-4, rtol=0)
+
+
+def test_rollout_shapes_guidance_embedding_and_prompts_encoded_once():
+    pol = make(rollout__num_steps=3)
+    assert pol.guidance_distilled
+    rows_encoded, fwd = [], []
+    h1 = pol.text_encoder.register_forward_pre_hook(lambda m, a, kw: rows_encoded.append(("clip", a[0].shape[0])), with_kwargs=True)
+    h2 = pol.text_encoder_2.register_forward_pre_hook(lambda m, a, kw: rows_encoded.append(("t5", a[0].shape[0])), with_kwargs=True)
+    h3 = pol.transformer.register_forward_pre_hook(
+        lambda m, a, kw: fwd.append((kw["hidden_states"].shape[0], kw["guidance"].clone())), with_kwargs=True)
+    ro = pol.rollout(batch(), 4, gen())
+    for h in (h1, h2, h3):
+        h.remove()
+    assert rows_encoded == [("clip", 2), ("t5", 2)]  # B = 2 prompts, once, no negative prompt
+    # guidance-distilled: ONE forward of the N = 8 rows per step, guidance 3.5 as an embedding, no uncond rows
+    assert [n for n, _ in fwd] == [8, 8, 8] and all(torch.all(g == 3.5) for _, g in fwd)
+    assert ro.images.shape == (8, 3, 16, 16) and ro.images.min() >= 0 and ro.images.max() <= 1
+    assert ro.images.std() > 0  # not a constant image
+    assert ro.old_logp.shape == (8, 3) and ro.mask.all() and torch.isfinite(ro.old_logp).all()
+    assert ro.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and ro.prompts[4] == PROMPTS[1]
+    assert ro.replay["latents"].shape == (8, 4, 16, 16)  # [N, T+1, (8/2)^2 tokens, 4 * 4 channels]
+    assert ro.replay["cond"]["t5"].shape == (8, 16, 32) and ro.replay["cond"]["pooled"].shape == (8, 32)
+    torch.testing.assert_close(ro.replay["cond"]["t5"][0], ro.replay["cond"]["t5"][3])
+    sig = ro.replay["sigmas"][0]
+    assert sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
+
+
+def test_true_cfg_for_models_without_guidance_embedding():
+    """FLUX.1-schnell-like (guidance_embeds=False): cfg_scale > 1 runs cond + uncond rows in one forward."""
+    pol = make(model__tiny_overrides={"guidance_embeds": False}, rollout__num_steps=2, rollout__cfg_scale=4.0)
+    assert not pol.guidance_distilled
+    fwd = []
+    h = pol.transformer.register_forward_pre_hook(
+        lambda m, a, kw: fwd.append((kw["hidden_states"].shape[0], kw["guidance"])), with_kwargs=True)
+    ro = pol.rollout(batch(), 2, gen())
+    h.remove()
+    assert fwd == [(8, None), (8, None)]  # 4 cond + 4 uncond rows per step
+    assert torch.isfinite(ro.old_logp).all()
+
+
+@pytest.mark.parametrize("sde", ["flow_grpo", "dance"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_step_ratio_is_one_for_any_micro_batch(sde, lora):
+    pol = make(rollout__sde=sde, lora__enabled=lora, lora__r=4, rollout__micro_batch_size=4)
+    ro = pol.rollout(batch(), 3, gen())  # N = 6 rows, rolled out in chunks of 4
+    order = torch.randperm(6, generator=gen(1))
+    for mb in (1, 4):  # training micro-batches that differ from the rollout's
+        for lo in range(0, 6, mb):
+            sub = ro.select(order[lo: lo + mb])
+            for units in pol.unit_chunks(sub, gen(2)):
+                with torch.no_grad():
+                    out = pol.log_prob(sub, units)
+                ratio = torch.exp(out.logp - sub.old_logp[:, units])
+                assert (ratio - 1).abs().max() < 1e-5, (mb, units, (ratio - 1).abs().max())
+
+
+def _train_steps(pol, ro, steps):
+    opt = torch.optim.Adam(pol.trainable_parameters(), lr=1e-2)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for _ in range(steps):
+        opt.zero_grad()
+        for units in pol.unit_chunks(ro, gen(5)):
+            out = pol.log_prob(ro, units)
+            ratio = torch.exp(out.logp - ro.old_logp[:, units])
+            clipped = torch.clamp(ratio, 0.8, 1.2)
+            loss = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * clipped).mean()
+            loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_changes_every_trainable_parameter_and_nothing_frozen(lora):
+    pol = make(lora__enabled=lora, lora__r=4, lora__alpha=8.0)
+    params = pol.named_trainable_parameters()
+    assert params and all("lora_" in n for n, _ in params) == lora
+    frozen = {n: p.detach().clone() for n, p in pol.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("text_encoder_2.") for n in frozen) and any(n.startswith("vae.") for n in frozen)
+    before = {n: p.detach().clone() for n, p in params}
+    ro = pol.rollout(batch(), 2, gen())
+    # LoRA's B starts at zero, so A has no gradient in the first step; the second step moves it as well
+    _train_steps(pol, ro, 2 if lora else 1)
+    unchanged = [n for n, p in params if torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged[:5]
+    for n, p in pol.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+def test_lora_reference_is_the_initial_policy():
+    pol = make(lora__enabled=True, lora__r=4, algorithm__kl_coef=0.01)
+    pol.setup_reference()
+    ro = pol.rollout(batch(), 2, gen())
+    units = pol.unit_chunks(ro, gen())[0]
+    _train_steps(pol, ro, 2)
+    with torch.no_grad():
+        cur = pol.log_prob(ro, units).logp
+        with pol.reference():
+            ref = pol.log_prob(ro, units).logp
+    assert (cur - ro.old_logp[:, units]).abs().max() > 1e-4
+    torch.testing.assert_close(ref, ro.old_logp[:, units], atol=1e-5, rtol=0)
+
+
+def test_sft_loss_gradients_reach_only_the_transformer():
+    pol = make()
+    loss = pol.sft_loss({"prompts": PROMPTS, "images": torch.rand(2, 3, 16, 16)}, gen())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in pol.trainable_parameters())
+    assert all(p.grad is None for n, p in pol.named_parameters() if not n.startswith("transformer."))
+
+
+def test_loads_real_layout_from_local_directory(tmp_path):
+    """model.tiny=false: FluxPipeline.from_pretrained(model.path) of a saved (tiny) checkpoint."""
+    src = make()
+    src.pipeline().save_pretrained(str(tmp_path / "ckpt"))
+    pol = make(model__tiny=False, model__path=str(tmp_path / "ckpt"), model__image_size=16)
+    assert pol.guidance_distilled and pol.comps.max_sequence_length == 512  # FLUX.1-dev's T5 length
+    sd = src.transformer.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in pol.transformer.state_dict().items())
+    assert not any(p.requires_grad for p in pol.text_encoder.parameters()) and pol.trainable_parameters()
+    ro = pol.rollout(batch(), 2, gen())
+    assert ro.images.shape == (4, 3, 16, 16) and ro.replay["cond"]["t5"].shape[1] == 512
+    with pytest.raises(OSError, match="model.path"):
+        make(model__tiny=False, model__path=str(tmp_path / "missing"))
+
+
+def test_save_pretrained_lora_loads_in_diffusers(tmp_path):
+    lp = make(lora__enabled=True, lora__r=4)
+    with torch.no_grad():
+        for _, p in lp.named_trainable_parameters():
+            p.add_(0.01)
+    lp.save_pretrained(str(tmp_path / "lora"))
+    fresh = make()
+    pipe = fresh.pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    x = torch.randn(2, *lp.latent_shape())
+    cond = lp.encode_prompts(PROMPTS)
+    sig = torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.predict_velocity(x, sig, cond, 3.5), lp.predict_velocity(x, sig, cond, 3.5),
+                                   atol=1e-5, rtol=1e-5)
+        assert (fresh.predict_velocity(x, sig, cond, 3.5) - make().predict_velocity(x, sig, cond, 3.5)).abs().max() > 1e-4
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(ValueError, match="model.image_size"):
+        make(model__image_size=18)
+    with pytest.raises(ValueError, match="tiny_overrides.num_layer"):
+        make(model__tiny_overrides={"num_layer": 3})
+    with pytest.raises(ValueError, match="axes_dims_rope"):
+        make(model__tiny_overrides={"attention_head_dim": 32})
+    with pytest.raises(ValueError, match="model.tiny_size"):
+        make(model__tiny_size="huge")

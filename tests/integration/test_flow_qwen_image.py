@@ -1,0 +1,189 @@
+"""Qwen-Image flow policy on tiny random models of the real classes (QwenImageTransformer2DModel,
+AutoencoderKLQwenImage, Qwen2_5_VLForConditionalGeneration): schedule with shift_terminal equals diffusers',
+the deterministic rollout reproduces `QwenImagePipeline` (template + drop index, norm-preserving true CFG),
+cond and uncond rows share one forward, first-step ratio 1 for any micro-batch (prompts of different
+lengths), training changes every trainable parameter and nothing frozen, loading from a local directory."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from imagerl.config import Config
+from imagerl.types import PromptBatch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# prompts of different token lengths: text conditions are padded and masked
+PROMPTS = ["a red square on the left", "a cat"]
+
+
+def make(**over):
+    from imagerl.policies.flow.qwen_image import QwenImagePolicy
+
+    cfg = Config()
+    cfg.model.family, cfg.model.tiny, cfg.model.tiny_size = "qwen_image", True, "test"
+    cfg.rollout.num_steps, cfg.rollout.cfg_scale, cfg.rollout.noise_level = 4, 4.0, 0.7
+    for k, v in over.items():
+        sec, key = k.split("__")
+        setattr(getattr(cfg, sec) if sec != "lora" else cfg.model.lora, key, v)
+    pol = QwenImagePolicy(cfg, torch.device("cpu"))
+    pol.eval()
+    return pol
+
+
+def batch(prompts=PROMPTS):
+    return PromptBatch(prompts=list(prompts), metadata=[{"i": i} for i in range(len(prompts))])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_schedule_and_cfg_math():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from imagerl.policies.flow.qwen_image import QWEN_IMAGE_SCHEDULER_CONFIG, norm_preserving_cfg, qwen_image_sigmas
+
+    sch = FlowMatchEulerDiscreteScheduler(**{k: v for k, v in QWEN_IMAGE_SCHEDULER_CONFIG.items() if v is not None})
+    for steps, seq_len in [(4, 16), (10, 1024), (50, 4096)]:
+        mu = 0.5 + (0.9 - 0.5) / (8192 - 256) * (seq_len - 256)
+        sch.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        ours = qwen_image_sigmas(QWEN_IMAGE_SCHEDULER_CONFIG, steps, seq_len)
+        torch.testing.assert_close(ours, sch.sigmas.float(), atol=1e-6, rtol=0)
+        assert abs(float(ours[-2]) - 0.02) < 1e-6  # stretched to shift_terminal
+    vc, vu = torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    v = norm_preserving_cfg(vc, vu, 4.0)
+    torch.testing.assert_close(v.norm(dim=-1), vc.norm(dim=-1))  # per-token norm of the conditional velocity
+    direction = vu + 4.0 * (vc - vu)
+    torch.testing.assert_close(v / v.norm(dim=-1, keepdim=True), direction / direction.norm(dim=-1, keepdim=True))
+
+
+def test_deterministic_rollout_reproduces_qwen_image_pipeline():
+    pol = make()
+    ro = pol.rollout(batch(), 1, gen(3), eval_mode=True)
+    with torch.no_grad():
+        ref = pol.pipeline()(
+            PROMPTS, negative_prompt=[" "] * 2, true_cfg_scale=4.0, latents=ro.replay["latents"][:, 0],
+            num_inference_steps=4, height=16, width=16, output_type="pt",
+        ).images
+    assert ref.shape == ro.images.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(ro.images, ref, atol=1e-4, rtol=0)
+
+
+def test_rollout_shapes_cfg_batching_and_prompts_encoded_once():
+    pol = make(rollout__num_steps=3)
+    encoded, fwd = [], []
+    h1 = pol.text_encoder.register_forward_pre_hook(lambda m, a, kw: encoded.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    h2 = pol.transformer.register_forward_pre_hook(
+        lambda m, a, kw: fwd.append((kw["hidden_states"].shape[0], kw["encoder_hidden_states_mask"].clone())), with_kwargs=True)
+    ro = pol.rollout(batch(), 4, gen())
+    ro2 = pol.rollout(batch(), 4, gen(1))
+    for h in (h1, h2):
+        h.remove()
+    assert encoded == [2, 1, 2]  # the B = 2 prompts, the negative prompt once (cached), the next rollout's 2
+    assert [n for n, _ in fwd] == [16] * 6  # one forward per step: 8 cond + 8 uncond rows
+    lens = ro.replay["cond"]["mask"].sum(1)
+    assert lens[0] > lens[4] and (ro.replay["cond"]["mask"][4, int(lens[4]):] == 0).all()  # padded + masked
+    assert ro.images.shape == (8, 3, 16, 16) and ro.images.min() >= 0 and ro.images.max() <= 1
+    assert ro.old_logp.shape == (8, 3) and ro.mask.all() and torch.isfinite(ro.old_logp).all()
+    assert ro.group_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1] and ro.metadata[5] == {"i": 1}
+    assert ro.replay["latents"].shape == (8, 4, 16, 16)  # [N, T+1, (8/2)^2 tokens, 4 * 4 channels]
+    assert not torch.equal(ro.images, ro2.images)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_step_ratio_is_one_for_any_micro_batch(lora):
+    pol = make(lora__enabled=lora, lora__r=4, rollout__micro_batch_size=4)
+    ro = pol.rollout(batch(), 3, gen())
+    order = torch.randperm(6, generator=gen(1))
+    for mb in (1, 4):
+        for lo in range(0, 6, mb):
+            sub = ro.select(order[lo: lo + mb])
+            for units in pol.unit_chunks(sub, gen(2)):
+                with torch.no_grad():
+                    out = pol.log_prob(sub, units)
+                ratio = torch.exp(out.logp - sub.old_logp[:, units])
+                assert (ratio - 1).abs().max() < 1e-5, (mb, units, (ratio - 1).abs().max())
+
+
+def _train_steps(pol, ro, steps):
+    opt = torch.optim.Adam(pol.trainable_parameters(), lr=1e-2)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    for _ in range(steps):
+        opt.zero_grad()
+        for units in pol.unit_chunks(ro, gen(5)):
+            out = pol.log_prob(ro, units)
+            ratio = torch.exp(out.logp - ro.old_logp[:, units])
+            loss = torch.maximum(-adv[:, None] * ratio, -adv[:, None] * ratio.clamp(0.8, 1.2)).mean()
+            loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_training_changes_every_trainable_parameter_and_nothing_frozen(lora):
+    pol = make(lora__enabled=lora, lora__r=4, lora__alpha=8.0)
+    params = pol.named_trainable_parameters()
+    assert params and all("lora_" in n for n, _ in params) == lora
+    frozen = {n: p.detach().clone() for n, p in pol.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("text_encoder.") for n in frozen) and any(n.startswith("vae.") for n in frozen)
+    before = {n: p.detach().clone() for n, p in params}
+    ro = pol.rollout(batch(), 2, gen())
+    _train_steps(pol, ro, 2 if lora else 1)  # LoRA A has no gradient while B is still zero
+    unchanged = [n for n, p in params if torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged[:5]
+    for n, p in pol.named_parameters():
+        if n in frozen:
+            assert p.grad is None and torch.equal(p, frozen[n]), n
+
+
+def test_lora_reference_is_the_initial_policy():
+    pol = make(lora__enabled=True, lora__r=4, algorithm__kl_coef=0.01)
+    pol.setup_reference()
+    ro = pol.rollout(batch(), 2, gen())
+    units = pol.unit_chunks(ro, gen())[0]
+    _train_steps(pol, ro, 2)
+    with torch.no_grad():
+        cur = pol.log_prob(ro, units).logp
+        with pol.reference():
+            ref = pol.log_prob(ro, units).logp
+    assert (cur - ro.old_logp[:, units]).abs().max() > 1e-4
+    torch.testing.assert_close(ref, ro.old_logp[:, units], atol=1e-5, rtol=0)
+
+
+def test_sft_loss_and_image_encoding_roundtrip_shapes():
+    pol = make()
+    imgs = torch.rand(2, 3, 16, 16)
+    lat = pol.encode_images(imgs)
+    assert lat.shape == (2, *pol.latent_shape())
+    assert pol.decode(lat).shape == (2, 3, 16, 16)
+    loss = pol.sft_loss({"prompts": PROMPTS, "images": imgs}, gen())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in pol.trainable_parameters())
+    assert all(p.grad is None for n, p in pol.named_parameters() if not n.startswith("transformer."))
+
+
+def test_loads_from_local_directory(tmp_path):
+    src = make()
+    src.pipeline().save_pretrained(str(tmp_path / "ckpt"))
+    pol = make(model__tiny=False, model__path=str(tmp_path / "ckpt"), model__image_size=16, lora__enabled=True, lora__r=4)
+    sd = src.transformer.state_dict()
+    loaded = {k.replace(".base_layer", ""): v for k, v in pol.transformer.state_dict().items() if "lora_" not in k}
+    assert loaded.keys() == sd.keys() and all(torch.equal(v, sd[k]) for k, v in loaded.items())
+    assert pol.comps.drop_idx == 34  # the upstream pipeline's template drop index
+    assert not any(p.requires_grad for p in pol.text_encoder.parameters())
+    assert all("lora_" in n for n, _ in pol.named_trainable_parameters())
+    ro = pol.rollout(batch(), 2, gen())
+    assert ro.images.shape == (4, 3, 16, 16) and torch.isfinite(ro.old_logp).all()
+    with pytest.raises(OSError, match="model.path"):
+        make(model__tiny=False, model__path=str(tmp_path / "missing"))
+
+
+def test_bad_inputs_name_the_field():
+    with pytest.raises(ValueError, match="model.image_size"):
+        make(model__image_size=18)
+    with pytest.raises(ValueError, match="tiny_overrides.num_layer"):
+        make(model__tiny_overrides={"num_layer": 3})
