@@ -228,7 +228,7 @@ def test_pairwise_win_rates_in_groups():
     assert s[:5] == [0.0, 1.0, 0.5, 0.5, 0.5]
     assert math.isnan(s[5])  # nothing to compare with
     assert len(backend.requests) == (3 + 1) * 2  # all pairs, both orders
-    assert out.details["order_agreement"] == 1.0
+    assert out.details["order_checked"] == out.details["order_agreed"] == 4
     assert out.details["comparisons"] == [4.0, 4.0, 4.0, 2.0, 2.0, 0.0]
 
 
@@ -238,7 +238,7 @@ def test_pairwise_swap_cancels_position_bias():
                       group_ids=torch.tensor([1, 1, 1]))
     swapped = PairwiseJudge(backend=always_a)(inp)
     assert swapped.scores.tolist() == [0.5, 0.5, 0.5]
-    assert swapped.details["order_agreement"] == 0.0
+    assert swapped.details["order_checked"] == 3 and swapped.details["order_agreed"] == 0
     biased = PairwiseJudge(backend=always_a, swap=False)(inp)
     assert biased.scores.tolist() == [1.0, 0.5, 0.0]  # pairs (0,1),(0,2),(1,2): the first shown always wins
 

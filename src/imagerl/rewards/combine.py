@@ -201,7 +201,8 @@ class WeightedSum(_Combination):
 
 class Gated(_Combination):
     """``gated``: the ``value`` reward where the ``gate`` reward >= ``threshold``, else ``below`` (default 0).
-    A gate that abstains -> NaN. Example: count aesthetic quality only when OCR found the text."""
+    A gate that abstains -> NaN. Example: count aesthetic quality only when OCR found the text.
+    ``details["gate_passed"]``: how many samples passed the gate."""
 
     def __init__(self, *, gate: dict[str, Any], value: dict[str, Any], name: str = "", threshold: float = 0.5,
                  below: float = 0.0) -> None:
@@ -210,8 +211,9 @@ class Gated(_Combination):
 
     def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         gate_N, value_N = scores_NK[:, 0], scores_NK[:, 1]
-        passed = (gate_N >= self.threshold).float().mean().item()
-        return gated_scores(gate_N, value_N, self.threshold, self.below), {"gate_pass_rate": passed}
+        # counts, not rates: the trainer adds scalar details up over the micro-batches of a step
+        passed = int((gate_N >= self.threshold).sum())
+        return gated_scores(gate_N, value_N, self.threshold, self.below), {"gate_passed": passed}
 
 
 class Product(_Combination):
@@ -227,8 +229,8 @@ class Product(_Combination):
 class MaxDeviation(_Combination):
     """``max_deviation``: per sample, the weighted group-normalised score of the child deviating most from
     its group mean (our design; see the module docstring). Groups come from ``RewardInput.group_ids``
-    (the whole batch is one group when absent). ``details["chosen/<child>"]``: fraction of samples that
-    took each child."""
+    (the whole batch is one group when absent). ``details["chosen/<child>"]``: how many samples took
+    each child."""
 
     def __init__(self, *, children: list[dict[str, Any]], name: str = "", eps: float = 1e-6) -> None:
         super().__init__(name, _child_specs(children, name or "max_deviation"))
@@ -238,5 +240,5 @@ class MaxDeviation(_Combination):
         n = scores_NK.shape[0]
         group_N = inp.group_ids.reshape(-1).cpu() if inp.group_ids is not None else torch.zeros(n, dtype=torch.long)
         res = max_deviation_scores(scores_NK, group_N, torch.tensor(self.child_weights), self.eps)
-        extra = {f"chosen/{c.name}": float((res.chosen == k).float().mean()) for k, c in enumerate(self.children)}
+        extra = {f"chosen/{c.name}": int((res.chosen == k).sum()) for k, c in enumerate(self.children)}  # counts
         return res.scores, extra

@@ -205,7 +205,9 @@ class OCRReward(Reward):
         """OCR one [3,H,W] image in [0,1] -> recognised texts in reading order."""
         rgb = image_3HW.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # rapidocr treats ndarray input as OpenCV BGR
-        res = self.engine(bgr)
+        engine = self.engine
+        with self._lock:  # overlapped micro-batches score in worker threads; one OCR call at a time
+            res = engine(bgr)
         if res.txts is None:
             return []
         keep = [k for k, s in enumerate(res.scores) if s >= self.min_confidence]

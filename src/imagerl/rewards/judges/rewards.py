@@ -296,8 +296,9 @@ class PairwiseJudge(JudgeReward):
     asked in the other order and both answers count, which cancels a constant position bias.
     score_i = wins_i / parsed comparisons_i, in [0, 1]. A sample whose comparisons all failed, or that is
     alone in its group, abstains. Requests per group of size G: G(G-1)/2, doubled with swap.
-    ``details``: ``comparisons`` per sample and ``order_agreement`` (fraction of swapped pairs whose two
-    answers name the same winner; low values mean the judge mostly follows position).
+    ``details``: ``comparisons`` per sample; ``order_checked`` (pairs answered in both orders) and
+    ``order_agreed`` (of those, how many named the same winner both times; a low ratio means the judge
+    mostly follows position).
     """
 
     default_max_tokens = 16
@@ -356,9 +357,8 @@ class PairwiseJudge(JudgeReward):
                 flip = {"A": "B", "B": "A", "tie": "tie"}
                 agree += int(fwd == flip[rev])
         scores = [wins[k] / comps[k] if comps[k] > 0 else NAN for k in range(n)]
-        counters: dict[str, float] = {"pairs": len(pairs)}
-        if both:
-            counters["order_agreement"] = agree / both
+        # counts, not rates: the trainer adds scalar details up over the micro-batches of a step
+        counters: dict[str, float] = {"pairs": len(pairs), "order_checked": both, "order_agreed": agree}
         return JudgeScores(scores, parts={"comparisons": [float(c) for c in comps]}, counters=counters)
 
 
