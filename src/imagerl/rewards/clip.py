@@ -143,7 +143,7 @@ def _read_preprocessor_config(source: str, revision: str | None) -> dict[str, An
         return json.load(f)
 
 
-def load_clip(model: str, processor: str | None = None, revision: str | None = None, field: str = "args.model") -> ClipBundle:
+def load_clip(model: str, processor: str | None = None, revision: str | None = None, field: str = "args") -> ClipBundle:
     """A `CLIPModel` from a local directory or hub id; tokenizer and preprocessing from `processor`
     (another checkpoint, e.g. PickScore uses the LAION ViT-H processor) or from `model` itself."""
     from transformers import AutoTokenizer, CLIPModel
@@ -152,14 +152,14 @@ def load_clip(model: str, processor: str | None = None, revision: str | None = N
     try:
         m = CLIPModel.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{field}='{model}': cannot load a transformers CLIPModel from it ({e}). Give a local "
+        raise ValueError(f"{field}.model='{model}': cannot load a transformers CLIPModel from it ({e}). Give a local "
                          f"directory or a hub id that is in the local cache (HF_HUB_OFFLINE=1 runs cannot download), "
                          f"or use tiny: true") from e
     try:
         tok = AutoTokenizer.from_pretrained(proc, revision=revision)
         pp = ClipPreprocess.from_config(_read_preprocessor_config(proc, revision))
     except (OSError, ValueError) as e:
-        raise ValueError(f"args.processor='{proc}': cannot load the CLIP tokenizer / preprocessor_config.json ({e})") from e
+        raise ValueError(f"{field}.processor='{proc}': cannot load the CLIP tokenizer / preprocessor_config.json ({e})") from e
     return ClipBundle(m.eval(), tok, pp)
 
 
@@ -204,7 +204,8 @@ class CLIPFamilyReward(Reward):
             model_id = model or self.default_model
             if not model_id:
                 raise ValueError(self.missing_model_message())
-            bundle = load_clip(model_id, processor or self.default_processor or model_id, revision)
+            bundle = load_clip(model_id, processor or self.default_processor or model_id, revision,
+                                field=f"reward '{self.name}' args")
         self.model = bundle.model.to(self.device, self.dtype).requires_grad_(False)
         self.tokenizer = bundle.tokenizer
         self.preprocess = bundle.preprocess
