@@ -227,3 +227,28 @@ def test_bad_inputs_name_the_field():
         make(model__tiny_overrides={"attention_head_dim": 32})
     with pytest.raises(ValueError, match="model.tiny_size"):
         make(model__tiny_size="huge")
+
+
+def test_recipe_trains_one_step_with_tiny_weights(tmp_path):
+    """configs/flux_grpo.yaml validates as written (real FLUX.1-dev settings) and trains with model.tiny=true;
+    the trainer's first inner step sees ratio 1 (fp32)."""
+    import json
+    from pathlib import Path
+
+    from imagerl.config import load_config
+    from imagerl.recipes.grpo import GRPOTrainer
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "flux_grpo.yaml"
+    real = load_config(recipe)
+    assert (real.model.family, real.model.path, real.rollout.cfg_scale) == ("flux", "black-forest-labs/FLUX.1-dev", 3.5)
+    assert real.model.lora.enabled and real.rewards[0].args["tiny"] is False
+    cfg = load_config(recipe, [
+        "model.tiny=true", "model.tiny_size=test", "model.dtype=fp32", "run.dtype=fp32", "train.steps=1",
+        "data.prompts_per_step=2", "rollout.group_size=2", "rollout.num_steps=3", "logging.console=false",
+        "logging.progress_bar=false", "logging.sample_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
+        f"run.output_dir={tmp_path}",
+    ])
+    assert cfg.rewards[0].args["tiny"] is True  # ${model.tiny}: the reward is tiny too, so this runs offline
+    GRPOTrainer(cfg).train()
+    m = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["step"] == 1 and m["ratio/first_epoch_max_dev"] < 1e-5

@@ -187,3 +187,26 @@ def test_bad_inputs_name_the_field():
         make(model__image_size=18)
     with pytest.raises(ValueError, match="tiny_overrides.num_layer"):
         make(model__tiny_overrides={"num_layer": 3})
+
+
+def test_recipe_trains_one_step_with_tiny_weights(tmp_path):
+    """configs/qwen_image_grpo.yaml validates as written and trains with model.tiny=true (fp32: ratio 1)."""
+    import json
+    from pathlib import Path
+
+    from imagerl.config import load_config
+    from imagerl.recipes.grpo import GRPOTrainer
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "qwen_image_grpo.yaml"
+    real = load_config(recipe)
+    assert (real.model.family, real.model.path, real.rollout.cfg_scale) == ("qwen_image", "Qwen/Qwen-Image", 4.0)
+    assert real.model.lora.enabled and real.rollout.sde_window == 2
+    cfg = load_config(recipe, [
+        "model.tiny=true", "model.tiny_size=test", "model.dtype=fp32", "run.dtype=fp32", "train.steps=1",
+        "data.prompts_per_step=2", "rollout.group_size=2", "rollout.num_steps=4", "logging.console=false",
+        "logging.progress_bar=false", "logging.sample_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
+        f"run.output_dir={tmp_path}",
+    ])
+    GRPOTrainer(cfg).train()
+    m = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["step"] == 1 and m["ratio/first_epoch_max_dev"] < 1e-5
