@@ -285,6 +285,36 @@ def test_broken_scorer_abstains_with_error_and_server_survives(server):
         srv.close()
 
 
+def test_ocr_reward_through_the_server():
+    """The real OCR engine behind /v1/score: rendered text is read, and HTTP equals in-process."""
+    pytest.importorskip("rapidocr", reason="OCR extra not installed: pip install 'imagerl[ocr]'")
+    from PIL import Image, ImageDraw, ImageFont
+
+    def render(text: str) -> torch.Tensor:
+        img = Image.new("RGB", (360, 80), "white")
+        ImageDraw.Draw(img).text((10, 15), text, fill="black", font=ImageFont.load_default(size=40))
+        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+    imgs = torch.stack([render("HELLO WORLD"), render("HELLO WORLD"), render("GRPO 2026")])
+    inp = RewardInput(images=imgs, prompts=['a sign that says "HELLO WORLD"', 'a sign that says "GOODBYE"', "no quotes here"],
+                      metadata=[{}, {}, {}])
+    ocr = build_reward({"type": "ocr"})
+    srv = RewardServer({"ocr": ocr}, max_wait_ms=1)
+    try:
+        local = ocr(inp).scores
+        with ServerThread(srv.app) as url:
+            remote = RemoteReward(url=url, rewards=["ocr"])
+            try:
+                out = remote(inp)
+            finally:
+                remote.close()
+    finally:
+        srv.close()
+    assert out.scores[0] > 0.9 and out.scores[1] < 0.6, out.scores
+    assert math.isnan(out.scores[2])  # nothing quoted: OCR abstains
+    torch.testing.assert_close(out.scores, local, equal_nan=True)
+
+
 # --------------------------------------------------------------------------- auth, limits, bad input
 
 
@@ -396,7 +426,7 @@ def test_demo_config_builds_a_working_server():
     cfg = load_config(REPO / "configs/reward_server_demo.yaml", ["model.tiny=true", "server.max_wait_ms=1"])
     srv = build_server(cfg)
     try:
-        assert {"brightness", "color_position", "judge"} <= set(srv.rewards)
+        assert {"brightness", "color_position", "ocr", "judge"} <= set(srv.rewards)
         assert srv.chat is not None and srv.api_key is None
         with ServerThread(srv.app) as url:
             remote = RemoteReward(url=url, rewards=["color_position", "judge"])
@@ -432,7 +462,7 @@ def test_serve_reward_cli_entry_serves_demo_config():
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.2)
         h = httpx.get(f"{url}/health").json()
-        assert {"brightness", "color_position", "judge"} <= set(h["rewards"])
+        assert {"brightness", "color_position", "ocr", "judge"} <= set(h["rewards"])
         assert h["chat_model"] == "tiny-qwen2.5-vl"
         remote = RemoteReward(url=url, rewards=["color_position", "judge"])
         try:
