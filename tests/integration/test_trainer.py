@@ -46,7 +46,9 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, family):
 @pytest.mark.parametrize("family", ["janus", "sd3"])
 @pytest.mark.parametrize("lora", [False, True])
 def test_every_trainable_parameter_changes(tmp_path, family, lora):
-    t = GRPOTrainer(cfg_for(family, tmp_path, "train.steps=1", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
+    # LoRA's B starts at zero, so A gets no gradient in the first step: with LoRA train two steps.
+    steps = 2 if lora else 1
+    t = GRPOTrainer(cfg_for(family, tmp_path, f"train.steps={steps}", f"model.lora.enabled={str(lora).lower()}", "model.lora.r=4",
                             "checkpoint.every=0", "checkpoint.save_final=false", "optim.lr=1e-2"))
     before = {n: p.detach().clone() for n, p in t.policy.named_trainable_parameters()}
     assert before, "no trainable parameters"
