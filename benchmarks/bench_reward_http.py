@@ -211,7 +211,7 @@ def main() -> int:
     lines += [
         "",
         "Reading: the ratio is HTTP time over in-process time for the same scorer and images (1.0 = free transport).",
-        "Most of the transport cost is PNG encode (client) + decode (server), about 1-3 ms per 64x64 image on one",
+        "Most of the transport cost is PNG encode (client) + decode (server), about 3 ms per 64x64 image on one",
         "core here: it dominates a microsecond pixel rule and is small next to a real VLM judge. Score differences",
         "come from the 8-bit PNG quantisation of float images (in-process scorers see the float tensor).",
         "The tiny judge has random weights, so it rarely says yes/no and abstains; its rows measure transport only.",

@@ -231,6 +231,51 @@ def test_http_judge_equals_in_process_judge_and_batches(server):
         local.close()
 
 
+def test_sampled_decoding_is_seeded(server):
+    import openai
+
+    _, url = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=20)
+    m = msg(q8(torch.rand(3, 32, 32)), "Describe the image.")
+
+    def ask(seed: int):
+        r = client.chat.completions.create(model="tiny-qwen2.5-vl", messages=m, max_tokens=8, temperature=1.0,
+                                           seed=seed, logprobs=True, top_logprobs=1)
+        return r.choices[0].message.content, [t.logprob for t in r.choices[0].logprobs.content]
+
+    a, b, c = ask(1), ask(1), ask(2)
+    assert a == b, "same seed, same sample"
+    others = {ask(s)[0] for s in range(2, 6)}
+    assert len(others | {a[0]}) > 1, "different seeds should give different samples from a near-uniform tiny model"
+    greedy = client.chat.completions.create(model="tiny-qwen2.5-vl", messages=m, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=1).choices[0].logprobs.content
+    # log-probs are of the model, not the sampler: every sampled token is at most as likely as the greedy choice
+    assert all(lp <= g.top_logprobs[0].logprob + 1e-5 for lp, g in zip(a[1][:1], greedy[:1]))
+
+
+def test_local_vlm_loads_a_saved_checkpoint_directory(tmp_path):
+    """The real loading path (a local directory with model, tokenizer and image-processor files), checked
+    against the tiny model it was saved from: same greedy answer and log-probs."""
+    tiny = LocalVLMBackend(tiny=True, max_wait_ms=0)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    tiny.image_processor.save_pretrained(tmp_path)
+    loaded = LocalVLMBackend(model=str(tmp_path), max_wait_ms=0)
+    try:
+        assert loaded.served_name == str(tmp_path)
+        m = msg(q8(torch.rand(3, 36, 36)), "Is it red?")
+        a = tiny.complete_sync(m, max_tokens=4, top_logprobs=3)
+        b = loaded.complete_sync(m, max_tokens=4, top_logprobs=3)
+        assert a.text == b.text and a.prompt_tokens == b.prompt_tokens
+        for x, y in zip(a.tokens, b.tokens):
+            assert x.token == y.token and x.logprob == pytest.approx(y.logprob, abs=1e-5)
+    finally:
+        tiny.close()
+        loaded.close()
+    with pytest.raises(ValueError, match="tiny: true"):
+        LocalVLMBackend()
+
+
 def test_yes_no_judge_through_our_chat_endpoint(server):
     """The judge reward with an `http` backend pointed at our server: every sample gets a request and an
     answer; the tiny random judge may not say yes/no, in which case the sample abstains (NaN) and is counted."""

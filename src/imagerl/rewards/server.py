@@ -345,25 +345,31 @@ class RewardServer:
                            code="model_not_found")
         if d.get("stream"):
             raise APIError(400, "stream=true is not supported by this server; send stream=false")
-        if int(d.get("n", 1) or 1) != 1:
+        if d.get("n") not in (None, 1):
             raise APIError(400, "n > 1 is not supported by this server; send n=1 (or several requests)")
         if d.get("stop"):
             raise APIError(400, "stop sequences are not supported by this server; leave 'stop' unset")
-        max_tokens = d.get("max_completion_tokens", d.get("max_tokens")) or 64
-        temperature = d.get("temperature")
-        temperature = 1.0 if temperature is None else temperature  # OpenAI's default
-        top_p = d.get("top_p")
-        top_p = 1.0 if top_p is None else top_p
+        try:
+            max_tokens = int(d.get("max_completion_tokens", d.get("max_tokens")) or 64)
+            temperature = d.get("temperature")
+            temperature = 1.0 if temperature is None else float(temperature)  # OpenAI's default
+            top_p = d.get("top_p")
+            top_p = 1.0 if top_p is None else float(top_p)
+            seed = d.get("seed")
+            seed = None if seed is None else int(seed)
+            k = d.get("top_logprobs")
+            k_int = int(k or 0)
+        except (TypeError, ValueError) as e:
+            raise APIError(400, f"bad sampling parameter: {e} (max_tokens, temperature, top_p, seed, top_logprobs are numbers)") from None
         want_lp = bool(d.get("logprobs"))
-        k = d.get("top_logprobs")
         if k is not None and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs=true")
-        k = int(k or 0)
+        k = k_int
         if not 0 <= k <= MAX_TOP_LOGPROBS:
             raise APIError(400, f"top_logprobs={k} must be in [0, {MAX_TOP_LOGPROBS}]")
         try:
-            gen = await self.chat.complete(d.get("messages"), max_tokens=int(max_tokens), temperature=float(temperature),
-                                           top_p=float(top_p), top_logprobs=k, seed=d.get("seed"))
+            gen = await self.chat.complete(d.get("messages"), max_tokens=max_tokens, temperature=temperature,
+                                           top_p=top_p, top_logprobs=k, seed=seed)
         except ImageTooLargeError as e:
             raise APIError(413, str(e)) from None
         except (ValueError, TypeError) as e:
