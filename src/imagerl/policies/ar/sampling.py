@@ -117,9 +117,16 @@ class TokenDraw:
 
 
 def draw_tokens(logits_BV: torch.Tensor, generator: torch.Generator) -> TokenDraw:
-    """Sample one token per row from softmax(logits) (already temperature-scaled and filtered)."""
+    """Sample one token per row from softmax(logits) (already temperature-scaled and filtered).
+
+    Inverse-CDF sampling with one uniform per row (fp64 cumulative sums): exact, and much cheaper than
+    `torch.multinomial`, which draws an exponential variate for every vocabulary entry. A token of
+    probability 0 (filtered out) is never chosen: its CDF step is empty."""
     logp_BV = logits_BV.float().log_softmax(-1)
-    tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    cdf_BV = logp_BV.exp().double().cumsum(-1)
+    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device, dtype=torch.float64)
+    tokens_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)
+    tokens_B = tokens_B.clamp_max(cdf_BV.shape[-1] - 1)  # u * total rounding up to total (never seen)
     return TokenDraw(tokens_B, logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1))
 
 
@@ -193,7 +200,8 @@ class KVBuffer:
 # The decode loop
 # --------------------------------------------------------------------------------------------------
 
-# forward(embeds [R, L, D], mask [R, 1, L, Lk] bool, positions [R, L], cache) -> last hidden [R, L, D]
+# forward(embeds [R, L, D], mask [R, 1, L, Lk] bool or None = no padding, positions [R, L], cache)
+#   -> last hidden [R, L, D]
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KVBuffer], torch.Tensor]
 # guided_logits(hidden [R, D]) -> CFG-combined raw logits [B, V]   (R = 2B with CFG, else B)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -230,13 +238,16 @@ def cfg_decode(
     gen = device_generator(generator, device)
 
     valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
+    padded = not bool(valid_RP.all())
+    # decode-step masks: query at absolute slot P+t sees keys [0, P+t] that are real. Without
+    # padding no mask is needed at all (None lets SDPA take its unmasked kernels).
     key_valid_RL = torch.cat([valid_RP, valid_RP.new_ones(R, T)], dim=1)  # [R, P+T]
-    # decode-step masks: query at absolute slot P+t sees keys [0, P+t] that are real
-    step_mask_R11L = key_valid_RL[:, None, None, :]
+    step_mask_R11L = key_valid_RL[:, None, None, :] if padded else None
+    prefill_mask = causal_padding_mask(valid_RP) if padded else None
     n_real_R1 = valid_RP.long().sum(-1, keepdim=True)  # image token t sits at position n_real + t
 
     cache = KVBuffer(P + T)
-    hidden_RD = forward(prompt_embeds_RPD, causal_padding_mask(valid_RP), positions_from_valid(valid_RP), cache)[:, -1]
+    hidden_RD = forward(prompt_embeds_RPD, prefill_mask, positions_from_valid(valid_RP), cache)[:, -1]
 
     tokens_BT = torch.empty(B, T, dtype=torch.long, device=device)
     logp_BT = torch.empty(B, T, dtype=torch.float32, device=device)
@@ -246,5 +257,172 @@ def cfg_decode(
         logp_BT[:, t] = draw.logp
         if t == T - 1:
             break
-        hidden_RD = forward(embed(draw.tokens), step_mask_R11L[..., : P + t + 1], n_real_R1 + t, cache)[:, -1]
+        mask = step_mask_R11L[..., : P + t + 1] if padded else None
+        hidden_RD = forward(embed(draw.tokens), mask, n_real_R1 + t, cache)[:, -1]
     return DecodeOutput(tokens_BT, logp_BT)
+
+
+# --------------------------------------------------------------------------------------------------
+# A lean inference replica of transformers' Llama decoder stack (rollout only)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Lora:
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scaling: float
+
+
+@dataclass
+class _Linear:
+    """A linear map read from a live module: weight/bias are the module's own tensors (no copy), plus
+    the active unmerged LoRA adapters of a peft layer, applied as x A^T B^T * s like peft does."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    loras: list[_Lora]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.linear(x, self.weight, self.bias)
+        for lo in self.loras:
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lo.A), lo.B) * lo.scaling
+        return y
+
+
+def _read_linear(mod: torch.nn.Module) -> _Linear | None:
+    """`_Linear` of an nn.Linear or a peft LoRA Linear; None for anything else (caller falls back)."""
+    base = mod.get_base_layer() if hasattr(mod, "get_base_layer") else mod
+    if not isinstance(base, torch.nn.Linear):
+        return None
+    loras: list[_Lora] = []
+    if base is not mod:  # a peft tuner layer
+        if not hasattr(mod, "lora_A"):
+            return None
+        if not getattr(mod, "disable_adapters", False) and not getattr(mod, "merged", False):
+            for name in mod.active_adapters:
+                if name not in mod.lora_A:
+                    continue
+                if name in getattr(mod, "lora_variant", {}):  # DoRA and friends: not replicated here
+                    return None
+                drop = mod.lora_dropout[name]
+                if isinstance(drop, torch.nn.Dropout) and drop.p > 0 and drop.training:
+                    return None
+                loras.append(_Lora(mod.lora_A[name].weight, mod.lora_B[name].weight, float(mod.scaling[name])))
+    return _Linear(base.weight, base.bias, loras)
+
+
+def _fuse(parts: list[_Linear]) -> _Linear:
+    """One GEMM for projections that read the same input (q|k|v, gate|up): copies the weights once."""
+    bias = None
+    if any(p.bias is not None for p in parts):
+        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in parts])
+    return _Linear(torch.cat([p.weight for p in parts]), bias, [])
+
+
+class FastLlamaDecoder:
+    """Inference-only forward of a transformers `LlamaModel` (the language model of Janus, Emu3, ...).
+
+    Reads the live weights at construction (build one per rollout; training changes them), so it needs
+    no copy except, for small models, the fused q|k|v and gate|up matrices (`fuse`): fewer and larger
+    GEMMs matter on CPUs and at small batch. Per decode step it runs the layers as plain tensor ops:
+    no module hooks, no mask construction, RoPE from a table built once, attention over the live
+    length of a `KVBuffer`. The teacher-forced `log_prob` keeps using the transformers modules
+    (autograd, LoRA, checkpointing), so the ratio test checks this replica against them.
+
+    `build` returns None when the model is not a plain Llama stack it can replicate (then the caller
+    uses the transformers forward)."""
+
+    FUSE_MAX_BYTES = 1 << 30  # fuse projections only when the copy is cheap (small models)
+
+    def __init__(self, lm: torch.nn.Module, layers: list[dict], fuse: bool):
+        self.lm = lm
+        self.layers = layers
+        cfg = lm.config
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self.norm_w, self.norm_eps = lm.norm.weight, float(lm.norm.variance_epsilon)
+        self.fuse = fuse
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, lm: torch.nn.Module, fuse: bool | None = None) -> "FastLlamaDecoder | None":
+        if type(lm).__name__ != "LlamaModel" or getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+            return None
+        if getattr(lm.config, "hidden_act", "silu") != "silu":
+            return None
+        if fuse is None:
+            fuse = sum(p.numel() * p.element_size() for p in lm.parameters()) <= cls.FUSE_MAX_BYTES
+        layers = []
+        for layer in lm.layers:
+            a, m = layer.self_attn, layer.mlp
+            lin = {n: _read_linear(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+            lin.update({n: _read_linear(getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")})
+            if any(v is None for v in lin.values()):
+                return None
+            spec = {"ln1": (layer.input_layernorm.weight, float(layer.input_layernorm.variance_epsilon)),
+                    "ln2": (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon)),
+                    "scaling": float(a.scaling), **lin}
+            if fuse and not any(lin[n].loras for n in ("q_proj", "k_proj", "v_proj")):
+                spec["qkv"] = _fuse([lin["q_proj"], lin["k_proj"], lin["v_proj"]])
+            if fuse and not any(lin[n].loras for n in ("gate_proj", "up_proj")):
+                spec["gate_up"] = _fuse([lin["gate_proj"], lin["up_proj"]])
+            layers.append(spec)
+        return cls(lm, layers, fuse)
+
+    def prepare_rope(self, max_positions: int, like: torch.Tensor) -> None:
+        """cos/sin for positions [0, max_positions) from the model's own rotary module (any rope type)."""
+        pos = torch.arange(max_positions, device=like.device)[None]
+        cos, sin = self.lm.rotary_emb(like, pos)
+        self._cos, self._sin = cos[0], sin[0]  # [Lpos, hd]
+
+    @staticmethod
+    def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        # same op order as LlamaRMSNorm: normalise in fp32, cast back, then scale
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return w * xf.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x.shape[-1] // 2
+        rot = torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return x * cos + rot * sin
+
+    def __call__(self, embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+                 cache: KVBuffer) -> torch.Tensor:
+        """embeds [R, L, D], mask [R, 1, L, Lk] bool or None (no padding: causal for L > 1, all keys for L == 1),
+        positions [R, L] -> final-norm hidden states [R, L, D]."""
+        if self._cos is None or int(positions.max()) >= self._cos.shape[0]:
+            self.prepare_rope(max(int(positions.max()) + 1, cache.max_len), embeds)
+        R, L, _ = embeds.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        cos = self._cos[positions].unsqueeze(1).to(embeds.dtype)  # [R, 1, L, hd]
+        sin = self._sin[positions].unsqueeze(1).to(embeds.dtype)
+        is_causal = mask is None and L > 1
+        x = embeds
+        for i, sp in enumerate(self.layers):
+            h = self._rms(x, *sp["ln1"])
+            if "qkv" in sp:  # rotate q and k in one pass over the fused projection
+                qkv = sp["qkv"](h).view(R, L, H + 2 * Hkv, hd).transpose(1, 2)  # [R, H+2Hkv, L, hd]
+                qk = self._rope(qkv[:, : H + Hkv], cos, sin)
+                q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+            else:
+                q, k, v = sp["q_proj"](h), sp["k_proj"](h), sp["v_proj"](h)
+                q = self._rope(q.view(R, L, H, hd).transpose(1, 2), cos, sin)
+                k = self._rope(k.view(R, L, Hkv, hd).transpose(1, 2), cos, sin)
+                v = v.view(R, L, Hkv, hd).transpose(1, 2)
+            k, v = cache.update(k, v, i)
+            att = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, scale=sp["scaling"], enable_gqa=Hkv != H
+            )
+            x = x + sp["o_proj"](att.transpose(1, 2).reshape(R, L, H * hd))
+            h = self._rms(x, *sp["ln2"])
+            if "gate_up" in sp:
+                g, u = sp["gate_up"](h).chunk(2, dim=-1)
+            else:
+                g, u = sp["gate_proj"](h), sp["up_proj"](h)
+            x = x + sp["down_proj"](torch.nn.functional.silu(g) * u)
+        return self._rms(x, self.norm_w, self.norm_eps)

@@ -1,0 +1,166 @@
+"""Janus image-token rollout speed: imagerl's sampler vs transformers' `generate(generation_mode="image")`.
+
+Both run in this one process on the same tiny Janus ("bench" preset: 16x16 = 256 image tokens, a 4-layer
+Llama of hidden 256, 1024 codes), the same prompts, batch, CFG scale and sampling settings, after warm-up,
+interleaved repeats, median. Only token sampling is timed (VQ decoding is the same call for both and is
+reported on its own). Also measured in the same run: the machine's fp32 matmul peak (a large square
+matmul), and the FLOP/s our sampler achieves with the model FLOPs counted analytically, as a fraction
+of that peak.
+
+    python benchmarks/bench_ar_rollout.py --threads 2
+
+Variants timed:
+  imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder (what rollout() uses)
+  imagerl-hf    the same sampler loop through the transformers modules (use_fast_decoder=False)
+  transformers  model.generate(generation_mode="image") (static cache, logits processors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def matmul_peak(n: int, repeats: int) -> float:
+    """Best fp32 FLOP/s of an n x n @ n x n matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops_per_image(pol, prompt_len: int, cfg_rows: int) -> float:
+    """Analytic FLOPs to sample one image: for every image token and every CFG row, 2 x (weights touched:
+    language model without embeddings, generation head, image-embedding aligner) + attention
+    (4 x layers x context x hidden: scores and weighted values). The vocabulary projection is counted
+    on every row, as transformers computes it (ours mixes CFG before it and does half of it)."""
+    m = pol.model
+    lm = pol._base_lm()
+    lm_params = sum(p.numel() for n, p in lm.named_parameters() if "embed_tokens" not in n and "norm" not in n)
+    head = sum(p.numel() for p in m.model.generation_head.parameters() if p.dim() == 2)
+    aligner = sum(p.numel() for p in m.model.generation_aligner.parameters() if p.dim() == 2)
+    c = lm.config
+    T = pol.num_image_tokens
+    total = 0.0
+    for t in range(T):
+        ctx = prompt_len + t + 1
+        total += cfg_rows * (2 * (lm_params + head + aligner) + 4 * c.num_hidden_layers * ctx * c.hidden_size)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="images per call (CFG doubles the rows)")
+    ap.add_argument("--cfg-scale", type=float, default=5.0)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--size", default="bench", help="tiny preset (bench | demo | test)")
+    ap.add_argument("--peak-n", type=int, default=2048)
+    ap.add_argument("--skip-hf-modules", action="store_true", help="do not time the imagerl-hf variant")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    from transformers import GenerationConfig
+
+    from imagerl.config import load_config
+    from imagerl.policies.ar.janus import JanusPolicy
+
+    cfg = load_config(None, [
+        "model.tiny=true", f"model.tiny_size={args.size}", f"rollout.cfg_scale={args.cfg_scale}",
+        f"rollout.temperature={args.temperature}", f"rollout.top_k={args.top_k}", f"rollout.top_p={args.top_p}",
+    ])
+    pol = JanusPolicy(cfg, torch.device("cpu"))
+    # one prompt repeated: transformers' generate counts pad slots as positions, so equal lengths keep
+    # the two samplers on the same computation
+    enc = pol.encode_prompts(["a red square on the left of a blue circle"] * args.batch)
+    P, T = enc.ids.shape[1], pol.num_image_tokens
+    gen = torch.Generator().manual_seed(0)
+    gc = GenerationConfig(
+        do_sample=True, guidance_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, bos_token_id=pol.bos_id, pad_token_id=pol.pad_id,
+        eos_token_id=pol.tokenizer.eos_token_id, generation_kwargs={"boi_token_id": pol.boi_id}, max_new_tokens=T,
+    )
+
+    def ours() -> torch.Tensor:
+        with torch.inference_mode():
+            return pol.sample_tokens(enc.ids, enc.valid, pol.params, gen).tokens
+
+    def ours_hf_modules() -> torch.Tensor:
+        pol.use_fast_decoder = False
+        try:
+            return ours()
+        finally:
+            pol.use_fast_decoder = True
+
+    def hf() -> torch.Tensor:
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            return pol.model.generate(enc.ids, attention_mask=enc.valid.long(), generation_mode="image", generation_config=gc)
+
+    variants = {"imagerl": ours, "transformers": hf}
+    if not args.skip_hf_modules:
+        variants["imagerl-hf"] = ours_hf_modules
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
+    for name, f in variants.items():
+        for _ in range(args.warmup):
+            out = f()
+            assert out.shape == (args.batch, T), (name, out.shape)
+    for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all variants alike
+        for name, f in variants.items():
+            t, c = time.perf_counter(), time.process_time()
+            f()
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    with torch.inference_mode():
+        tok = ours()
+        t = time.perf_counter()
+        pol.decode_images(tok)
+        vq_s = time.perf_counter() - t
+    peak = matmul_peak(args.peak_n, 5)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: args.batch * T / v for k, v in med.items()}
+    rows = 2 if args.cfg_scale != 1 else 1
+    flops = args.batch * model_flops_per_image(pol, P, rows)
+    n_params = sum(p.numel() for p in pol._base_lm().parameters())
+    print(f"# Janus rollout benchmark ({args.size} preset: {pol.grid}x{pol.grid} = {T} image tokens, "
+          f"LM {n_params / 1e6:.2f} M params, prompt {P} tokens)")
+    print(f"# torch {torch.__version__}, threads {args.threads}, batch {args.batch} images (x{rows} CFG rows), "
+          f"cfg {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
+          f"repeats {args.repeats} (median), cpu {os.cpu_count()} cores")
+    cmed = {k: statistics.median(v) for k, v in cpu.items()}
+    print("| sampler | median wall s / batch | image tokens / s (wall) | speed-up vs transformers (wall) | "
+          "min wall s | max wall s | median CPU s | speed-up (CPU time) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in variants:
+        print(f"| {k} | {med[k]:.3f} | {tps[k]:.0f} | {tps[k] / tps['transformers']:.2f}x | "
+              f"{min(times[k]):.3f} | {max(times[k]):.3f} | {cmed[k]:.3f} | {cmed['transformers'] / cmed[k]:.2f}x |")
+    print()
+    print(f"fp32 matmul peak ({args.peak_n}^3): {peak / 1e9:.1f} GFLOP/s")
+    ach = flops / med["imagerl"]
+    print(f"imagerl sampler: {flops / 1e9:.2f} GFLOP per batch (analytic), {ach / 1e9:.2f} GFLOP/s = "
+          f"{100 * ach / peak:.1f}% of the matmul peak")
+    print(f"transformers generate: {flops / med['transformers'] / 1e9:.2f} GFLOP/s = "
+          f"{100 * flops / med['transformers'] / peak:.1f}% of the matmul peak")
+    print(f"VQ decode of the batch (not in the timings above): {vq_s:.3f} s")
+    print(f"RESULT speedup={tps['imagerl'] / tps['transformers']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

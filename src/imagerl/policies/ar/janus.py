@@ -1,0 +1,553 @@
+"""Janus-Pro as an RL policy: transformers' `JanusForConditionalGeneration` with our own image-token sampler.
+
+Rollout: each prompt is formatted as Janus-Pro formats text-to-image prompts
+(``<bos><|User|>: {prompt}\\n\\n<|Assistant|>:<begin_of_image>``), the unconditional row is the same
+sequence with every token except BOS and BOI replaced by pad (as Janus and transformers do), and both rows
+run in one batched forward per step with a pre-allocated KV cache (`sampling.cfg_decode`). The G samples
+of a prompt are rows of the same batch. Image tokens are decoded to pixels by the frozen VQ model.
+
+log_prob: one teacher-forced forward of cond + uncond rows through the language model and the image
+generation head (not `lm_head`), CFG mix, divide by the sampling temperature, the same top-k/top-p
+filter, log-softmax, gather. It reproduces the rollout's `old_logp` (ratio 1 at the first inner step).
+
+Departures from the paper / reference code, and why:
+- CFG is mixed before the generation head's last linear layer (`vision_head`). The head is
+  proj_out -> GELU -> vision_head, and a linear map commutes with the affine CFG mix, so this equals
+  mixing logits exactly (up to float rounding) while running the vocabulary projection on half the rows.
+  Rollout and log_prob share the function, so their numerics agree.
+- Positions of left-padded prompts skip the padding (transformers' generate counts pad slots), so a
+  sample does not depend on the other prompts of its batch.
+- Janus-Pro-R1 / T2I-R1 style training scores tokens with the true sampling distribution here; a
+  published system trained on CFG/scale logits while sampling at temperature 1 (a mismatch we avoid).
+
+Tiny models (`build_tiny_janus`) are the real classes with small configs, built offline. Their VQ decoder
+is *painted* (`paint_palette_decoder`): resnet and attention blocks are set to identity and the output
+layers map each code to one of 8 saturated colours over its patch, so a colour/position reward is
+learnable by a tiny model; a random VQ decoder renders nearly the same grey for every code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ...config import Config
+from ...tiny import build_tokenizer
+from ...types import LogProbOutput, PromptBatch, Rollout
+from ..base import Policy, resolve_dtype
+from .sampling import (
+    FastLlamaDecoder,
+    SamplingParams,
+    causal_padding_mask,
+    cfg_decode,
+    cfg_mix,
+    gather_logprobs,
+    positions_from_valid,
+    sampling_logits,
+)
+
+JANUS_SPECIALS = (
+    "<pad>", "<bos>", "<eos>", "<unk>", "<image>", "<begin_of_image>", "<end_of_image>", "<|User|>", "<|Assistant|>",
+)
+BOI_TOKEN = "<begin_of_image>"
+USER_ROLE, ASSISTANT_ROLE = "<|User|>", "<|Assistant|>"
+
+# Architecture knobs of the tiny presets. grid = image tokens per side; the VQ decoder upsamples by
+# 2 ** (len(vq_channel_multiplier) - 1), so image px = grid * that.
+TINY_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: 4x4 tokens, 16 px, ~60k parameters
+    "test": dict(grid=4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
+                 text_vocab_size=320, codebook_size=32, vq_embed_dim=8, vq_channels=32,
+                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
+    # built-in demo: 8x8 tokens, 32 px; learns a colour/position rule on 2 CPU cores
+    "demo": dict(grid=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
+                 text_vocab_size=512, codebook_size=64, vq_embed_dim=8, vq_channels=32,
+                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
+    # benchmark: 16x16 = 256 tokens, 4 layers of hidden 256 (head dim 64), 1024 codes
+    "bench": dict(grid=16, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4,
+                  text_vocab_size=512, codebook_size=1024, vq_embed_dim=8, vq_channels=32,
+                  vq_channel_multiplier=[1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
+}
+_EXTRA_OVERRIDES = ("image_size",)
+
+# The 8 corners of the RGB cube, in the order the painted decoder uses (code c -> PALETTE[c % 8]).
+PALETTE: tuple[tuple[float, float, float], ...] = (
+    (0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (0, 1, 1), (1, 0, 1), (1, 1, 1),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny models
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_spec(size: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved architecture knobs of a tiny preset plus `model.tiny_overrides` (validated)."""
+    if size not in TINY_PRESETS:
+        raise ValueError(f"model.tiny_size='{size}' is not a Janus tiny preset; choose one of {', '.join(TINY_PRESETS)}")
+    spec = dict(TINY_PRESETS[size])
+    for k, v in (overrides or {}).items():
+        if k not in spec and k not in _EXTRA_OVERRIDES:
+            valid = ", ".join(sorted([*spec, *_EXTRA_OVERRIDES]))
+            raise ValueError(f"model.tiny_overrides.{k} is not a Janus tiny knob. Valid knobs: {valid}")
+        spec[k] = v
+    up = 2 ** (len(spec["vq_channel_multiplier"]) - 1)
+    if spec.get("image_size"):
+        if spec["image_size"] % up:
+            raise ValueError(
+                f"model.image_size={spec['image_size']} must be a multiple of the tiny VQ upsampling factor {up} "
+                f"(len(vq_channel_multiplier)={len(spec['vq_channel_multiplier'])})"
+            )
+        spec["grid"] = spec["image_size"] // up
+    spec["image_size"] = spec["grid"] * up
+    if spec["vq_channels"] % 32:
+        raise ValueError(f"model.tiny_overrides.vq_channels={spec['vq_channels']} must be a multiple of 32 (GroupNorm(32))")
+    if spec["hidden_size"] % spec["num_heads"]:
+        raise ValueError("model.tiny_overrides: hidden_size must be divisible by num_heads")
+    return spec
+
+
+def build_tiny_janus(size: str = "test", overrides: dict[str, Any] | None = None):
+    """A tiny random-weight `JanusForConditionalGeneration` and its tokenizer, built offline.
+
+    Deterministic: the same (size, overrides) give the same weights (seeded, caller's RNG untouched).
+    Returns (model in eval mode, tokenizer)."""
+    from transformers import (
+        GenerationConfig,
+        JanusConfig,
+        JanusForConditionalGeneration,
+        JanusVisionConfig,
+        JanusVQVAEConfig,
+        LlamaConfig,
+    )
+
+    spec = tiny_spec(size, overrides)
+    tok = build_tokenizer(vocab_size=int(spec["text_vocab_size"]), specials=JANUS_SPECIALS)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in JANUS_SPECIALS}
+    grid, h = int(spec["grid"]), int(spec["hidden_size"])
+    text_config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=h, intermediate_size=int(spec["intermediate_size"]),
+        num_hidden_layers=int(spec["num_layers"]), num_attention_heads=int(spec["num_heads"]),
+        num_key_value_heads=int(spec["num_kv_heads"]), max_position_embeddings=max(1024, 2 * grid * grid + 256),
+        pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], tie_word_embeddings=False,
+    )
+    vision_config = JanusVisionConfig(
+        hidden_size=int(spec["vision_hidden_size"]), num_hidden_layers=1, num_attention_heads=2,
+        image_size=16 * grid, patch_size=16, projection_dim=h, num_image_tokens=grid * grid, mlp_ratio=2.0,
+    )
+    vq_config = JanusVQVAEConfig(
+        embed_dim=int(spec["vq_embed_dim"]), num_embeddings=int(spec["codebook_size"]),
+        latent_channels=int(spec["vq_channels"]), base_channels=int(spec["vq_channels"]),
+        channel_multiplier=list(spec["vq_channel_multiplier"]), num_res_blocks=int(spec["vq_res_blocks"]),
+        projection_dim=h, image_token_embed_dim=h, num_hidden_layers=2,
+    )
+    config = JanusConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), vq_config=vq_config.to_dict(),
+        image_token_id=ids["<image>"],
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec["seed"]))
+        model = JanusForConditionalGeneration(config).eval()
+    if spec["palette_decoder"]:
+        paint_palette_decoder(model.model.vqmodel)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"],
+        generation_kwargs={"boi_token_id": ids[BOI_TOKEN]},
+    )
+    return model, tok
+
+
+@torch.no_grad()
+def paint_palette_decoder(vq: nn.Module, gain: float = 1000.0) -> None:
+    """Set a Janus VQ model's decoder weights so that code c renders PALETTE[c % 8] over its patch.
+
+    The blocks become identities (zero last conv of every resnet block, zero attention output projection,
+    identity conv kernels), the codebook is one-hot over 8 colour channels, and the output GroupNorm (one
+    channel per group, i.e. a per-channel spatial normalisation) is followed by a large gain so that a
+    colour present at a pixel is strongly positive there and near -inf elsewhere; `conv_out` then maps
+    channel k to PALETTE[k] in [-1, 1]. Known quirk: an image made of one single colour renders black
+    (the spatial normalisation removes a constant channel). Needs channel_multiplier all 1."""
+    cfg = vq.config
+    if any(m != 1 for m in cfg.channel_multiplier) or cfg.latent_channels != cfg.base_channels:
+        raise ValueError("paint_palette_decoder needs vq channel_multiplier all 1 and latent_channels == base_channels")
+    C, E, K = cfg.base_channels, cfg.embed_dim, cfg.num_embeddings
+    if E < len(PALETTE) or C < len(PALETTE):
+        raise ValueError(f"paint_palette_decoder needs vq embed_dim and channels >= {len(PALETTE)}")
+
+    def identity_conv(conv: nn.Conv2d) -> None:
+        conv.weight.zero_()
+        k = conv.kernel_size[0] // 2
+        n = min(conv.in_channels, conv.out_channels)
+        conv.weight[torch.arange(n), torch.arange(n), k, k] = 1.0
+        conv.bias.zero_()
+
+    dec = vq.decoder
+    code_colour = torch.arange(K) % len(PALETTE)
+    vq.quantize.embedding.weight.zero_()
+    vq.quantize.embedding.weight[torch.arange(K), code_colour] = 1.0
+    identity_conv(vq.post_quant_conv)
+    identity_conv(dec.conv_in)
+    for m in dec.modules():
+        if type(m).__name__ == "JanusVQVAEResnetBlock":
+            m.conv2.weight.zero_()
+            m.conv2.bias.zero_()
+        elif type(m).__name__ == "JanusVQVAEAttnBlock":
+            m.proj_out.weight.zero_()
+            m.proj_out.bias.zero_()
+        elif type(m).__name__ == "JanusVQVAEConvUpsample":
+            identity_conv(m.conv)
+    dec.norm_out.weight.zero_()
+    dec.norm_out.bias.zero_()
+    dec.norm_out.weight[: len(PALETTE)] = gain
+    dec.conv_out.weight.zero_()
+    k = dec.conv_out.kernel_size[0] // 2
+    for c, rgb in enumerate(PALETTE):
+        dec.conv_out.weight[:, c, k, k] = 2.0 * torch.tensor(rgb, dtype=torch.float32)
+    dec.conv_out.bias.fill_(-1.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedPrompts:
+    ids: torch.Tensor  # [B, P] long, left-padded conditional prompt ids
+    valid: torch.Tensor  # [B, P] bool, False on left padding
+
+
+class JanusPolicy(Policy):
+    """Janus-Pro (transformers `JanusForConditionalGeneration`) as an autoregressive image-token policy."""
+
+    default_lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    #: full fine-tune default: these parts of `JanusModel` are trained (VQ model, vision encoder, lm_head frozen)
+    full_ft_modules = ("language_model", "generation_embeddings", "generation_aligner", "generation_head")
+    #: roll out with `FastLlamaDecoder` (a lean replica of the Llama stack); False = transformers modules
+    use_fast_decoder: bool = True
+
+    def __init__(self, cfg: Config, device: torch.device):
+        super().__init__(cfg, device)
+        m = cfg.model
+        if m.tiny:
+            model, tokenizer = build_tiny_janus(m.tiny_size, {**({"image_size": m.image_size} if m.image_size else {}),
+                                                              **dict(m.tiny_overrides)})
+        else:
+            model, tokenizer = load_janus(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                          dtype=resolve_dtype(m.dtype))
+        self.model = model.to(device=device, dtype=resolve_dtype(m.dtype)).eval()
+        self.tokenizer = tokenizer
+        self.grid = int(self.model.config.vq_config.num_patches)
+        self.num_image_tokens = self.grid * self.grid
+        if not m.tiny and m.image_size:
+            native = int(self.model.config.vision_config.image_size)
+            if m.image_size != native:
+                raise ValueError(
+                    f"model.image_size={m.image_size} but the checkpoint at {m.path} generates {native} px "
+                    f"({self.num_image_tokens} tokens); Janus cannot change resolution without retraining. "
+                    f"Set model.image_size={native} or 0"
+                )
+        self._resolve_special_ids()
+        self.params = self._sampling_params(eval_mode=False)
+        self._setup_trainable()
+        if m.gradient_checkpointing:
+            self._base_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- construction helpers -------------------------------------------------------------------
+    def _resolve_special_ids(self) -> None:
+        tok = self.tokenizer
+        gk = dict(getattr(self.model.generation_config, "generation_kwargs", None) or {})
+        boi = gk.get("boi_token_id")
+        if boi is None:
+            boi = tok.convert_tokens_to_ids(BOI_TOKEN)
+        unk = tok.unk_token_id
+        if boi is None or (unk is not None and boi == unk):
+            raise ValueError(f"the tokenizer at model.path has no '{BOI_TOKEN}' token; is it a Janus(-Pro) checkpoint?")
+        tc = self.model.config.text_config
+        self.boi_id = int(boi)
+        self.bos_id = int(tok.bos_token_id if tok.bos_token_id is not None else tc.bos_token_id)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tc.pad_token_id
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            raise ValueError("the Janus tokenizer/config defines no pad token id (needed for the unconditional CFG row)")
+        self.pad_id = int(pad)
+
+    def _sampling_params(self, eval_mode: bool) -> SamplingParams:
+        r = self.cfg.rollout
+        scale = r.cfg_scale
+        if eval_mode and r.eval_cfg_scale > 0:
+            scale = r.eval_cfg_scale
+        return SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, cfg_scale=scale)
+
+    def _base_lm(self) -> nn.Module:
+        """The Llama model itself (inside the peft wrapper when LoRA is on)."""
+        lm = self.model.model.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    def _setup_trainable(self) -> None:
+        self.model.requires_grad_(False)
+        m = self.cfg.model
+        if m.lora.enabled:
+            from peft import LoraConfig, get_peft_model
+
+            targets = list(m.lora.target_modules) or list(self.default_lora_targets)
+            lora_cfg = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout, target_modules=targets)
+            try:
+                peft_lm = get_peft_model(self.model.model.language_model, lora_cfg)
+            except ValueError as e:
+                raise ValueError(f"model.lora.target_modules={targets}: {e}") from e
+            self.model.model.language_model = peft_lm
+            train_mod: nn.Module = peft_lm
+        else:
+            jm = self.model.model
+            container = nn.ModuleDict({name: getattr(jm, name) for name in self.full_ft_modules})
+            names = [n for n, _ in container.named_parameters()]
+            wanted = list(m.trainable)
+            chosen = [n for n in names if not wanted or any(w in n for w in wanted)]
+            if not chosen:
+                raise ValueError(
+                    f"model.trainable={wanted} matches no parameter of the Janus language model / generation head; "
+                    f"names look like {names[:3]}"
+                )
+            chosen_set = set(chosen)
+            for n, p in container.named_parameters():
+                p.requires_grad_(n in chosen_set)
+            train_mod = container
+        # a plain attribute, not a registered child: the parameters already belong to self.model
+        object.__setattr__(self, "_train_mod", train_mod)
+
+    def trainable_module(self) -> nn.Module:
+        return self._train_mod
+
+    # ---- prompts ---------------------------------------------------------------------------------
+    def format_prompt(self, prompt: str) -> str:
+        """Janus-Pro's text-to-image format (DeepSeek SFT template, empty system prompt, image start tag)."""
+        return f"{USER_ROLE}: {prompt}\n\n{ASSISTANT_ROLE}:{BOI_TOKEN}"
+
+    def encode_prompts(self, prompts: list[str]) -> EncodedPrompts:
+        """Tokenise and left-pad; BOS is prepended explicitly so every tokenizer gives the same layout."""
+        rows = []
+        for p in prompts:
+            ids = self.tokenizer(self.format_prompt(p), add_special_tokens=False)["input_ids"]
+            if not ids or ids[-1] != self.boi_id:
+                raise ValueError(f"prompt {p!r} did not tokenise to end with {BOI_TOKEN} (tokenizer mismatch?)")
+            rows.append([self.bos_id, *ids])
+        P = max(len(r) for r in rows)
+        ids_BP = torch.full((len(rows), P), self.pad_id, dtype=torch.long)
+        valid_BP = torch.zeros(len(rows), P, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids_BP[i, P - len(r):] = torch.tensor(r)
+            valid_BP[i, P - len(r):] = True
+        return EncodedPrompts(ids_BP.to(self.device), valid_BP.to(self.device))
+
+    def uncond_ids(self, ids_BP: torch.Tensor) -> torch.Tensor:
+        """The unconditional prompt: every token except BOS and BOI replaced by pad (Janus' CFG)."""
+        keep = (ids_BP == self.bos_id) | (ids_BP == self.boi_id)
+        return torch.where(keep, ids_BP, torch.full_like(ids_BP, self.pad_id))
+
+    # ---- model pieces shared by rollout and log_prob ---------------------------------------------
+    def _lm_forward(self, embeds: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache=None) -> torch.Tensor:
+        """The transformers forward of the language model with an explicit 4-D mask (which makes it skip
+        its own mask construction). mask None = no padding."""
+        if mask is None:
+            R, L = embeds.shape[:2]
+            past = cache.get_seq_length(0) if cache is not None else 0
+            if L > 1:
+                mask = causal_padding_mask(torch.ones(R, L, dtype=torch.bool, device=embeds.device))
+                if past:
+                    mask = torch.cat([mask.new_ones(R, 1, L, past), mask], -1)
+            else:
+                mask = torch.ones(R, 1, 1, past + 1, dtype=torch.bool, device=embeds.device)
+        out = self.model.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+            past_key_values=cache, use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    def _guided_logits(self, hidden: torch.Tensor, scale: float) -> torch.Tensor:
+        """CFG-combined logits from hidden [R, ..., D] with rows [cond..., uncond...] -> [R/2, ..., V].
+
+        Mixes after proj_out+GELU and before the final linear `vision_head` (exactly equivalent, see the
+        module docstring)."""
+        head = self.model.model.generation_head
+        a = head.activation_fn(head.proj_out(hidden))
+        if scale != 1.0:
+            n = a.shape[0] // 2
+            a = cfg_mix(a[:n], a[n:], scale)
+        return head.vision_head(a)
+
+    def _image_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.prepare_embeddings_for_image_generation(tokens)
+
+    def _text_embeds(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._base_lm().get_input_embeddings()(ids)
+
+    def _cond_uncond(self, x: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        return torch.cat([x, x], 0) if params.uses_cfg else x
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def rollout(
+        self,
+        batch: PromptBatch,
+        group_size: int,
+        generator: torch.Generator,
+        group_id_offset: int = 0,
+        eval_mode: bool = False,
+    ) -> Rollout:
+        """B prompts -> N = B*G samples (prompt-major). `eval_mode` uses rollout.eval_cfg_scale when set;
+        sampling stays stochastic (greedy Janus images degenerate) and reproducible from `generator`."""
+        B, G = len(batch), group_size
+        N = B * G
+        params = self._sampling_params(eval_mode)
+        enc = self.encode_prompts(batch.prompts)
+        ids_NP = enc.ids.repeat_interleave(G, 0)
+        valid_NP = enc.valid.repeat_interleave(G, 0)
+        mb = self.cfg.rollout.micro_batch_size or N
+        tokens, logps, images = [], [], []
+        with torch.inference_mode():
+            for s in range(0, N, mb):
+                out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, generator)
+                tokens.append(out.tokens)
+                logps.append(out.logp)
+                images.append(self.decode_images(out.tokens))
+        # clone outside inference mode: replay tensors are later used in autograd-enabled forwards
+        tokens_NT = torch.cat(tokens).clone()
+        logp_NT = torch.cat(logps).clone()
+        images_N3HW = torch.cat(images).clone()
+        rep = lambda xs: [x for x in xs for _ in range(G)]  # noqa: E731
+        return Rollout(
+            images=images_N3HW,
+            old_logp=logp_NT,
+            mask=torch.ones_like(tokens_NT, dtype=torch.bool),
+            group_ids=group_id_offset + torch.arange(B, device=tokens_NT.device).repeat_interleave(G),
+            prompts=rep(batch.prompts),
+            metadata=[dict(m) for m in rep(batch.metadata)],
+            replay={"prompt_ids": ids_NP.clone(), "prompt_mask": valid_NP.clone(), "image_tokens": tokens_NT,
+                    "sampling": params},
+            source_images=rep(batch.source_images) if batch.source_images is not None else None,
+            dataset_names=rep(batch.dataset_names) if batch.dataset_names is not None else None,
+        )
+
+    def sample_tokens(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor, params: SamplingParams,
+                      generator: torch.Generator):
+        """Draw one image per row of already encoded prompts -> DecodeOutput(tokens [B,T], logp [B,T])."""
+        rows_RP = torch.cat([ids_BP, self.uncond_ids(ids_BP)]) if params.uses_cfg else ids_BP
+        fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
+        return cfg_decode(
+            forward=fast if fast is not None else self._lm_forward,
+            guided_logits=lambda h: self._guided_logits(h, params.cfg_scale),
+            embed=lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params),
+            prompt_embeds_RPD=self._text_embeds(rows_RP),
+            prompt_valid_RP=self._cond_uncond(valid_BP, params),
+            num_tokens=self.num_image_tokens,
+            params=params,
+            generator=generator,
+        )
+
+    def decode_images(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """VQ-decode image tokens -> [B, 3, H, W] float32 in [0, 1] (Janus pixels live in [-1, 1])."""
+        x = self.model.model.vqmodel.decode(tokens_BT)
+        return ((x.float().clamp(-1, 1) + 1) / 2).contiguous()
+
+    # ---- training -------------------------------------------------------------------------------
+    def log_prob(self, rollout: Rollout, units: torch.Tensor, need_kl_terms: bool = False) -> LogProbOutput:
+        rp = rollout.replay
+        params: SamplingParams = rp.get("sampling", self.params)
+        ids_NP = rp["prompt_ids"].to(self.device)
+        valid_NP = rp["prompt_mask"].to(self.device)
+        img_NT = rp["image_tokens"].to(self.device)
+        units_K = torch.as_tensor(units, dtype=torch.long, device=self.device)
+        N, P = ids_NP.shape
+        # inputs: prompt + image tokens that precede the last scored unit; position P-1+t predicts token t
+        t_end = int(units_K.max()) + 1
+        feed_NT = img_NT[:, : t_end - 1]
+        text_RPD = self._text_embeds(torch.cat([ids_NP, self.uncond_ids(ids_NP)]) if params.uses_cfg else ids_NP)
+        img_RTD = self._cond_uncond(self._image_embeds(feed_NT), params)
+        embeds = torch.cat([text_RPD, img_RTD.to(text_RPD.dtype)], 1)
+        valid_RL = self._cond_uncond(torch.cat([valid_NP, valid_NP.new_ones(N, feed_NT.shape[1])], 1), params)
+        with self._checkpointing():
+            h_RLD = self._lm_forward(embeds, causal_padding_mask(valid_RL), positions_from_valid(valid_RL))
+        h_RKD = h_RLD[:, P - 1 + units_K]
+        logits_NKV = sampling_logits(self._guided_logits(h_RKD, params.cfg_scale), params, keep=img_NT[:, units_K])
+        return LogProbOutput(logp=gather_logprobs(logits_NKV, img_NT[:, units_K]))
+
+    @contextlib.contextmanager
+    def _checkpointing(self) -> Iterator[None]:
+        """transformers checkpoints a layer only in train mode; the loop keeps modules in eval mode (no
+        dropout), so flip the flag on the decoder layers alone (their children, e.g. LoRA dropout, stay in
+        eval) while gradients are being recorded."""
+        if not (self.cfg.model.gradient_checkpointing and torch.is_grad_enabled()):
+            yield
+            return
+        layers = [m for m in self._base_lm().modules() if getattr(m, "gradient_checkpointing", False) and m is not self._base_lm()]
+        saved = [m.training for m in layers]
+        for m in layers:
+            m.training = True
+        try:
+            yield
+        finally:
+            for m, s in zip(layers, saved):
+                m.training = s
+
+    # ---- export ---------------------------------------------------------------------------------
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The Janus state dict with LoRA deltas merged into the base weights (adapters untouched)."""
+        if not self.uses_lora():
+            return {k: v.detach() for k, v in self.model.state_dict().items()}
+        from peft.tuners.lora import LoraLayer
+
+        prefix = "model.language_model."
+        base = self._base_lm()
+        lm_sd = {}
+        for k, v in base.state_dict().items():
+            if "lora_" in k:
+                continue
+            lm_sd[k.replace(".base_layer.", ".")] = v.detach()
+        for name, mod in base.named_modules():
+            if isinstance(mod, LoraLayer):
+                w = mod.get_base_layer().weight
+                delta = sum(mod.get_delta_weight(a) for a in mod.active_adapters)
+                lm_sd[f"{name}.weight"] = (w + delta.to(w.dtype)).detach()
+        sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
+        sd.update({prefix + k: v for k, v in lm_sd.items()})
+        return sd
+
+    def save_pretrained(self, path: str) -> None:
+        """Write a plain transformers Janus checkpoint (LoRA merged) + tokenizer, loadable with
+        `JanusForConditionalGeneration.from_pretrained(path)` or `model.path=<path>`."""
+        from transformers import JanusForConditionalGeneration
+
+        sd = self.merged_state_dict()
+        with torch.device("meta"):
+            clean = JanusForConditionalGeneration(copy.deepcopy(self.model.config))
+        clean.load_state_dict(sd, assign=True, strict=True)
+        clean.generation_config = copy.deepcopy(self.model.generation_config)
+        clean.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+def load_janus(path: str, revision: str = "", trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    """A real Janus(-Pro) checkpoint in transformers format (local directory or hub id) + its tokenizer."""
+    from transformers import AutoTokenizer, JanusForConditionalGeneration
+
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    try:
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"model.path='{path}': cannot load a transformers Janus checkpoint ({type(e).__name__}: {e}). "
+            "Use a transformers-format checkpoint, e.g. deepseek-community/Janus-Pro-7B or "
+            "deepseek-community/Janus-Pro-1B (the deepseek-ai/* repos use the original remote code format), "
+            "or a directory written by `imagerl export`/save_pretrained; offline, download it first."
+        ) from e
+    return model.eval(), tokenizer
