@@ -30,11 +30,11 @@ from .base import FlowPolicy, tiny_preset
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     # image_size px; the x2 VAE gives latent = image_size / 2; patch 2 -> (image_size / 4)^2 tokens
     "test": dict(image_size=16, num_layers=2, num_attention_heads=2, attention_head_dim=8, latent_channels=4,
-                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320),
+                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320, vae_out_gain=1.0, vae_groups=4),
     "demo": dict(image_size=32, num_layers=2, num_attention_heads=4, attention_head_dim=8, latent_channels=4,
-                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320),
+                 vae_channels=8, clip_hidden=16, t5_dim=32, max_sequence_length=16, clip_length=16, vocab_size=320, vae_out_gain=3.0, vae_groups=1),
     "bench": dict(image_size=64, num_layers=4, num_attention_heads=4, attention_head_dim=32, latent_channels=4,
-                  vae_channels=16, clip_hidden=32, t5_dim=64, max_sequence_length=32, clip_length=77, vocab_size=512),
+                  vae_channels=16, clip_hidden=32, t5_dim=64, max_sequence_length=32, clip_length=77, vocab_size=512, vae_out_gain=1.0, vae_groups=4),
 }
 
 
@@ -66,9 +66,14 @@ def build_tiny_sd3(size: str = "test", overrides: dict[str, Any] | None = None, 
         vae = AutoencoderKL(
             sample_size=p["image_size"], in_channels=3, out_channels=3, latent_channels=p["latent_channels"],
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(c, c), layers_per_block=1, norm_num_groups=min(4, c),
+            block_out_channels=(c, c), layers_per_block=1, norm_num_groups=p["vae_groups"],
             use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
         )
+        # A random decoder ends in GroupNorm -> SiLU -> conv_out and gives washed-out grey images (pixel std ~0.15);
+        # `vae_out_gain` scales conv_out so decoded pixels span the range as real images do (std ~0.5), which
+        # gives pixel rewards room to move in the CPU demo.
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(p["vae_out_gain"])
         clip_cfg = CLIPTextConfig(
             bos_token_id=1, eos_token_id=2, pad_token_id=0, hidden_size=p["clip_hidden"],
             intermediate_size=2 * p["clip_hidden"], num_attention_heads=2, num_hidden_layers=2,
