@@ -49,6 +49,7 @@ from .sampling import (
     cfg_mix,
     gather_logprobs,
     positions_from_valid,
+    row_uniforms,
     sampling_logits,
 )
 
@@ -402,21 +403,27 @@ class JanusPolicy(Policy):
         eval_mode: bool = False,
     ) -> Rollout:
         """B prompts -> N = B*G samples (prompt-major). `eval_mode` uses rollout.eval_cfg_scale when set;
-        sampling stays stochastic (greedy Janus images degenerate) and reproducible from `generator`."""
+        sampling stays stochastic (greedy Janus images degenerate) and reproducible from `generator`.
+        Each row draws from its own stream (`row_generators`), so rollout.micro_batch_size and the number
+        of processes do not change the samples; each decoded micro-batch is handed to `emit_chunk`."""
         B, G = len(batch), group_size
         N = B * G
         params = self._sampling_params(eval_mode)
         enc = self.encode_prompts(batch.prompts)
         ids_NP = enc.ids.repeat_interleave(G, 0)
         valid_NP = enc.valid.repeat_interleave(G, 0)
+        group_ids_N = group_id_offset + torch.arange(B).repeat_interleave(G)
+        # one random stream per row (keyed by global group id): samples do not depend on batching
+        u_NT = row_uniforms(self.row_generators(generator, group_ids_N, G), self.num_image_tokens, self.device)
         mb = self.cfg.rollout.micro_batch_size or N
         tokens, logps, images = [], [], []
         with torch.inference_mode():
             for s in range(0, N, mb):
-                out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, generator)
+                out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, u_NT[s:s + mb])
                 tokens.append(out.tokens)
                 logps.append(out.logp)
                 images.append(self.decode_images(out.tokens))
+                self.emit_chunk(s, s + out.tokens.shape[0], images[-1])
         # clone outside inference mode: replay tensors are later used in autograd-enabled forwards
         tokens_NT = torch.cat(tokens).clone()
         logp_NT = torch.cat(logps).clone()
@@ -426,7 +433,7 @@ class JanusPolicy(Policy):
             images=images_N3HW,
             old_logp=logp_NT,
             mask=torch.ones_like(tokens_NT, dtype=torch.bool),
-            group_ids=group_id_offset + torch.arange(B, device=tokens_NT.device).repeat_interleave(G),
+            group_ids=group_ids_N,
             prompts=rep(batch.prompts),
             metadata=[dict(m) for m in rep(batch.metadata)],
             replay={"prompt_ids": ids_NP.clone(), "prompt_mask": valid_NP.clone(), "image_tokens": tokens_NT,
@@ -436,8 +443,12 @@ class JanusPolicy(Policy):
         )
 
     def sample_tokens(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor, params: SamplingParams,
-                      generator: torch.Generator):
-        """Draw one image per row of already encoded prompts -> DecodeOutput(tokens [B,T], logp [B,T])."""
+                      noise: torch.Tensor | torch.Generator):
+        """Draw one image per row of already encoded prompts -> DecodeOutput(tokens [B,T], logp [B,T]).
+        `noise`: [B, T] uniforms in [0, 1) (one per token), or a generator to draw them from."""
+        if isinstance(noise, torch.Generator):
+            noise = torch.rand(ids_BP.shape[0], self.num_image_tokens, generator=noise, dtype=torch.float64,
+                               device=noise.device)
         rows_RP = torch.cat([ids_BP, self.uncond_ids(ids_BP)]) if params.uses_cfg else ids_BP
         fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
         return cfg_decode(
@@ -446,9 +457,8 @@ class JanusPolicy(Policy):
             embed=lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params),
             prompt_embeds_RPD=self._text_embeds(rows_RP),
             prompt_valid_RP=self._cond_uncond(valid_BP, params),
-            num_tokens=self.num_image_tokens,
+            uniforms_BT=noise,
             params=params,
-            generator=generator,
         )
 
     def decode_images(self, tokens_BT: torch.Tensor) -> torch.Tensor:

@@ -116,29 +116,26 @@ class TokenDraw:
     logp: torch.Tensor  # [B] fp32, log-prob under the distribution it was drawn from
 
 
-def draw_tokens(logits_BV: torch.Tensor, generator: torch.Generator) -> TokenDraw:
-    """Sample one token per row from softmax(logits) (already temperature-scaled and filtered).
+def draw_tokens(logits_BV: torch.Tensor, u_B: torch.Tensor) -> TokenDraw:
+    """Sample one token per row from softmax(logits) (already temperature-scaled and filtered), given one
+    uniform number in [0, 1) per row.
 
-    Inverse-CDF sampling with one uniform per row (fp64 cumulative sums): exact, and much cheaper than
-    `torch.multinomial`, which draws an exponential variate for every vocabulary entry. A token of
-    probability 0 (filtered out) is never chosen: its CDF step is empty."""
+    Inverse-CDF sampling (fp64 cumulative sums): exact, much cheaper than `torch.multinomial` (which
+    draws an exponential variate per vocabulary entry), and driven by exactly one uniform per token, so
+    the uniforms can be drawn per row up front and a sample does not depend on how rows are batched.
+    A token of probability 0 (filtered out) is never chosen: its CDF step is empty."""
     logp_BV = logits_BV.float().log_softmax(-1)
     cdf_BV = logp_BV.exp().double().cumsum(-1)
-    u_B1 = torch.rand(cdf_BV.shape[0], 1, generator=generator, device=cdf_BV.device, dtype=torch.float64)
+    u_B1 = u_B.to(device=cdf_BV.device, dtype=torch.float64).reshape(-1, 1)
     tokens_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)
     tokens_B = tokens_B.clamp_max(cdf_BV.shape[-1] - 1)  # u * total rounding up to total (never seen)
     return TokenDraw(tokens_B, logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1))
 
 
-def device_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """A generator on `device`: the given one if it already lives there, else one seeded from it.
-
-    Seeding from the caller's generator keeps the rollout reproducible from one seed while the
-    per-step random draws stay on the accelerator (no host round trip per token)."""
-    if generator.device.type == torch.device(device).type:
-        return generator
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    return torch.Generator(device=device).manual_seed(seed)
+def row_uniforms(generators: list[torch.Generator], num_tokens: int, device: torch.device | str) -> torch.Tensor:
+    """[N, T] fp64 uniforms, row i drawn from generators[i] (one random stream per sample row)."""
+    rows = [torch.rand(num_tokens, generator=g, dtype=torch.float64, device=g.device) for g in generators]
+    return torch.stack(rows).to(device) if rows else torch.empty(0, num_tokens, dtype=torch.float64, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,21 +218,23 @@ def cfg_decode(
     embed: EmbedFn,
     prompt_embeds_RPD: torch.Tensor,
     prompt_valid_RP: torch.Tensor,
-    num_tokens: int,
+    uniforms_BT: torch.Tensor,
     params: SamplingParams,
-    generator: torch.Generator,
 ) -> DecodeOutput:
     """Sample `num_tokens` tokens for B rows with a KV cache; conditional and unconditional rows (when
     CFG is on) run in one batched forward, R = 2B rows ordered [cond..., uncond...].
 
     The prompt is prefilled once; each step then feeds one token per row. Masks and positions are
     computed once and sliced, so the per-step work is the model forward, the head, and the draw.
+    Token t of row b is drawn by inverse CDF with uniforms_BT[b, t] (see `draw_tokens`).
     """
     R, P, _ = prompt_embeds_RPD.shape
     B = R // 2 if params.uses_cfg else R
     device = prompt_embeds_RPD.device
-    T = num_tokens
-    gen = device_generator(generator, device)
+    T = uniforms_BT.shape[1]
+    if uniforms_BT.shape[0] != B:
+        raise ValueError(f"cfg_decode: {uniforms_BT.shape[0]} rows of uniforms for {B} samples")
+    u_BT = uniforms_BT.to(device)
 
     valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
     padded = not bool(valid_RP.all())
@@ -252,7 +251,7 @@ def cfg_decode(
     tokens_BT = torch.empty(B, T, dtype=torch.long, device=device)
     logp_BT = torch.empty(B, T, dtype=torch.float32, device=device)
     for t in range(T):
-        draw = draw_tokens(sampling_logits(guided_logits(hidden_RD), params), gen)
+        draw = draw_tokens(sampling_logits(guided_logits(hidden_RD), params), u_BT[:, t])
         tokens_BT[:, t] = draw.tokens
         logp_BT[:, t] = draw.logp
         if t == T - 1:
