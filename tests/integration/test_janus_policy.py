@@ -245,7 +245,7 @@ def test_trainable_substrings_and_bad_config_errors():
 
 
 def test_image_size_and_palette_decoder():
-    pol = make("model.image_size=32")
+    pol = make("model.tiny_overrides.image_size=32", "model.image_size=384")  # tiny ignores the real 384
     assert pol.grid == 8 and pol.num_image_tokens == 64
     ro = roll(pol, G=2, prompts=["red"])
     assert ro.images.shape[-2:] == (32, 32)

@@ -237,8 +237,9 @@ class JanusPolicy(Policy):
         super().__init__(cfg, device)
         m = cfg.model
         if m.tiny:
-            model, tokenizer = build_tiny_janus(m.tiny_size, {**({"image_size": m.image_size} if m.image_size else {}),
-                                                              **dict(m.tiny_overrides)})
+            # tiny presets keep their own resolution (model.image_size describes the real checkpoint, e.g. 384
+            # in a recipe); model.tiny_overrides.image_size changes it
+            model, tokenizer = build_tiny_janus(m.tiny_size, dict(m.tiny_overrides))
         else:
             model, tokenizer = load_janus(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code,
                                           dtype=resolve_dtype(m.dtype))
@@ -258,7 +259,7 @@ class JanusPolicy(Policy):
         self.params = self._sampling_params(eval_mode=False)
         self._setup_trainable()
         if m.gradient_checkpointing:
-            self._base_lm().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._base_lm().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     # ---- construction helpers -------------------------------------------------------------------
     def _resolve_special_ids(self) -> None:
