@@ -158,7 +158,9 @@ class GRPOTrainer:
         batch, rweights = self.sampler.next_batch(B)
         local, lw, first = slice_for_rank(batch, rweights, self.dist.rank, self.dist.world)
         per_sample = [w for w in lw for _ in range(G)]
-        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, ROLLOUT)
+        # Rank-independent on purpose: adapters derive one random stream per sample row from it and the row's
+        # global group id (Policy.row_generators), so K processes draw exactly the samples one process would.
+        gen = seeded_generator(cfg.run.seed, step, 0, ROLLOUT)
         chunker = None
         if cfg.scoring.overlap:
             chunker = ChunkScorer(self.scorer, local.prompts, local.metadata, G, per_sample, local.source_images)
