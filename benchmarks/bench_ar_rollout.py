@@ -7,7 +7,7 @@ reported on its own). Also measured in the same run: the machine's fp32 matmul p
 matmul), and the FLOP/s our sampler achieves with the model FLOPs counted analytically, as a fraction
 of that peak.
 
-    python benchmarks/bench_ar_rollout.py --threads 2
+    python benchmarks/bench_ar_rollout.py --threads 2 --batch 1,8
 
 Variants timed:
   imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder (what rollout() uses)
@@ -59,10 +59,10 @@ def model_flops_per_image(pol, prompt_len: int, cfg_rows: int) -> float:
     return total
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8, help="images per call (CFG doubles the rows)")
+    ap.add_argument("--batch", type=str, default="8", help="images per call (CFG doubles the rows); a comma list sweeps")
     ap.add_argument("--cfg-scale", type=float, default=5.0)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -75,8 +75,6 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    from transformers import GenerationConfig
-
     from imagerl.config import load_config
     from imagerl.policies.ar.janus import JanusPolicy
 
@@ -85,9 +83,21 @@ def main() -> None:
         f"rollout.temperature={args.temperature}", f"rollout.top_k={args.top_k}", f"rollout.top_p={args.top_p}",
     ])
     pol = JanusPolicy(cfg, torch.device("cpu"))
+    peak = matmul_peak(args.peak_n, 5)
+    print(f"fp32 matmul peak ({args.peak_n}^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    speedups = []
+    for b in [int(x) for x in args.batch.split(",")]:
+        speedups.append(run_batch(args, pol, b, peak))
+    print(f"RESULT speedup={','.join(f'{x:.2f}' for x in speedups)}")
+    return 0
+
+
+def run_batch(args, pol, batch: int, peak: float) -> float:
+    from transformers import GenerationConfig
+
     # one prompt repeated: transformers' generate counts pad slots as positions, so equal lengths keep
     # the two samplers on the same computation
-    enc = pol.encode_prompts(["a red square on the left of a blue circle"] * args.batch)
+    enc = pol.encode_prompts(["a red square on the left of a blue circle"] * batch)
     P, T = enc.ids.shape[1], pol.num_image_tokens
     gen = torch.Generator().manual_seed(0)
     gc = GenerationConfig(
@@ -120,7 +130,7 @@ def main() -> None:
     for name, f in variants.items():
         for _ in range(args.warmup):
             out = f()
-            assert out.shape == (args.batch, T), (name, out.shape)
+            assert out.shape == (batch, T), (name, out.shape)
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all variants alike
         for name, f in variants.items():
             t, c = time.perf_counter(), time.process_time()
@@ -132,16 +142,15 @@ def main() -> None:
         t = time.perf_counter()
         pol.decode_images(tok)
         vq_s = time.perf_counter() - t
-    peak = matmul_peak(args.peak_n, 5)
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: args.batch * T / v for k, v in med.items()}
+    tps = {k: batch * T / v for k, v in med.items()}
     rows = 2 if args.cfg_scale != 1 else 1
-    flops = args.batch * model_flops_per_image(pol, P, rows)
+    flops = batch * model_flops_per_image(pol, P, rows)
     n_params = sum(p.numel() for p in pol._base_lm().parameters())
     print(f"# Janus rollout benchmark ({args.size} preset: {pol.grid}x{pol.grid} = {T} image tokens, "
           f"LM {n_params / 1e6:.2f} M params, prompt {P} tokens)")
-    print(f"# torch {torch.__version__}, threads {args.threads}, batch {args.batch} images (x{rows} CFG rows), "
+    print(f"# torch {torch.__version__}, threads {args.threads}, batch {batch} images (x{rows} CFG rows), "
           f"cfg {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
           f"repeats {args.repeats} (median), cpu {os.cpu_count()} cores")
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
@@ -151,15 +160,14 @@ def main() -> None:
     for k in variants:
         print(f"| {k} | {med[k]:.3f} | {tps[k]:.0f} | {tps[k] / tps['transformers']:.2f}x | "
               f"{min(times[k]):.3f} | {max(times[k]):.3f} | {cmed[k]:.3f} | {cmed['transformers'] / cmed[k]:.2f}x |")
-    print()
-    print(f"fp32 matmul peak ({args.peak_n}^3): {peak / 1e9:.1f} GFLOP/s")
     ach = flops / med["imagerl"]
     print(f"imagerl sampler: {flops / 1e9:.2f} GFLOP per batch (analytic), {ach / 1e9:.2f} GFLOP/s = "
           f"{100 * ach / peak:.1f}% of the matmul peak")
     print(f"transformers generate: {flops / med['transformers'] / 1e9:.2f} GFLOP/s = "
           f"{100 * flops / med['transformers'] / peak:.1f}% of the matmul peak")
     print(f"VQ decode of the batch (not in the timings above): {vq_s:.3f} s")
-    print(f"RESULT speedup={tps['imagerl'] / tps['transformers']:.2f}")
+    print()
+    return tps["imagerl"] / tps["transformers"]
 
 
 if __name__ == "__main__":

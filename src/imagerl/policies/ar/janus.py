@@ -65,15 +65,19 @@ TINY_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: 4x4 tokens, 16 px, ~60k parameters
     "test": dict(grid=4, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                  text_vocab_size=320, codebook_size=32, vq_embed_dim=8, vq_channels=32,
-                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
-    # built-in demo: 8x8 tokens, 32 px; learns a colour/position rule on 2 CPU cores
+                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0,
+                 init_std=0.02),
+    # built-in demo: 8x8 tokens, 32 px; learns a colour/position rule on 2 CPU cores. init_std 0.1 (not the
+    # 0.02 of large models): at hidden 64 the 0.02 init gives near-zero logits that GRPO moves too slowly
     "demo": dict(grid=8, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=4,
                  text_vocab_size=512, codebook_size=64, vq_embed_dim=8, vq_channels=32,
-                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
+                 vq_channel_multiplier=[1, 1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0,
+                 init_std=0.1),
     # benchmark: 16x16 = 256 tokens, 4 layers of hidden 256 (head dim 64), 1024 codes
     "bench": dict(grid=16, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=4,
                   text_vocab_size=512, codebook_size=1024, vq_embed_dim=8, vq_channels=32,
-                  vq_channel_multiplier=[1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0),
+                  vq_channel_multiplier=[1, 1], vq_res_blocks=1, vision_hidden_size=32, palette_decoder=True, seed=0,
+                  init_std=0.02),
 }
 _EXTRA_OVERRIDES = ("image_size",)
 
@@ -137,6 +141,7 @@ def build_tiny_janus(size: str = "test", overrides: dict[str, Any] | None = None
         num_hidden_layers=int(spec["num_layers"]), num_attention_heads=int(spec["num_heads"]),
         num_key_value_heads=int(spec["num_kv_heads"]), max_position_embeddings=max(1024, 2 * grid * grid + 256),
         pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"], tie_word_embeddings=False,
+        initializer_range=float(spec["init_std"]),
     )
     vision_config = JanusVisionConfig(
         hidden_size=int(spec["vision_hidden_size"]), num_hidden_layers=1, num_attention_heads=2,
@@ -150,7 +155,7 @@ def build_tiny_janus(size: str = "test", overrides: dict[str, Any] | None = None
     )
     config = JanusConfig(
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), vq_config=vq_config.to_dict(),
-        image_token_id=ids["<image>"],
+        image_token_id=ids["<image>"], initializer_range=float(spec["init_std"]),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(spec["seed"]))
@@ -172,8 +177,9 @@ def paint_palette_decoder(vq: nn.Module, gain: float = 1000.0) -> None:
     identity conv kernels), the codebook is one-hot over 8 colour channels, and the output GroupNorm (one
     channel per group, i.e. a per-channel spatial normalisation) is followed by a large gain so that a
     colour present at a pixel is strongly positive there and near -inf elsewhere; `conv_out` then maps
-    channel k to PALETTE[k] in [-1, 1]. Known quirk: an image made of one single colour renders black
-    (the spatial normalisation removes a constant channel). Needs channel_multiplier all 1."""
+    channel k to PALETTE[k] in [-1, 1]. A per-channel spatial normalisation would render a single-colour
+    image black (a constant channel normalises to 0); a 1e-3 neighbourhood term in `conv_in` keeps such an
+    image coloured except for a dark one-token frame. Needs channel_multiplier all 1."""
     cfg = vq.config
     if any(m != 1 for m in cfg.channel_multiplier) or cfg.latent_channels != cfg.base_channels:
         raise ValueError("paint_palette_decoder needs vq channel_multiplier all 1 and latent_channels == base_channels")
@@ -194,6 +200,11 @@ def paint_palette_decoder(vq: nn.Module, gain: float = 1000.0) -> None:
     vq.quantize.embedding.weight[torch.arange(K), code_colour] = 1.0
     identity_conv(vq.post_quant_conv)
     identity_conv(dec.conv_in)
+    # A tiny same-colour neighbourhood term: zero padding makes border tokens differ by O(eps), so a channel
+    # is never spatially constant and a single-colour image keeps its colour (inside a one-token dark frame)
+    # instead of being normalised away to black by norm_out.
+    n = len(PALETTE)
+    dec.conv_in.weight[torch.arange(n), torch.arange(n)] += 1e-3
     for m in dec.modules():
         if type(m).__name__ == "JanusVQVAEResnetBlock":
             m.conv2.weight.zero_()
