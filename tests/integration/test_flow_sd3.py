@@ -189,8 +189,9 @@ def test_eval_mode_is_deterministic_ode():
     assert torch.equal(a.images, b.images)
     assert pol.unit_chunks(a, gen()) == []
     # ODE: the image is a function of the initial noise only (no noise is drawn after it)
-    g = gen(7)
-    x0 = torch.randn((4, *pol.latent_shape()), generator=g)
+    # each row's start noise is the first draw of its own stream (Policy.row_generators)
+    rows = pol.row_generators(gen(7), a.group_ids.cpu(), 2)
+    x0 = torch.stack([torch.randn(pol.latent_shape(), generator=g) for g in rows])
     torch.testing.assert_close(a.replay["latents"][:, 0], x0)
 
 

@@ -231,17 +231,28 @@ class FlowPolicy(Policy):
         step_fn = sde_math.get_step_fn(kind)
 
         shape = self.latent_shape()
+        # One random stream per sample row, keyed by its global group id: samples do not depend on the
+        # micro-batch size or on how many processes share the batch (multi-process == single-process).
+        group_ids_N = group_id_offset + torch.arange(N) // G
+        row_gens = self.row_generators(generator, group_ids_N, G)
+
+        def row_noise() -> torch.Tensor:
+            return torch.stack([torch.randn(shape, generator=g) for g in row_gens]).to(self.device)
+
         if ro.shared_noise:
-            x = self._randn((B, *shape), generator).repeat_interleave(G, 0)
+            x = torch.stack([torch.randn(shape, generator=row_gens[b * G]) for b in range(B)]).to(self.device)
+            x = x.repeat_interleave(G, 0)
+            for g in row_gens:  # keep every row's stream aligned whether or not the start noise is shared
+                torch.randn(shape, generator=g)
         else:
-            x = self._randn((N, *shape), generator)
+            x = row_noise()
         lat = torch.empty((N, num_steps + 1, *shape), dtype=torch.float32, device=self.device)
         lat[:, 0] = x
         logp_NT = torch.zeros((N, num_steps), dtype=torch.float32, device=self.device)
         mb = ro.micro_batch_size or N
         for i in range(num_steps):
             s, s_n, lvl = float(sigmas_T1[i]), float(sigmas_T1[i + 1]), float(level_T[i])
-            noise = self._randn((N, *shape), generator) if stochastic_T[i] else None
+            noise = row_noise() if stochastic_T[i] else None
             fn = step_fn if stochastic_T[i] else sde_math.ode_step
             for a in range(0, N, mb):
                 rows = slice(a, min(a + mb, N))
@@ -261,7 +272,7 @@ class FlowPolicy(Policy):
             images=images,
             old_logp=logp_NT,
             mask=stochastic_T.to(self.device).unsqueeze(0).expand(N, -1).clone(),
-            group_ids=group_id_offset + torch.arange(N, device=self.device) // G,
+            group_ids=group_ids_N.to(self.device),
             prompts=rep(batch.prompts),
             metadata=rep(batch.metadata),
             source_images=rep(batch.source_images) if batch.source_images is not None else None,
