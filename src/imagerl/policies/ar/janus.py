@@ -390,11 +390,15 @@ class JanusPolicy(Policy):
         Mixes after proj_out+GELU and before the final linear `vision_head` (exactly equivalent, see the
         module docstring)."""
         head = self.model.model.generation_head
-        a = head.activation_fn(head.proj_out(hidden))
+        # the mix and the vocabulary projection run in fp32 even under bf16 autocast: the guidance scale
+        # amplifies rounding of (cond - uncond), and sampling/scoring should see the same logits
+        a = head.activation_fn(head.proj_out(hidden)).float()
         if scale != 1.0:
             n = a.shape[0] // 2
             a = cfg_mix(a[:n], a[n:], scale)
-        return head.vision_head(a)
+        w, b = head.vision_head.weight, head.vision_head.bias
+        with torch.autocast(a.device.type, enabled=False):
+            return torch.nn.functional.linear(a, w.float(), None if b is None else b.float())
 
     def _image_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.prepare_embeddings_for_image_generation(tokens)
