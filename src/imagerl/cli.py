@@ -41,7 +41,7 @@ def cmd_train(args: list[str]) -> int:
 
     try:
         result = train(cfg)
-    except (DataError, TrainingError, ValueError, FileNotFoundError) as e:
+    except (DataError, TrainingError, ValueError, OSError) as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.get("paths") or {}

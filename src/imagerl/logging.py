@@ -503,7 +503,7 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str
     ax.set_title(title or "reward", fontsize=11)
 
     if ax2 is not None:
-        lines, labels = [], []
+        lines = []
         lx, ly = series("loss")
         if lx:
             lines += ax2.plot(lx, ly, color="C3", linewidth=1.2, label="loss")

@@ -67,6 +67,24 @@ from ..base import Policy
 from . import sde as sde_math
 
 
+
+def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: str = "", layout: str = "",
+                  example: str = "") -> Any:
+    """`pipeline_cls.from_pretrained(path)` with the error every family gives: it names model.path, the
+    directory layout diffusers expects and an example hub id (downloaded beforehand: HF_HUB_OFFLINE is honoured)."""
+    kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if revision:
+        kwargs["revision"] = revision
+    try:
+        return pipeline_cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise OSError(
+            f"model.path='{path}': could not load a {pipeline_cls.__name__} ({e}). Give a local diffusers directory "
+            f"({layout or 'model_index.json and one folder per component'}) or a hub id such as {example} "
+            "(downloaded beforehand: HF_HUB_OFFLINE is honoured), or set model.tiny=true"
+        ) from e
+
+
 class FlowPolicy(Policy):
     """Base class of flow-matching policy adapters; subclasses implement the hooks in the module docstring."""
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..base import resolve_dtype
 from . import sde as sde_math
-from .base import FlowPolicy, tiny_preset
+from .base import FlowPolicy, load_pipeline, tiny_preset
 
 # Scheduler config of FLUX.1-dev (scheduler/scheduler_config.json); used for tiny builds and as a fallback.
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -162,17 +162,9 @@ def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, revision: str = ""
     """Load FLUX.1 from a local directory or hub id with `FluxPipeline.from_pretrained` and take its parts."""
     from diffusers import FluxPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if revision:
-        kwargs["revision"] = revision
-    try:
-        pipe = FluxPipeline.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise OSError(
-            f"model.path='{path}': could not load a FLUX pipeline ({e}). Give a local diffusers directory "
-            "(model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer*/) or a hub id such as "
-            "black-forest-labs/FLUX.1-dev (downloaded beforehand: HF_HUB_OFFLINE is honoured)"
-        ) from e
+    pipe = load_pipeline(FluxPipeline, path, dtype, revision,
+                         "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer*/",
+                         "black-forest-labs/FLUX.1-dev")
     sched = {k: pipe.scheduler.config.get(k, v) for k, v in FLUX_SCHEDULER_CONFIG.items()}
     # schnell was distilled for 256 T5 tokens, dev for 512
     max_len = 256 if not pipe.transformer.config.guidance_embeds else DEFAULT_MAX_SEQUENCE_LENGTH

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..base import resolve_dtype
 from . import sde as sde_math
-from .base import FlowPolicy, tiny_preset
+from .base import FlowPolicy, load_pipeline, tiny_preset
 from .flux import (
     check_image_size,
     flux_schedule_kwargs,
@@ -175,17 +175,8 @@ def load_qwen_image(path: str, dtype: torch.dtype = torch.bfloat16, revision: st
     """Load Qwen-Image from a local directory or hub id with `QwenImagePipeline.from_pretrained`."""
     from diffusers import QwenImagePipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if revision:
-        kwargs["revision"] = revision
-    try:
-        pipe = QwenImagePipeline.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise OSError(
-            f"model.path='{path}': could not load a Qwen-Image pipeline ({e}). Give a local diffusers directory "
-            "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/) or the hub id Qwen/Qwen-Image "
-            "(downloaded beforehand: HF_HUB_OFFLINE is honoured)"
-        ) from e
+    pipe = load_pipeline(QwenImagePipeline, path, dtype, revision,
+                         "model_index.json, transformer/, vae/, text_encoder/, tokenizer/", "Qwen/Qwen-Image")
     sched = {k: pipe.scheduler.config.get(k, v) for k, v in QWEN_IMAGE_SCHEDULER_CONFIG.items()}
     return QwenImageComponents(
         transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,

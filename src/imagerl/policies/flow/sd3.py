@@ -25,7 +25,7 @@ import torch
 
 from ...config import Config
 from ..base import resolve_dtype
-from .base import FlowPolicy, tiny_preset
+from .base import FlowPolicy, load_pipeline, tiny_preset
 
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     # image_size px; the x2 VAE gives latent = image_size / 2; patch 2 -> (image_size / 4)^2 tokens
@@ -117,15 +117,9 @@ class SD3Policy(FlowPolicy):
             self.image_size = mcfg.image_size or built["image_size"]
             self.max_sequence_length = built["max_sequence_length"]
         else:
-            kw: dict[str, Any] = {"torch_dtype": self.weight_dtype}
-            if mcfg.revision:
-                kw["revision"] = mcfg.revision
-            try:
-                pipe = StableDiffusion3Pipeline.from_pretrained(mcfg.path, **kw)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"model.path='{mcfg.path}': cannot load a StableDiffusion3Pipeline ({e}). Give a "
-                                 "local diffusers directory or hub id (e.g. stabilityai/stable-diffusion-3.5-medium), "
-                                 "or set model.tiny=true") from e
+            pipe = load_pipeline(StableDiffusion3Pipeline, mcfg.path, self.weight_dtype, mcfg.revision,
+                                 "model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/",
+                                 "stabilityai/stable-diffusion-3.5-medium")
         pipe.set_progress_bar_config(disable=True)
         self.transformer = pipe.transformer
         self.vae = pipe.vae
