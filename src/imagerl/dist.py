@@ -20,6 +20,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    comm_device: str = "cpu"  # where collective buffers must live: cuda for nccl, cpu for gloo
 
     @property
     def is_main(self) -> bool:
@@ -42,22 +43,33 @@ def init(backend: str = "auto", device: torch.device | None = None) -> DistInfo:
         if device is not None and device.type == "cuda":
             torch.cuda.set_device(local)
         tdist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world=world, local_rank=local)
+    comm = f"cuda:{local}" if tdist.get_backend() == "nccl" else "cpu"
+    return DistInfo(rank=rank, world=world, local_rank=local, comm_device=comm)
 
 
 def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Concatenate equally shaped tensors of every rank along dim 0 (rank order)."""
     if not info.enabled:
         return x
-    parts = [torch.empty_like(x) for _ in range(info.world)]
-    tdist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, 0)
+    src = x.contiguous().to(info.comm_device)
+    parts = [torch.empty_like(src) for _ in range(info.world)]
+    tdist.all_gather(parts, src)
+    return torch.cat(parts, 0).to(x.device)
 
 
 def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
-        x = x.clone()
-        tdist.all_reduce(x, op=tdist.ReduceOp.SUM)
+        y = x.detach().clone().to(info.comm_device)
+        tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+        x = y.to(x.device)
+    return x
+
+
+def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        y = x.detach().clone().to(info.comm_device)
+        tdist.all_reduce(y, op=tdist.ReduceOp.MAX)
+        x = y.to(x.device)
     return x
 
 
@@ -82,7 +94,7 @@ def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(info.comm_device)
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
     off = 0
     for g in grads:

@@ -95,5 +95,5 @@ def test_two_processes_equal_one(tmp_path):
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for k in ("reward/mean", "reward/std", "loss/policy", "grad_norm", "ratio/mean"):
+        for k in ("reward/mean", "reward/std", "loss/policy", "loss", "grad_norm", "ratio/mean", "ratio/max", "ratio/min", "clip_frac"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k

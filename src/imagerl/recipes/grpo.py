@@ -225,10 +225,10 @@ class GRPOTrainer:
                 sub = ro.select(idx)
                 chunks = self.policy.unit_chunks(sub, gen)
                 for units in chunks:
-                    sel[idx.unsqueeze(1), units.unsqueeze(0)] = True
+                    sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
                 plan.append((idx, sub, chunks))
             eff = sel & ro.mask
-            valid = adv.valid
+            valid = adv.valid.to(eff.device)
             tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
             tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
             w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
@@ -236,10 +236,12 @@ class GRPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0}
             rmax, rmin = -math.inf, math.inf
+            adv_dev = adv.adv.to(eff.device)
             for idx, sub, chunks in plan:
-                adv_n = adv.adv[idx]
+                idx_d = idx.to(eff.device)
+                adv_n = adv_dev[idx_d]
                 for units in chunks:
-                    w = w_NT[idx][:, units]
+                    w = w_NT[idx_d][:, units.to(eff.device)]
                     if float(w.sum()) == 0.0:
                         continue
                     with self.autocast():
@@ -274,6 +276,12 @@ class GRPOTrainer:
                 raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
             self.optimizer.step()
             self.scheduler.step()
+            # Logged numbers describe the global batch, so K processes log what one process would.
+            keys = sorted(acc)
+            tot = dist.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64), self.dist)
+            acc = dict(zip(keys, tot.tolist()))
+            ext = dist.all_reduce_max(torch.tensor([rmax, -rmin, first_dev], dtype=torch.float64), self.dist).tolist()
+            rmax, rmin, first_dev = ext[0], -ext[1], ext[2]
             cnt = max(acc["cnt"], 1.0)
             stats["loss/policy"].append(acc["pg"])
             stats["loss/kl"].append(acc["kl"])
