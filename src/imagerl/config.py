@@ -23,9 +23,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_CONFIG = "demo.yaml"
-# Recipes live in the repository's configs/ (editable installs) and are copied into the wheel as
-# imagerl/configs (see pyproject); both are searched so `imagerl train demo` works either way.
-CONFIG_DIRS = (PACKAGE_DIR.parent.parent / "configs", PACKAGE_DIR / "configs")
+# Recipes ship inside the package (src/imagerl/configs, package data of the wheel); the repository's configs/
+# is a link to that folder, so `imagerl train configs/demo.yaml` and `imagerl train demo` both work, installed
+# editable or not.
+CONFIG_DIRS = (PACKAGE_DIR / "configs",)
 
 
 class ConfigError(ValueError):
