@@ -38,10 +38,11 @@ def cmd_train(args: list[str]) -> int:
     cfg = _load(args)
     from .data.prompts import DataError
     from .recipes.grpo import TrainingError, train
+    from .rewards.base import RewardError
 
     try:
         result = train(cfg)
-    except (DataError, TrainingError, ValueError, OSError) as e:
+    except (DataError, TrainingError, RewardError, ValueError, OSError) as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.get("paths") or {}

@@ -50,7 +50,11 @@ class Reward:
         """Release servers, sessions or models."""
 
 
-class NaNRewardError(RuntimeError):
+class RewardError(RuntimeError):
+    """A reward cannot work as configured (server down, wrong key, scorer bug): stop with the fix."""
+
+
+class NaNRewardError(RewardError):
     pass
 
 

@@ -38,6 +38,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
 import httpx
 
+from .base import RewardError
 from .judges.backend import ChatResult, JudgeError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ T = TypeVar("T")
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(RewardError):
     """No configured server answered the start-up health check, or it does not serve the model.
 
     Deliberately not a `JudgeError`: judges turn JudgeErrors into abstains, but a judge that was never

@@ -28,12 +28,12 @@ import httpx
 import torch
 
 from ..types import RewardInput, RewardOutput
-from .base import Reward, run_sync
+from .base import RewardError, Reward, run_sync
 from .http_client import BackgroundLoop, HTTPPool, normalize_base_urls, read_api_key
 from .judges.backend import JudgeError
 
 
-class RewardServerDownError(RuntimeError):
+class RewardServerDownError(RewardError):
     """No reward server answered the start-up health check."""
 
 
