@@ -72,10 +72,12 @@ def test_all_abstain_is_a_clear_error(tmp_path):
 
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
-                            "algorithm.kl_estimator=k3", "checkpoint.every=0"))
+                            "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2"))
     t.train()
     m = metrics(tmp_path)
     assert m[1]["kl"] > 0  # the policy moved away from the frozen reference after the first update
+    assert "eval/reward/mean" in m[1] and "eval/reward/mean" not in m[0]  # deterministic eval every 2 steps
+    assert 0 <= m[1]["eval/reward/mean"] <= 1
     assert all(abs(r["ratio/first_epoch_max_dev"]) < 1e-5 for r in m)
 
 
