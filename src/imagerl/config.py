@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -290,24 +290,6 @@ def _valid_keys(node: Any) -> list[str]:
     return []
 
 
-def _schema_at(path: list[str]) -> Any:
-    """The dataclass (instance) at a dotted path of the schema, skipping list indices."""
-    node: Any = Config()
-    for part in path:
-        if isinstance(node, list):
-            node = node[0] if node else None
-            if part.isdigit():
-                continue
-        if not dataclasses.is_dataclass(node):
-            return None
-        if part.isdigit():
-            continue
-        node = getattr(node, part, None)
-    if isinstance(node, list):
-        node = node[0] if node else None
-    return node
-
-
 def _check_keys(data: Any, path: list[str], schema: Any) -> None:
     """Walk user data against the schema; fail on the first unknown key with the closest valid name."""
     if isinstance(schema, list):
@@ -338,14 +320,18 @@ def _check_keys(data: Any, path: list[str], schema: Any) -> None:
             _check_keys(v, path + [str(k)], sub)
 
 
+# Sections that are lists of entries, and the schema of one entry.
+_LIST_SECTIONS = {
+    "rewards": RewardSpec,
+    "data.datasets": DatasetConfig,
+    "data.eval_datasets": DatasetConfig,
+    "data.sft_datasets": DatasetConfig,
+}
+
+
 def _list_elem_default(path: list[str]) -> Any:
-    key = ".".join(p for p in path if not p.isdigit())
-    return {
-        "rewards": RewardSpec(),
-        "data.datasets": DatasetConfig(),
-        "data.eval_datasets": DatasetConfig(),
-        "data.sft_datasets": DatasetConfig(),
-    }.get(key)
+    cls = _LIST_SECTIONS.get(".".join(p for p in path if not p.isdigit()))
+    return cls() if cls else None
 
 
 def _parse_overrides(overrides: list[str]) -> Any:
@@ -380,10 +366,8 @@ def _merge_user(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _listify_indexed(data: Any, path: list[str]) -> Any:
     """`rewards.0.weight=2` arrives as {'rewards': {'0': {...}}} when the file had no list; make it a list."""
     if isinstance(data, dict):
-        if data and all(str(k).isdigit() for k in data) and isinstance(_schema_at(path), object):
-            sch = _schema_at_list(path)
-            if sch:
-                return [_listify_indexed(data[k], path + [str(k)]) for k in sorted(data, key=lambda x: int(x))]
+        if data and all(str(k).isdigit() for k in data) and _schema_at_list(path):
+            return [_listify_indexed(data[k], path + [str(k)]) for k in sorted(data, key=lambda x: int(x))]
         return {k: _listify_indexed(v, path + [str(k)]) for k, v in data.items()}
     if isinstance(data, list):
         return [_listify_indexed(v, path + [str(i)]) for i, v in enumerate(data)]
@@ -391,8 +375,7 @@ def _listify_indexed(data: Any, path: list[str]) -> Any:
 
 
 def _schema_at_list(path: list[str]) -> bool:
-    key = ".".join(p for p in path if not p.isdigit())
-    return key in ("rewards", "data.datasets", "data.eval_datasets", "data.sft_datasets")
+    return ".".join(p for p in path if not p.isdigit()) in _LIST_SECTIONS
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
@@ -525,7 +508,3 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def from_dict(d: dict[str, Any]) -> Config:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))  # type: ignore[return-value]
-
-
-def _is_container(x: Any) -> bool:
-    return isinstance(x, (DictConfig, ListConfig))
