@@ -401,7 +401,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     except ValidationError as e:
         key = getattr(e, "full_key", "") or "?"
         raise ConfigError(
-            f"config key '{key}' has a value of the wrong type: {e.msg if hasattr(e, 'msg') else e}. "
+            f"config key '{key}' has a value of the wrong type: {str(e).splitlines()[0]}. "
             f"Fix it in your YAML or with an override like {key}=<value>."
         ) from e
     except ConfigKeyError as e:
