@@ -77,7 +77,9 @@ class StepResult:
 
 
 class GRPOTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, training: bool = True):
+        """`training=False` (imagerl eval / export): load the policy and the latest checkpoint only; write no
+        run files (the run's metrics.jsonl and config.yaml are left untouched)."""
         self.cfg = cfg
         self.device = resolve_device(cfg.run.device)
         self.dist = dist.init(cfg.dist.backend, self.device)
@@ -91,7 +93,7 @@ class GRPOTrainer:
         torch.manual_seed(cfg.run.seed)
         self.out = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
-        if self.dist.is_main:
+        if self.dist.is_main and training:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
@@ -113,8 +115,9 @@ class GRPOTrainer:
             self._maybe_resume()
         from ..logging import RunLogger
 
-        self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step, is_main=self.dist.is_main)
-        if self.start_step:
+        self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
+                                is_main=self.dist.is_main and training)
+        if self.start_step and training:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
 
     # ------------------------------------------------------------------------------------------------
@@ -337,16 +340,28 @@ class GRPOTrainer:
         return StepResult(ro, table, adv, m)
 
     def evaluate(self, step: int) -> dict[str, float]:
+        return self.eval_rollout()[0]
+
+    def eval_rollout(self) -> tuple[dict[str, float], Rollout, torch.Tensor]:
+        """Deterministic evaluation (flow: ODE with the eval steps/CFG) on the first prompts_per_step prompts
+        of data.eval_datasets (or the training data) -> (metrics, rollout, total reward per sample [N])."""
         specs = self.cfg.data.eval_datasets or self.cfg.data.datasets
         ds = load_datasets(specs, "data.eval_datasets")
         rows = [r for d in ds for r in d.rows][: self.cfg.data.prompts_per_step]
         batch = PromptBatch(prompts=[r["prompt"] for r in rows], metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in rows])
-        gen = seeded_generator(self.cfg.run.seed, 0, self.dist.rank, EVAL)
+        gen = seeded_generator(self.cfg.run.seed, 0, 0, EVAL)
+        self.policy.eval()
         with torch.no_grad(), self.autocast():
             ro = self.policy.rollout(batch, self.cfg.rollout.group_size, gen, eval_mode=True)
         t = self.scorer.score(RewardInput.from_rollout(ro))
-        tot = t.weighted_total()
-        return {"eval/reward/mean": float(tot[~torch.isnan(tot)].mean()) if (~torch.isnan(tot)).any() else math.nan}
+        tot = t.weighted_total(self.cfg.scoring.fallback)
+        ok = ~torch.isnan(tot)
+        m = {"eval/reward/mean": float(tot[ok].mean()) if ok.any() else math.nan}
+        for j, name in enumerate(t.names):
+            col = t.scores[:, j]
+            okj = ~torch.isnan(col)
+            m[f"eval/reward/{name}/mean"] = float(col[okj].mean()) if okj.any() else math.nan
+        return m, ro, tot
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
