@@ -82,15 +82,17 @@ def test_kl_and_multiple_epochs_run(tmp_path):
 
 
 @pytest.mark.dist
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("family", ["janus", "sd3"])
+def test_two_processes_equal_one(tmp_path, family):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics as a single process."""
-    args = ["train", "model.family=janus", "model.tiny_size=test", *COMMON, "train.steps=2", "checkpoint.every=0",
+    extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
+    args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
             "checkpoint.save_final=false", "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29533 + (family == "sd3")),
                           "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]

@@ -223,10 +223,14 @@ class GRPOTrainer:
             # Plan every (micro-batch, unit chunk) first so loss weights use the counts of the whole global batch.
             plan = []
             sel = torch.zeros_like(ro.mask)
+            # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that
+            # depends on (seed, step, epoch) only, identically for every micro-batch and every rank, so the
+            # update does not depend on micro-batch size or process count.
+            units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
             for lo in range(0, n, mb):
                 idx = order[lo: lo + mb]
                 sub = ro.select(idx)
-                chunks = self.policy.unit_chunks(sub, gen)
+                chunks = self.policy.unit_chunks(sub, torch.Generator().manual_seed(units_seed))
                 for units in chunks:
                     sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
                 plan.append((idx, sub, chunks))
