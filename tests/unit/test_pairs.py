@@ -1,0 +1,38 @@
+"""SFT prompt+image pairs: built-in drawings, image files, and clear errors for missing or corrupt images."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from imagerl.config import DatasetConfig
+from imagerl.data.pairs import draw_shape, sft_batch
+from imagerl.data.prompts import DataError
+
+
+def test_builtin_pairs_draw_the_prompt():
+    b = sft_batch([DatasetConfig(path="builtin:colors")], 3, torch.Generator().manual_seed(0), size=32)
+    assert b["images"].shape == (3, 3, 32, 32) and len(b["prompts"]) == 3
+    red_left = draw_shape("red", "square", "left", 32)
+    assert red_left[0, 16, 8] == 1 and red_left[1, 16, 8] == 0  # red inside the left square
+    assert torch.allclose(red_left[:, 16, 28], torch.full((3,), 0.5))  # grey canvas on the right
+
+
+def test_image_files_and_errors(tmp_path):
+    Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [{"prompt": "red", "image": "red.png"}]
+    (tmp_path / "ok.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    b = sft_batch([DatasetConfig(path=str(tmp_path / "ok.jsonl"))], 2, torch.Generator().manual_seed(0), size=8)
+    assert torch.allclose(b["images"][:, 0], torch.ones(2, 8, 8)) and b["prompts"] == ["red", "red"]
+
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "broken.png"}))
+    with pytest.raises(DataError, match="broken.png' is corrupt"):
+        sft_batch([DatasetConfig(path=str(tmp_path / "bad.jsonl"))], 1, torch.Generator(), size=8)
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"prompt": "x", "image": "nope.png"}))
+    with pytest.raises(DataError, match="nope.png' does not exist"):
+        sft_batch([DatasetConfig(path=str(tmp_path / "missing.jsonl"))], 1, torch.Generator(), size=8)
+    (tmp_path / "nofield.jsonl").write_text(json.dumps({"prompt": "x", "picture": "red.png"}))
+    with pytest.raises(DataError, match="no 'image' field; set image_field"):
+        sft_batch([DatasetConfig(path=str(tmp_path / "nofield.jsonl"))], 1, torch.Generator(), size=8)
