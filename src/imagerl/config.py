@@ -200,7 +200,7 @@ class ScoringConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp2 | deepspeed
+    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded, flow families) | deepspeed (not yet)
     zero_stage: int = 2
     backend: str = "auto"  # auto | gloo | nccl
 
@@ -487,10 +487,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
         if d.weight <= 0:
             raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
-    if cfg.dist.strategy in ("fsdp2", "deepspeed"):
+    if cfg.dist.strategy == "deepspeed":
         raise ConfigError(
-            f"dist.strategy={cfg.dist.strategy} is not implemented yet; use dist.strategy=ddp (or auto) under torchrun: "
-            "gradients are all-reduced with globally normalised loss weights (same update as one process)"
+            "dist.strategy=deepspeed is not implemented yet; use dist.strategy=ddp (replicated, any family) or "
+            "dist.strategy=fsdp2 (sharded; flow families) under torchrun"
+        )
+    if cfg.dist.strategy == "fsdp2" and cfg.algorithm.kl_coef > 0 and not cfg.model.lora.enabled:
+        raise ConfigError(
+            "dist.strategy=fsdp2 with algorithm.kl_coef > 0 needs model.lora.enabled=true (the reference policy is "
+            "the model with LoRA disabled; a frozen full copy is not sharded yet)"
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")

@@ -82,22 +82,34 @@ def test_kl_and_multiple_epochs_run(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family", ["janus", "sd3"])
-def test_two_processes_equal_one(tmp_path, family):
-    """torchrun with 2 CPU processes (gloo) must produce the same metrics as a single process."""
+@pytest.mark.parametrize("family,strategy", [("janus", "ddp"), ("sd3", "ddp"), ("sd3", "fsdp2")])
+def test_two_processes_equal_one(tmp_path, family, strategy):
+    """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
+    replicated (ddp) and sharded (fsdp2, here with LoRA and a mean-space KL against the LoRA-disabled model)."""
     extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
+    if strategy == "fsdp2":
+        extra += ["model.lora.enabled=true", "model.lora.r=4", "algorithm.kl_coef=0.01", "algorithm.kl_estimator=mean"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
-            "checkpoint.save_final=false", "run.threads=1"]
+            "checkpoint.save_final=true", "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29533 + (family == "sd3")),
-                          "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/two"],
+    port = {"janus": 29533, "sd3": 29534}[family] + (10 if strategy == "fsdp2" else 0)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                          "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
     for ra, rb in zip(a, b):
-        for k in ("reward/mean", "reward/std", "loss/policy", "loss", "grad_norm", "ratio/mean", "ratio/max", "ratio/min", "clip_frac"):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+        for k in ("reward/mean", "reward/std", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
+                  "ratio/min", "clip_frac"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "one/checkpoints/step_000002/trainable.safetensors")
+    wb = load_file(tmp_path / "two/checkpoints/step_000002/trainable.safetensors")  # gathered from shards
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-4)

@@ -108,7 +108,14 @@ class Policy(nn.Module):
         return [(n, p) for n, p in self.trainable_module().named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.named_trainable_parameters()}
+        # Sharded (FSDP2) parameters are gathered to full tensors: a checkpoint never depends on the world size.
+        return {n: _full(p).detach().clone() for n, p in self.named_trainable_parameters()}
+
+    def shard(self, mesh) -> None:
+        """Shard the trained module with FSDP2 (dist.strategy=fsdp2). Families that support it override."""
+        raise NotImplementedError(
+            f"model.family={self.cfg.model.family} does not support dist.strategy=fsdp2 yet; use dist.strategy=ddp"
+        )
 
     def load_trainable_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         params = dict(self.named_trainable_parameters())
@@ -121,7 +128,12 @@ class Policy(nn.Module):
             )
         with torch.no_grad():
             for n, p in params.items():
-                p.copy_(sd[n].to(p.device, p.dtype))
+                src = sd[n].to(p.device, p.dtype)
+                if _is_dtensor(p):  # FSDP2: keep only this rank's shard of the full tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    src = distribute_tensor(src, p.device_mesh, p.placements)
+                p.copy_(src)
 
     # ---- reference policy -----------------------------------------------------------------------
     def uses_lora(self) -> bool:
@@ -180,6 +192,14 @@ def swap_module_state(live: nn.Module, frozen: nn.Module) -> Iterator[None]:
     finally:
         for n, p in live_params.items():
             p.data = saved[n]
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor"
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if _is_dtensor(p) else p
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -102,6 +102,16 @@ class GRPOTrainer:
         self.rewards = RewardSet(cfg.rewards)
         self.scorer = ScoringRunner(self.rewards)
         self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
+        # FSDP2 shards the trained module's parameters over the ranks; otherwise every rank holds the full
+        # model and gradients are summed explicitly (dist.average_gradients), which is DDP's update.
+        self.fsdp = cfg.dist.strategy == "fsdp2" and self.dist.enabled
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            try:
+                self.policy.shard(init_device_mesh(self.device.type, (self.dist.world,)))
+            except NotImplementedError as e:
+                raise TrainingError(str(e)) from None
         self.policy.setup_reference()
         self.params = self.policy.trainable_parameters()
         if not self.params:
@@ -133,7 +143,13 @@ class GRPOTrainer:
             return
         state = load_checkpoint(ck)
         self.policy.load_trainable_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.policy.trainable_module(), self.optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["state"]["sampler"])
         set_rng_state(state["rng"])
@@ -141,9 +157,18 @@ class GRPOTrainer:
 
     def save(self, step: int) -> Path | None:
         path = None
+        # Gathering sharded (FSDP2) weights and optimizer state is collective: every rank takes part.
+        weights = self.policy.trainable_state_dict()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt_state = get_optimizer_state_dict(self.policy.trainable_module(), self.optimizer,
+                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = self.optimizer.state_dict()
         if self.dist.is_main:
             path = save_checkpoint(
-                self.ckpt_dir, step, self.policy.trainable_state_dict(), self.optimizer.state_dict(),
+                self.ckpt_dir, step, weights, opt_state,
                 self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg)},
                 keep_last=self.cfg.checkpoint.keep_last,
             )
@@ -249,7 +274,7 @@ class GRPOTrainer:
                 adv_n = adv_dev[idx_d]
                 for units in chunks:
                     w = w_NT[idx_d][:, units.to(eff.device)]
-                    if float(w.sum()) == 0.0:
+                    if float(w.sum()) == 0.0 and not self.fsdp:  # FSDP2: every rank must run the same forwards
                         continue
                     with self.autocast():
                         cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
@@ -277,8 +302,11 @@ class GRPOTrainer:
             sft_loss = torch.tensor(0.0)
             if a.sft_weight > 0:
                 sft_loss = self._sft_step(step, epoch)
-            dist.average_gradients(self.params, self.dist)
+            if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
+                dist.average_gradients(self.params, self.dist)
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            if hasattr(gn, "full_tensor"):
+                gn = gn.full_tensor()
             if not torch.isfinite(gn):
                 raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
             self.optimizer.step()

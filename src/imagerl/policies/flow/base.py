@@ -176,6 +176,24 @@ class FlowPolicy(Policy):
         with super().reference():
             yield
 
+    def shard(self, mesh) -> None:
+        """FSDP2: every transformer block is its own unit, then the root (embeddings, final layers). Frozen
+        and trainable (LoRA) parameters share units; the frozen VAE and text encoders stay replicated.
+
+        The gradient divide factor is 1 because our loss weights are already normalised by the global
+        batch (losses.unit_weights): summed shard gradients equal the single-process gradient."""
+        from torch.distributed.fsdp import fully_shard
+
+        mod = self.trainable_module()
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for blk in getattr(mod, name, None) or []:
+                fully_shard(blk, mesh=mesh)
+        fully_shard(mod, mesh=mesh)
+        for m in mod.modules():
+            if hasattr(m, "set_gradient_divide_factor"):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
     # ============================ sampling ======================================================
     def sigma_schedule(self, num_steps: int) -> torch.Tensor:
         return sde_math.sigma_schedule(num_steps, **self.timestep_schedule_kwargs())
