@@ -114,8 +114,7 @@ def cmd_eval(args: list[str]) -> int:
                             title=f"eval of {tag} (deterministic sampling)")
     grid.save(out / f"{tag}.png")
     (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), **metrics}, indent=1))
-    trainer.scorer.close()
-    trainer.rewards.close()
+    trainer.close()
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     print(f"samples: {out / f'{tag}.png'}\nmetrics: {out / f'{tag}.json'}")
@@ -127,8 +126,7 @@ def cmd_export(args: list[str]) -> int:
     cfg, trainer, ck = _trained_policy(args)
     target = Path(dest) if dest else Path(cfg.run.output_dir) / "export"
     trainer.policy.save_pretrained(str(target))
-    trainer.scorer.close()
-    trainer.rewards.close()
+    trainer.close()
     print(f"exported {ck.name} of {cfg.model.family} to {target} (loadable by the family's own library)")
     return 0
 

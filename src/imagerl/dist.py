@@ -73,20 +73,12 @@ def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
-def all_gather_object(obj: object, info: DistInfo) -> list[object]:
-    if not info.enabled:
-        return [obj]
-    out: list[object] = [None] * info.world
-    tdist.all_gather_object(out, obj)
-    return out
-
-
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         tdist.barrier()
 
 
-def average_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
+def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Sum gradients over ranks. Our per-unit loss weights are already global (see losses.unit_weights),
     so the sum over ranks equals the single-process gradient exactly (no division by world size)."""
     if not info.enabled:

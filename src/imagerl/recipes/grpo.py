@@ -6,9 +6,10 @@ variant (advantage estimators and KL estimators come from registries). Distribut
 gathered so advantages are computed on the global batch, per-unit loss weights are normalised with global
 counts, and gradients are summed over ranks: K processes compute the same update as one.
 
-Determinism and exact resume: every random draw of step s comes from generators seeded by (run.seed, s, rank),
-so a run resumed from the checkpoint after step s reproduces steps s+1.. of an uninterrupted run bit for bit
-on CPU in fp32 (tested). Checkpoints also carry the global RNG states for user code that uses them.
+Determinism and exact resume: every random draw of step s comes from generators seeded by (run.seed, s) (the
+rollout's per-row streams and the trained-unit subsets also ignore the rank), so a run resumed from the
+checkpoint after step s reproduces steps s+1.. of an uninterrupted run bit for bit on CPU in fp32 (tested).
+Checkpoints also carry the global RNG states for user code that uses them.
 """
 
 from __future__ import annotations
@@ -98,12 +99,11 @@ class GRPOTrainer:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
-        self.sft_datasets = cfg.data.sft_datasets
         self.rewards = RewardSet(cfg.rewards)
         self.scorer = ScoringRunner(self.rewards)
         self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
         # FSDP2 shards the trained module's parameters over the ranks; otherwise every rank holds the full
-        # model and gradients are summed explicitly (dist.average_gradients), which is DDP's update.
+        # model and gradients are summed explicitly (dist.sum_gradients), which is DDP's update.
         self.fsdp = cfg.dist.strategy == "fsdp2" and self.dist.enabled
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
@@ -120,7 +120,6 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.start_step = 0
-        self.sft_iter = None
         if cfg.run.resume:
             self._maybe_resume()
         from ..logging import RunLogger
@@ -303,7 +302,7 @@ class GRPOTrainer:
             if a.sft_weight > 0:
                 sft_loss = self._sft_step(step, epoch)
             if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
-                dist.average_gradients(self.params, self.dist)
+                dist.sum_gradients(self.params, self.dist)
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
             if hasattr(gn, "full_tensor"):
                 gn = gn.full_tensor()
@@ -352,15 +351,10 @@ class GRPOTrainer:
         self._check_abstains(g_scores, table)
         train_stats = self.train_on(ro, adv, step)
         t3 = time.perf_counter()
-        m: dict[str, float] = {}
+        m = reward_summary("reward/", g_total, g_scores, table.names)
         ok = ~torch.isnan(g_total)
-        m["reward/mean"] = float(g_total[ok].mean()) if ok.any() else math.nan
         m["reward/std"] = float(g_total[ok].std(unbiased=False)) if ok.sum() > 1 else 0.0
-        for j, name in enumerate(table.names):
-            col = g_scores[:, j]
-            okj = ~torch.isnan(col)
-            m[f"reward/{name}/mean"] = float(col[okj].mean()) if okj.any() else math.nan
-            m[f"reward/{name}/abstain"] = float((~okj).sum())
+        m.update({f"reward/{n}/abstain": float(torch.isnan(g_scores[:, j]).sum()) for j, n in enumerate(table.names)})
         m["reward/abstain"] = float((~ok).sum())
         m["adv/abs_mean"] = float(adv.adv.abs().mean())
         for k, v in table.details.items():
@@ -370,9 +364,6 @@ class GRPOTrainer:
         m["lr"] = float(self.scheduler.get_last_lr()[0])
         m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t_roll, t_rew, t3 - t2, t3 - t0
         return StepResult(ro, table, adv, m)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        return self.eval_rollout()[0]
 
     def eval_rollout(self) -> tuple[dict[str, float], Rollout, torch.Tensor]:
         """Deterministic evaluation (flow: ODE with the eval steps/CFG) on the first prompts_per_step prompts
@@ -387,13 +378,7 @@ class GRPOTrainer:
             ro = self.policy.rollout(batch, self.cfg.rollout.group_size, gen, eval_mode=True)
         t = self.scorer.score(RewardInput.from_rollout(ro))
         tot = t.weighted_total(self.cfg.scoring.fallback)
-        ok = ~torch.isnan(tot)
-        m = {"eval/reward/mean": float(tot[ok].mean()) if ok.any() else math.nan}
-        for j, name in enumerate(t.names):
-            col = t.scores[:, j]
-            okj = ~torch.isnan(col)
-            m[f"eval/reward/{name}/mean"] = float(col[okj].mean()) if okj.any() else math.nan
-        return m, ro, tot
+        return reward_summary("eval/reward/", tot, t.scores, t.names), ro, tot
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -403,7 +388,7 @@ class GRPOTrainer:
                 res = self.step(step)
                 last = res.metrics
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last.update(self.evaluate(step))
+                    last.update(self.eval_rollout()[0])
                 self.logger.log_step(step, last)
                 if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1 or step == cfg.train.steps):
                     self.logger.log_samples(step, res.rollout.images, res.rollout.prompts, res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids)
@@ -413,9 +398,26 @@ class GRPOTrainer:
                 self.save(cfg.train.steps)
         finally:
             paths = self.logger.finish()
-            self.scorer.close()
-            self.rewards.close()
+            self.close()
         return {"metrics": last, "paths": paths}
+
+
+    def close(self) -> None:
+        """Stop the scoring thread and release reward servers/sessions."""
+        self.scorer.close()
+        self.rewards.close()
+
+
+def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """NaN-aware means: {prefix+'mean': mean total reward, prefix+'<name>/mean': mean of each reward}."""
+
+    def nanmean(x: torch.Tensor) -> float:
+        ok = ~torch.isnan(x)
+        return float(x[ok].mean()) if ok.any() else math.nan
+
+    out = {f"{prefix}mean": nanmean(total_N)}
+    out.update({f"{prefix}{n}/mean": nanmean(scores_NR[:, j]) for j, n in enumerate(names)})
+    return out
 
 
 def train(cfg: Config) -> dict[str, Any]:
