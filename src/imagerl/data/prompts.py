@@ -136,14 +136,15 @@ class PromptSampler:
         self.datasets = datasets
         self.seed = seed
         self.state: dict[str, Any] = {"draws": 0, "epoch": [0] * len(datasets), "pos": [0] * len(datasets)}
-        self._perm_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._perm_cache: dict[int, tuple[int, torch.Tensor]] = {}  # dataset -> (epoch, its permutation)
 
     def _perm(self, d: int, epoch: int) -> torch.Tensor:
-        key = (d, epoch)
-        if key not in self._perm_cache:
+        cached = self._perm_cache.get(d)
+        if cached is None or cached[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + d * 7919 + epoch)
-            self._perm_cache = {key: torch.randperm(len(self.datasets[d]), generator=g)}
-        return self._perm_cache[key]
+            cached = (epoch, torch.randperm(len(self.datasets[d]), generator=g))
+            self._perm_cache[d] = cached
+        return cached[1]
 
     def _pick_dataset(self) -> int:
         if len(self.datasets) == 1:
