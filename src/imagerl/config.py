@@ -293,9 +293,7 @@ def _valid_keys(node: Any) -> list[str]:
 def _check_keys(data: Any, path: list[str], schema: Any) -> None:
     """Walk user data against the schema; fail on the first unknown key with the closest valid name."""
     if isinstance(schema, list):
-        elem = schema[0] if schema else None
-        if elem is None:
-            elem = _list_elem_default(path)
+        elem = _list_elem_default(path)  # None for plain lists (betas, target_modules): nothing to check inside
         if isinstance(data, list):
             for i, item in enumerate(data):
                 _check_keys(item, path + [str(i)], elem)
@@ -314,9 +312,7 @@ def _check_keys(data: Any, path: list[str], schema: Any) -> None:
                 f"Fix the key in your YAML or override (run `imagerl print-config` to see every key)."
             )
         sub = getattr(schema, k)
-        if sub is None or isinstance(sub, (list, dict)) or dataclasses.is_dataclass(sub):
-            if isinstance(sub, list) and not sub:
-                sub = [_list_elem_default(path + [str(k)])]
+        if isinstance(sub, list) or dataclasses.is_dataclass(sub):
             _check_keys(v, path + [str(k)], sub)
 
 
