@@ -242,6 +242,8 @@ class JanusPolicy(Policy):
     full_ft_modules = ("language_model", "generation_embeddings", "generation_aligner", "generation_head")
     #: roll out with `FastLlamaDecoder` (a lean replica of the Llama stack); False = transformers modules
     use_fast_decoder: bool = True
+    #: tabulate the image-token embedding when the codebook has at most this many times the tokens sampled
+    EMBED_TABLE_FACTOR = 4
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
@@ -396,6 +398,8 @@ class JanusPolicy(Policy):
             n = a.shape[0] // 2
             a = cfg_mix(a[:n], a[n:], scale)
         w, b = head.vision_head.weight, head.vision_head.bias
+        if not torch.is_autocast_enabled(a.device.type):  # (entering the context costs a decode step ~1%)
+            return torch.nn.functional.linear(a, w.float(), None if b is None else b.float())
         with torch.autocast(a.device.type, enabled=False):
             return torch.nn.functional.linear(a, w.float(), None if b is None else b.float())
 
@@ -466,10 +470,18 @@ class JanusPolicy(Policy):
                                device=noise.device)
         rows_RP = torch.cat([ids_BP, self.uncond_ids(ids_BP)]) if params.uses_cfg else ids_BP
         fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
+        embed = lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params)  # noqa: E731
+        V, n_tokens = self.model.config.vq_config.num_embeddings, ids_BP.shape[0] * self.num_image_tokens
+        if fast is not None and V <= self.EMBED_TABLE_FACTOR * n_tokens:
+            # The image-token embedding (codebook lookup -> 2-layer aligner MLP) is a per-token function:
+            # tabulate it for all V codes in one GEMM instead of two tiny GEMMs + GELU per decode step.
+            table_VD = self._image_embeds(torch.arange(V, device=ids_BP.device)[:, None])[:, 0]
+            rows = 2 if params.uses_cfg else 1
+            embed = lambda tok_B: table_VD[tok_B.repeat(rows)].unsqueeze(1)  # noqa: E731  cond and uncond rows
         return cfg_decode(
             forward=fast if fast is not None else self._lm_forward,
             guided_logits=lambda h: self._guided_logits(h, params.cfg_scale),
-            embed=lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params),
+            embed=embed,
             prompt_embeds_RPD=self._text_embeds(rows_RP),
             prompt_valid_RP=self._cond_uncond(valid_BP, params),
             uniforms_BT=noise,
