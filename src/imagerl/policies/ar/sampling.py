@@ -181,13 +181,14 @@ class KVBuffer:
             self._v[layer_idx] = value.new_empty(R, H, self.max_len, value.shape[-1])
             self._len[layer_idx] = 0
         start = self._len[layer_idx]
-        end = start + key.shape[2]
-        if end > self.max_len:
-            raise RuntimeError(f"KVBuffer overflow: {end} > {self.max_len} positions")
-        self._k[layer_idx][:, :, start:end] = key
-        self._v[layer_idx][:, :, start:end] = value
-        self._len[layer_idx] = end
-        return self._k[layer_idx][:, :, :end], self._v[layer_idx][:, :, :end]
+        n = key.shape[2]
+        if start + n > self.max_len:
+            raise RuntimeError(f"KVBuffer overflow: {start + n} > {self.max_len} positions")
+        k_buf, v_buf = self._k[layer_idx], self._v[layer_idx]
+        k_buf.narrow(2, start, n).copy_(key)  # (narrow: one dispatch, where [:, :, a:b] costs three)
+        v_buf.narrow(2, start, n).copy_(value)
+        self._len[layer_idx] = start + n
+        return k_buf.narrow(2, 0, start + n), v_buf.narrow(2, 0, start + n)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._len.get(layer_idx, 0)
@@ -461,7 +462,9 @@ class FastLlamaDecoder:
 
     @staticmethod
     def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-        # RMSNorm without its gain (folded into the next GEMM)
+        # RMSNorm without its gain (folded into the next GEMM); fp32 math, as LlamaRMSNorm
+        if x.dtype == torch.float32:  # (no-op casts still cost a dispatch each)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -492,11 +495,13 @@ class FastLlamaDecoder:
         is_causal = mask is None and L > 1
         x = embeds.reshape(R * L, D)
         nqk = (H + Hkv) * hd
+        fp32 = x.dtype == torch.float32
         for i, ly in enumerate(self.prepared):
             h = self._norm(x, ly.eps1)
             qkv = torch.mm(h, ly.qkv_t) if ly.qkv_b is None else torch.addmm(ly.qkv_b, h, ly.qkv_t)
-            qk = torch.view_as_complex(qkv[:, :nqk].float().reshape(R, L, H + Hkv, hd // 2, 2))
-            qk = torch.view_as_real(qk * rope_c).to(x.dtype).reshape(R, L, H + Hkv, hd).transpose(1, 2)
+            qk = qkv[:, :nqk] if fp32 else qkv[:, :nqk].float()
+            qk = torch.view_as_real(torch.view_as_complex(qk.reshape(R, L, H + Hkv, hd // 2, 2)) * rope_c)
+            qk = (qk if fp32 else qk.to(x.dtype)).reshape(R, L, H + Hkv, hd).transpose(1, 2)
             v = qkv[:, nqk:].reshape(R, L, Hkv, hd).transpose(1, 2)
             k, v = cache.update(qk[:, H:], v, i)
             att = torch.nn.functional.scaled_dot_product_attention(
