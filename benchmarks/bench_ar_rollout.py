@@ -10,7 +10,8 @@ of that peak.
     python benchmarks/bench_ar_rollout.py --threads 2 --batch 1,8
 
 Variants timed:
-  imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder (what rollout() uses)
+  imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder on prepared weights (what rollout() uses;
+                the time includes preparing the weights and the embedding table, done once per call)
   imagerl-hf    the same sampler loop through the transformers modules (use_fast_decoder=False)
   transformers  model.generate(generation_mode="image") (static cache, logits processors)
 """
