@@ -124,3 +124,17 @@ def test_prepared_weights_are_copies_and_rebuilt_per_rollout():
         ref = reference_hidden(model, emb, valid)
     assert torch.equal(before, stale)
     assert (fresh - ref).abs().max() < 1e-5 and (fresh - before).abs().max() > 1e-3
+
+
+def test_path_choice_by_size_and_dtype():
+    """Prepared weights only for small fp32 models; bf16 keeps transformers' op order (live path)."""
+    model = tiny_llama()
+    assert FastLlamaDecoder.build(model).prepared is not None
+    assert FastLlamaDecoder.build(model.to(torch.bfloat16)).prepared is None
+    model = tiny_llama()
+    old = FastLlamaDecoder.FUSE_MAX_BYTES
+    try:
+        FastLlamaDecoder.FUSE_MAX_BYTES = 1000  # "a large model": no weight copy
+        assert FastLlamaDecoder.build(model).prepared is None
+    finally:
+        FastLlamaDecoder.FUSE_MAX_BYTES = old
