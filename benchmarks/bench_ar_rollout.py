@@ -8,6 +8,7 @@ matmul), and the FLOP/s our sampler achieves with the model FLOPs counted analyt
 of that peak.
 
     python benchmarks/bench_ar_rollout.py --threads 2 --batch 1,8
+    python benchmarks/bench_ar_rollout.py --device cuda --batch 1,8,32 [--dtype bf16]    # on a GPU
 
 Variants timed:
   imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder on prepared weights (what rollout() uses;
@@ -29,14 +30,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-    """Best fp32 FLOP/s of an n x n @ n x n matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    """Wait for queued device work (CUDA runs asynchronously; the clock must see finished work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(n: int, repeats: int, device: torch.device) -> float:
+    """Best fp32 FLOP/s of an n x n @ n x n matmul on `device`."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
@@ -73,6 +82,8 @@ def main() -> int:
     ap.add_argument("--size", default="bench", help="tiny preset (bench | demo | test)")
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--skip-hf-modules", action="store_true", help="do not time the imagerl-hf variant")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the model and both samplers run there)")
+    ap.add_argument("--dtype", default="fp32", help="model weights: fp32 | bf16 | fp16 (bf16 is what GPUs run)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -82,10 +93,12 @@ def main() -> int:
     cfg = load_config(None, [
         "model.tiny=true", f"model.tiny_size={args.size}", f"rollout.cfg_scale={args.cfg_scale}",
         f"rollout.temperature={args.temperature}", f"rollout.top_k={args.top_k}", f"rollout.top_p={args.top_p}",
+        f"model.dtype={args.dtype}",
     ])
-    pol = JanusPolicy(cfg, torch.device("cpu"))
-    peak = matmul_peak(args.peak_n, 5)
-    print(f"fp32 matmul peak ({args.peak_n}^3, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    device = torch.device(args.device)
+    pol = JanusPolicy(cfg, device)
+    peak = matmul_peak(args.peak_n, 5, device)
+    print(f"fp32 matmul peak ({args.peak_n}^3, {device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
     speedups = []
     for b in [int(x) for x in args.batch.split(",")]:
         speedups.append(run_batch(args, pol, b, peak))
@@ -134,14 +147,18 @@ def run_batch(args, pol, batch: int, peak: float) -> float:
             assert out.shape == (batch, T), (name, out.shape)
     for _ in range(args.repeats):  # interleaved, so load changes on a shared machine hit all variants alike
         for name, f in variants.items():
+            sync(pol.device)
             t, c = time.perf_counter(), time.process_time()
             f()
+            sync(pol.device)
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     with torch.inference_mode():
         tok = ours()
+        sync(pol.device)
         t = time.perf_counter()
         pol.decode_images(tok)
+        sync(pol.device)
         vq_s = time.perf_counter() - t
 
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -152,8 +169,9 @@ def run_batch(args, pol, batch: int, peak: float) -> float:
     print(f"# Janus rollout benchmark ({args.size} preset: {pol.grid}x{pol.grid} = {T} image tokens, "
           f"LM {n_params / 1e6:.2f} M params, prompt {P} tokens)")
     print(f"# torch {torch.__version__}, threads {args.threads}, batch {batch} images (x{rows} CFG rows), "
-          f"cfg {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
-          f"repeats {args.repeats} (median), cpu {os.cpu_count()} cores")
+          f"{args.dtype} weights, cfg {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
+          f"repeats {args.repeats} (median), cpu {os.cpu_count()} cores, device {pol.device}"
+          + (f" ({torch.cuda.get_device_name(pol.device)})" if pol.device.type == "cuda" else ""))
     cmed = {k: statistics.median(v) for k, v in cpu.items()}
     print("| sampler | median wall s / batch | image tokens / s (wall) | speed-up vs transformers (wall) | "
           "min wall s | max wall s | median CPU s | speed-up (CPU time) |")
