@@ -200,7 +200,7 @@ class ScoringConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded, flow families) | deepspeed (not yet)
+    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded; Janus needs fp32 weights) | deepspeed (not yet)
     zero_stage: int = 2
     backend: str = "auto"  # auto | gloo | nccl
 
@@ -486,7 +486,7 @@ def validate(cfg: Config) -> None:
     if cfg.dist.strategy == "deepspeed":
         raise ConfigError(
             "dist.strategy=deepspeed is not implemented yet; use dist.strategy=ddp (replicated, any family) or "
-            "dist.strategy=fsdp2 (sharded; flow families) under torchrun"
+            "dist.strategy=fsdp2 (sharded) under torchrun"
         )
     if cfg.dist.strategy == "fsdp2" and cfg.algorithm.kl_coef > 0 and not cfg.model.lora.enabled:
         raise ConfigError(

@@ -305,3 +305,10 @@ def test_bad_model_path_error_names_the_field(tmp_path):
     cfg = load_config(None, ["model.tiny=false", f"model.path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="model.path"):
         JanusPolicy(cfg, torch.device("cpu"))
+
+
+def test_fsdp2_needs_fp32_weights():
+    # checked before any process group is touched (the 2-process FSDP2 runs are in test_trainer.py)
+    pol = make("model.dtype=bf16")
+    with pytest.raises(NotImplementedError, match=r"model.dtype=fp32.*run.dtype=bf16"):
+        pol.shard(None)

@@ -82,20 +82,25 @@ def test_kl_and_multiple_epochs_run(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("family,strategy", [("janus", "ddp"), ("sd3", "ddp"), ("sd3", "fsdp2")])
-def test_two_processes_equal_one(tmp_path, family, strategy):
+@pytest.mark.parametrize("family,strategy,variant", [
+    ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
+    ("janus", "fsdp2", "full"),
+])
+def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
-    replicated (ddp) and sharded (fsdp2, here with LoRA and a mean-space KL against the LoRA-disabled model)."""
+    replicated (ddp) and sharded (fsdp2: with LoRA and a KL against the LoRA-disabled model, and for Janus
+    also full fine-tuning of the language model and generation head)."""
     extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
-    if strategy == "fsdp2":
-        extra += ["model.lora.enabled=true", "model.lora.r=4", "algorithm.kl_coef=0.01", "algorithm.kl_estimator=mean"]
+    if variant == "lora+kl":
+        extra += ["model.lora.enabled=true", "model.lora.r=4", "algorithm.kl_coef=0.01",
+                  f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
             "checkpoint.save_final=true", "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = {"janus": 29533, "sd3": 29534}[family] + (10 if strategy == "fsdp2" else 0)
+    port = {"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full": 20}[variant]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                           "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)

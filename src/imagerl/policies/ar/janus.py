@@ -340,6 +340,64 @@ class JanusPolicy(Policy):
     def trainable_module(self) -> nn.Module:
         return self._train_mod
 
+    # ---- sharding (dist.strategy=fsdp2) -------------------------------------------------------------
+    def shard(self, mesh) -> None:
+        """FSDP2 over the trained modules. FSDP2 gathers a unit's parameters in that unit's own forward
+        hook, so every module this policy calls directly is its own unit: each decoder layer, the token
+        embedding, the language model (final norm; the peft wrapper with LoRA) and, for full fine-tuning,
+        the image-token embedding, the aligner and the generation head's two linear layers (called
+        separately: CFG is mixed between them). The rollout gathers all units once (`_gathered`): the lean
+        decoder reads weights directly. Frozen parts outside the trained module (VQ model, vision encoder,
+        and with LoRA the generation head) stay replicated.
+
+        Weights must be fp32 (sharded fp32 master weights; `run.dtype=bf16` gives bf16 compute). The
+        gradient divide factor is 1: the loss weights are already normalised by the global batch."""
+        from torch.distributed.fsdp import fully_shard
+
+        if any(p.dtype != torch.float32 for p in self.trainable_module().parameters()):
+            raise NotImplementedError(
+                "dist.strategy=fsdp2 for Janus needs fp32 weights (model.dtype=fp32); use run.dtype=bf16 for "
+                "bf16 compute under autocast, or dist.strategy=ddp for bf16 weights"
+            )
+        lm = self._base_lm()
+        units: list[nn.Module] = [*lm.layers, lm.embed_tokens]
+        if not self.uses_lora():
+            jm = self.model.model
+            units += [jm.generation_embeddings, jm.generation_aligner, jm.generation_head.proj_out,
+                      jm.generation_head.vision_head]
+        # reshard_after_forward explicit (not the root/non-root default): `_gathered` restores exactly this
+        for u in [*units, self.model.model.language_model]:
+            fully_shard(u, mesh=mesh, reshard_after_forward=True)
+        for m in self._fsdp_units():
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        # FSDP2 picks the root of a unit tree at the first forward, and the policy's first call into the
+        # language model's tree is the token embedding (a child unit), which would then claim the root.
+        # Initialise the real root now (no public API for this as of torch 2.13).
+        self.model.model.language_model._get_fsdp_state()._lazy_init()
+
+    def _fsdp_units(self) -> list[nn.Module]:
+        from torch.distributed.fsdp import FSDPModule
+
+        return [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+
+    @contextlib.contextmanager
+    def _gathered(self, units: list[nn.Module]) -> Iterator[None]:
+        """All FSDP2 units unsharded for the duration (one all-gather each; module calls inside neither
+        gather nor reshard again, so ranks need not make the same calls)."""
+        if not units:
+            yield
+            return
+        for u in units:
+            u.set_reshard_after_forward(False, recurse=False)
+            u.unshard()
+        try:
+            yield
+        finally:
+            for u in units:
+                u.reshard()
+                u.set_reshard_after_forward(True, recurse=False)
+
     # ---- prompts ---------------------------------------------------------------------------------
     def format_prompt(self, prompt: str) -> str:
         """Janus-Pro's text-to-image format (DeepSeek SFT template, empty system prompt, image start tag)."""
@@ -397,10 +455,13 @@ class JanusPolicy(Policy):
         if scale != 1.0:
             n = a.shape[0] // 2
             a = cfg_mix(a[:n], a[n:], scale)
-        w, b = head.vision_head.weight, head.vision_head.bias
+        lin = head.vision_head
         # leave autocast only when it is on (building the context every decode step costs ~1% of a step)
         autocast = torch.is_autocast_enabled(a.device.type)
         with torch.autocast(a.device.type, enabled=False) if autocast else contextlib.nullcontext():
+            if lin.weight.dtype == a.dtype:
+                return lin(a)  # a module call: under FSDP2 the unit's forward hook gathers its weight
+            w, b = lin.weight, lin.bias
             return torch.nn.functional.linear(a, w.float(), None if b is None else b.float())
 
     def _image_embeds(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -436,7 +497,11 @@ class JanusPolicy(Policy):
         u_NT = row_uniforms(self.row_generators(generator, group_ids_N, G), self.num_image_tokens, self.device)
         mb = self.cfg.rollout.micro_batch_size or N
         tokens, logps, images = [], [], []
-        with torch.inference_mode():
+        units = self._fsdp_units()
+        # Sharded (FSDP2): gather every unit once for the whole rollout (the lean decoder reads weights
+        # directly) and sample under no_grad: FSDP reuses its gathered buffers in training, which must not
+        # be inference tensors.
+        with self._gathered(units), (torch.no_grad() if units else torch.inference_mode()):
             for s in range(0, N, mb):
                 out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, u_NT[s:s + mb])
                 tokens.append(out.tokens)
