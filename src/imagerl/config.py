@@ -488,11 +488,6 @@ def validate(cfg: Config) -> None:
             "dist.strategy=deepspeed is not implemented yet; use dist.strategy=ddp (replicated, any family) or "
             "dist.strategy=fsdp2 (sharded) under torchrun"
         )
-    if cfg.dist.strategy == "fsdp2" and cfg.algorithm.kl_coef > 0 and not cfg.model.lora.enabled:
-        raise ConfigError(
-            "dist.strategy=fsdp2 with algorithm.kl_coef > 0 needs model.lora.enabled=true (the reference policy is "
-            "the model with LoRA disabled; a frozen full copy is not sharded yet)"
-        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")
     if cfg.rollout.sde_window_range and len(cfg.rollout.sde_window_range) != 2:

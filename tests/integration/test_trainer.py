@@ -84,29 +84,32 @@ def test_kl_and_multiple_epochs_run(tmp_path):
 @pytest.mark.dist
 @pytest.mark.parametrize("family,strategy,variant", [
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
-    ("janus", "fsdp2", "full"),
+    ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
-    replicated (ddp) and sharded (fsdp2: with LoRA and a KL against the LoRA-disabled model, and for Janus
-    also full fine-tuning of the language model and generation head)."""
+    replicated (ddp) and sharded (fsdp2: with LoRA and a KL against the LoRA-disabled model, and with full
+    fine-tuning and a KL against the frozen initial weights, kept as this rank's shards)."""
     extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
     if variant == "lora+kl":
-        extra += ["model.lora.enabled=true", "model.lora.r=4", "algorithm.kl_coef=0.01",
-                  f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
+        extra += ["model.lora.enabled=true", "model.lora.r=4"]
+    if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
+        extra += ["algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
             "checkpoint.save_final=true", "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = {"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full": 20}[variant]
+    port = {"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20}[variant]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                           "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
+    if variant.endswith("kl"):  # the reference really differs from the policy after the first update
+        assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
         for k in ("reward/mean", "reward/std", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
                   "ratio/min", "clip_frac"):

@@ -33,6 +33,7 @@ class Policy(nn.Module):
         self.cfg = cfg
         self.device = device
         self._ref_copy: nn.Module | None = None
+        self._ref_shards: dict[str, torch.Tensor] | None = None  # FSDP2: this rank's shards of the reference
 
     # ---- sampling -------------------------------------------------------------------------------
     def rollout(
@@ -151,6 +152,12 @@ class Policy(nn.Module):
             import copy
 
             mod = self.trainable_module()
+            if any(_is_dtensor(p) for p in mod.parameters()):
+                # FSDP2: keep a copy of this rank's shards of the trained parameters only (a deep copy of
+                # sharded modules would not be a usable model, and the frozen ones never change)
+                with torch.no_grad():
+                    self._ref_shards = {n: p.detach().clone() for n, p in self.named_trainable_parameters()}
+                return
             self._ref_copy = copy.deepcopy(mod).requires_grad_(False).eval()
 
     @contextlib.contextmanager
@@ -164,6 +171,10 @@ class Policy(nn.Module):
             if not hasattr(mod, "disable_adapter"):
                 raise RuntimeError("model.reference=lora_disabled needs model.lora.enabled=true")
             with mod.disable_adapter():
+                yield
+            return
+        if self._ref_shards is not None:
+            with swap_sharded_values(self.trainable_module(), self._ref_shards):
                 yield
             return
         if self._ref_copy is None:
@@ -192,6 +203,38 @@ def swap_module_state(live: nn.Module, frozen: nn.Module) -> Iterator[None]:
     finally:
         for n, p in live_params.items():
             p.data = saved[n]
+
+
+@contextlib.contextmanager
+def swap_sharded_values(root: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """FSDP2 version of `swap_module_state`: write `values` (by parameter name under `root`) into the sharded
+    parameters in place, and back.
+
+    FSDP2 all-gathers from storage it holds views of, so the shards are overwritten (`copy_`), never
+    re-pointed (`.data =` would leave FSDP gathering the live values: a silently wrong KL). Every unit is
+    resharded first and last, so no unit keeps gathered parameters from the other side of the swap (roots
+    do not reshard after forward by default; backward gathers them again). The parameters are looked up
+    after resharding: before it, a gathered unit's names point at its unsharded tensors, whose storage the
+    reshard frees. Costs two copies of this rank's shards per use."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    with torch.no_grad():
+        for u in units:
+            u.reshard()
+        params = {n: p for n, p in root.named_parameters() if n in values}
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        for n, p in params.items():
+            p.detach().copy_(values[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for u in units:
+                u.reshard()
+            params = {n: p for n, p in root.named_parameters() if n in values}
+            for n, p in params.items():
+                p.detach().copy_(saved[n])
 
 
 def _is_dtensor(p: torch.Tensor) -> bool:
