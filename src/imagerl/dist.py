@@ -57,20 +57,21 @@ def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts, 0).to(x.device)
 
 
-def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def _all_reduce(x: torch.Tensor, info: DistInfo, op) -> torch.Tensor:
+    """`op` over ranks of a copy of x, moved through the backend's device; x itself is untouched."""
     if info.enabled:
         y = x.detach().clone().to(info.comm_device)
-        tdist.all_reduce(y, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(y, op=op)
         x = y.to(x.device)
     return x
+
+
+def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    return _all_reduce(x, info, tdist.ReduceOp.SUM)
 
 
 def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        y = x.detach().clone().to(info.comm_device)
-        tdist.all_reduce(y, op=tdist.ReduceOp.MAX)
-        x = y.to(x.device)
-    return x
+    return _all_reduce(x, info, tdist.ReduceOp.MAX)
 
 
 def barrier(info: DistInfo) -> None:
