@@ -372,7 +372,7 @@ class FastLlamaDecoder:
 
     FUSE_MAX_BYTES = 1 << 30  # copy/rearrange the weights only when the copy is cheap (small models)
 
-    def __init__(self, lm: torch.nn.Module, layers: list[dict], fuse: bool):
+    def __init__(self, lm: torch.nn.Module, layers: list[dict]):
         self.lm = lm
         self.layers = layers
         cfg = lm.config
@@ -380,12 +380,10 @@ class FastLlamaDecoder:
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
         self.norm_w, self.norm_eps = lm.norm.weight, float(lm.norm.variance_epsilon)
-        self.fuse = fuse
-        self.prepared: list[_PreparedLayer] | None = None
+        self.prepared: list[_PreparedLayer] | None = None  # set by `build` for the prepared path
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._rope_c: torch.Tensor | None = None  # complex [Lpos, hd/2] for the prepared path
-        self._started = False  # the path is fixed at the first call (the KV layouts differ)
 
     @classmethod
     def build(cls, lm: torch.nn.Module, fuse: bool | None = None) -> "FastLlamaDecoder | None":
@@ -411,7 +409,7 @@ class FastLlamaDecoder:
                     "ln2": (layer.post_attention_layernorm.weight, float(layer.post_attention_layernorm.variance_epsilon)),
                     "scaling": float(a.scaling), **lin}
             layers.append(spec)
-        dec = cls(lm, layers, fuse)
+        dec = cls(lm, layers)
         if fuse:
             dec.prepared = [dec._prepare(sp) for sp in layers]
         return dec
@@ -446,6 +444,7 @@ class FastLlamaDecoder:
 
     def prepare_rope(self, max_positions: int, like: torch.Tensor) -> None:
         """cos/sin for positions [0, max_positions) from the model's own rotary module (any rope type)."""
+        first = self._cos is None  # the path is fixed at the first call (the two KV layouts differ)
         pos = torch.arange(max_positions, device=like.device)[None]
         cos, sin = self.lm.rotary_emb(like, pos)
         self._cos, self._sin = cos[0], sin[0]  # [Lpos, hd]
@@ -455,23 +454,22 @@ class FastLlamaDecoder:
         if (self.prepared is not None and torch.equal(self._cos[:, :h], self._cos[:, h:])
                 and torch.equal(self._sin[:, :h], self._sin[:, h:])):
             self._rope_c = torch.complex(self._cos[:, :h].float(), self._sin[:, :h].float())
-        elif not self._started:
+        elif first:
             self.prepared = None
 
     @staticmethod
-    def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        # same op order as LlamaRMSNorm: normalise in fp32, cast back, then scale
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return w * xf.to(x.dtype)
-
-    @staticmethod
     def _norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-        # RMSNorm without its gain (folded into the next GEMM); fp32 math, as LlamaRMSNorm
+        # RMSNorm without its gain (the prepared path folds it into the next GEMM): normalise in fp32 and
+        # cast back, as LlamaRMSNorm does
         if x.dtype == torch.float32:  # (no-op casts still cost a dispatch each)
             return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @classmethod
+    def _rms(cls, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        # LlamaRMSNorm: the normalised input (in its dtype), then the gain
+        return w * cls._norm(x, eps)
 
     @staticmethod
     def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -487,7 +485,6 @@ class FastLlamaDecoder:
         # cache length suffices; no per-step positions.max() (a device sync on GPUs)
         if self._cos is None or self._cos.shape[0] < cache.max_len:
             self.prepare_rope(cache.max_len, embeds)
-        self._started = True
         x = self._forward_prepared(embeds, mask, positions, cache) if self.prepared is not None \
             else self._forward_live(embeds, mask, positions, cache)
         return self._rms(x, self.norm_w, self.norm_eps)
