@@ -205,6 +205,22 @@ def swap_module_state(live: nn.Module, frozen: nn.Module) -> Iterator[None]:
             p.data = saved[n]
 
 
+def fsdp_units(root: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units (modules `fully_shard` was applied to) in `root`'s tree, root included; [] if none."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in root.modules() if isinstance(m, FSDPModule)]
+
+
+def sum_sharded_gradients(root: nn.Module) -> None:
+    """Make every FSDP2 unit under `root` reduce-scatter plain sums of gradients (divide factor 1): our loss
+    weights are already normalised by the global batch (losses.unit_weights), so summed shard gradients equal
+    the single-process gradient. Forced SUM, because gloo has no PREMUL_SUM."""
+    for m in fsdp_units(root):
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+
+
 @contextlib.contextmanager
 def swap_sharded_values(root: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
     """FSDP2 version of `swap_module_state`: write `values` (by parameter name under `root`) into the sharded
@@ -216,9 +232,7 @@ def swap_sharded_values(root: nn.Module, values: dict[str, torch.Tensor]) -> Ite
     do not reshard after forward by default; backward gathers them again). The parameters are looked up
     after resharding: before it, a gathered unit's names point at its unsharded tensors, whose storage the
     reshard frees. Costs two copies of this rank's shards per use."""
-    from torch.distributed.fsdp import FSDPModule
-
-    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    units = fsdp_units(root)
     with torch.no_grad():
         for u in units:
             u.reshard()

@@ -39,7 +39,7 @@ from torch import nn
 from ...config import Config
 from ...tiny import build_tokenizer
 from ...types import LogProbOutput, PromptBatch, Rollout
-from ..base import Policy, resolve_dtype
+from ..base import Policy, fsdp_units, resolve_dtype, sum_sharded_gradients
 from .sampling import (
     FastLlamaDecoder,
     SamplingParams,
@@ -368,18 +368,11 @@ class JanusPolicy(Policy):
         # reshard_after_forward explicit (not the root/non-root default): `_gathered` restores exactly this
         for u in [*units, self.model.model.language_model]:
             fully_shard(u, mesh=mesh, reshard_after_forward=True)
-        for m in self._fsdp_units():
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        sum_sharded_gradients(self.model)
         # FSDP2 picks the root of a unit tree at the first forward, and the policy's first call into the
         # language model's tree is the token embedding (a child unit), which would then claim the root.
         # Initialise the real root now (no public API for this as of torch 2.13).
         self.model.model.language_model._get_fsdp_state()._lazy_init()
-
-    def _fsdp_units(self) -> list[nn.Module]:
-        from torch.distributed.fsdp import FSDPModule
-
-        return [m for m in self.model.modules() if isinstance(m, FSDPModule)]
 
     @contextlib.contextmanager
     def _gathered(self, units: list[nn.Module]) -> Iterator[None]:
@@ -497,7 +490,7 @@ class JanusPolicy(Policy):
         u_NT = row_uniforms(self.row_generators(generator, group_ids_N, G), self.num_image_tokens, self.device)
         mb = self.cfg.rollout.micro_batch_size or N
         tokens, logps, images = [], [], []
-        units = self._fsdp_units()
+        units = fsdp_units(self.model)
         # Sharded (FSDP2): gather every unit once for the whole rollout (the lean decoder reads weights
         # directly) and sample under no_grad: FSDP reuses its gathered buffers in training, which must not
         # be inference tensors.

@@ -63,7 +63,7 @@ from torch import nn
 
 from ...config import Config
 from ...types import LogProbOutput, PromptBatch, Rollout
-from ..base import Policy
+from ..base import Policy, sum_sharded_gradients
 from . import sde as sde_math
 
 
@@ -189,10 +189,7 @@ class FlowPolicy(Policy):
             for blk in getattr(mod, name, None) or []:
                 fully_shard(blk, mesh=mesh)
         fully_shard(mod, mesh=mesh)
-        for m in mod.modules():
-            if hasattr(m, "set_gradient_divide_factor"):
-                m.set_gradient_divide_factor(1.0)
-                m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+        sum_sharded_gradients(mod)
 
     # ============================ sampling ======================================================
     def sigma_schedule(self, num_steps: int) -> torch.Tensor:
