@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -495,8 +495,11 @@ class JanusPolicy(Policy):
         # directly) and sample under no_grad: FSDP reuses its gathered buffers in training, which must not
         # be inference tensors.
         with self._gathered(units), (torch.no_grad() if units else torch.inference_mode()):
+            # the weights do not change during a rollout: prepare the decoder and embeddings once for all
+            # micro-batches
+            parts = self._sampler_parts(params, N)
             for s in range(0, N, mb):
-                out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, u_NT[s:s + mb])
+                out = self.sample_tokens(ids_NP[s:s + mb], valid_NP[s:s + mb], params, u_NT[s:s + mb], parts)
                 tokens.append(out.tokens)
                 logps.append(out.logp)
                 images.append(self.decode_images(out.tokens))
@@ -519,23 +522,31 @@ class JanusPolicy(Policy):
             dataset_names=rep(batch.dataset_names) if batch.dataset_names is not None else None,
         )
 
+    def _sampler_parts(self, params: SamplingParams, num_rows: int) -> tuple[FastLlamaDecoder | None, Callable]:
+        """What sampling `num_rows` images needs from the current weights: the lean decoder (None = the
+        transformers forward) and the image-token embedding function (tokens [B] -> inputs [R, 1, D])."""
+        fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
+        embed = lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params)  # noqa: E731
+        V = self.model.config.vq_config.num_embeddings
+        if fast is not None and V <= self.EMBED_TABLE_FACTOR * num_rows * self.num_image_tokens:
+            # The image-token embedding (codebook lookup -> 2-layer aligner MLP) is a per-token function:
+            # tabulate it for all V codes in one GEMM instead of two tiny GEMMs + GELU per decode step.
+            table_VD = self._image_embeds(torch.arange(V, device=self.device)[:, None])[:, 0]
+            rows = 2 if params.uses_cfg else 1
+            embed = lambda tok_B: table_VD[tok_B.repeat(rows)].unsqueeze(1)  # noqa: E731  cond and uncond rows
+        return fast, embed
+
     def sample_tokens(self, ids_BP: torch.Tensor, valid_BP: torch.Tensor, params: SamplingParams,
-                      noise: torch.Tensor | torch.Generator):
+                      noise: torch.Tensor | torch.Generator,
+                      parts: tuple[FastLlamaDecoder | None, Callable] | None = None):
         """Draw one image per row of already encoded prompts -> DecodeOutput(tokens [B,T], logp [B,T]).
-        `noise`: [B, T] uniforms in [0, 1) (one per token), or a generator to draw them from."""
+        `noise`: [B, T] uniforms in [0, 1) (one per token), or a generator to draw them from. `parts`:
+        `_sampler_parts` of the current weights, to share between calls (built here when None)."""
         if isinstance(noise, torch.Generator):
             noise = torch.rand(ids_BP.shape[0], self.num_image_tokens, generator=noise, dtype=torch.float64,
                                device=noise.device)
         rows_RP = torch.cat([ids_BP, self.uncond_ids(ids_BP)]) if params.uses_cfg else ids_BP
-        fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
-        embed = lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params)  # noqa: E731
-        V, n_tokens = self.model.config.vq_config.num_embeddings, ids_BP.shape[0] * self.num_image_tokens
-        if fast is not None and V <= self.EMBED_TABLE_FACTOR * n_tokens:
-            # The image-token embedding (codebook lookup -> 2-layer aligner MLP) is a per-token function:
-            # tabulate it for all V codes in one GEMM instead of two tiny GEMMs + GELU per decode step.
-            table_VD = self._image_embeds(torch.arange(V, device=ids_BP.device)[:, None])[:, 0]
-            rows = 2 if params.uses_cfg else 1
-            embed = lambda tok_B: table_VD[tok_B.repeat(rows)].unsqueeze(1)  # noqa: E731  cond and uncond rows
+        fast, embed = parts if parts is not None else self._sampler_parts(params, ids_BP.shape[0])
         return cfg_decode(
             forward=fast if fast is not None else self._lm_forward,
             guided_logits=lambda h: self._guided_logits(h, params.cfg_scale),
