@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagerl.config import Config
-from imagerl.types import PromptBatch
+from flow_helpers import gen, make_flow_policy, prompt_batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -21,25 +20,11 @@ PROMPTS = ["a red square on the left", "a blue circle on the top"]
 
 
 def make(**over):
-    from imagerl.policies.flow.flux import FluxPolicy
-
-    cfg = Config()
-    cfg.model.family, cfg.model.tiny, cfg.model.tiny_size = "flux", True, "test"
-    cfg.rollout.num_steps, cfg.rollout.cfg_scale, cfg.rollout.noise_level = 4, 3.5, 0.7
-    for k, v in over.items():
-        sec, key = k.split("__")
-        setattr(getattr(cfg, sec) if sec != "lora" else cfg.model.lora, key, v)
-    pol = FluxPolicy(cfg, torch.device("cpu"))
-    pol.eval()
-    return pol
+    return make_flow_policy("flux", 3.5, **over)
 
 
 def batch(prompts=PROMPTS):
-    return PromptBatch(prompts=list(prompts), metadata=[{"i": i} for i in range(len(prompts))])
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+    return prompt_batch(prompts)
 
 
 def test_packing_ids_and_schedule_match_diffusers():

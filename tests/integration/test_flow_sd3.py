@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-from imagerl.config import Config
-from imagerl.types import PromptBatch
+from flow_helpers import gen, make_flow_policy, prompt_batch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,25 +26,11 @@ def one_thread():
 
 
 def make(**over):
-    from imagerl.policies.flow.sd3 import SD3Policy
-
-    cfg = Config()
-    cfg.model.family, cfg.model.tiny, cfg.model.tiny_size = "sd3", True, "test"
-    cfg.rollout.num_steps, cfg.rollout.cfg_scale, cfg.rollout.noise_level = 4, 4.5, 0.7
-    for k, v in over.items():  # section__key=value
-        sec, key = k.split("__")
-        setattr(getattr(cfg, sec) if sec != "lora" else cfg.model.lora, key, v)
-    pol = SD3Policy(cfg, torch.device("cpu"))
-    pol.eval()
-    return pol
+    return make_flow_policy("sd3", 4.5, **over)
 
 
 def batch(prompts=PROMPTS):
-    return PromptBatch(prompts=list(prompts), metadata=[{"i": i} for i in range(len(prompts))])
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
+    return prompt_batch(prompts)
 
 
 @pytest.mark.parametrize("sde", ["flow_grpo", "cps", "dance"])
