@@ -200,8 +200,9 @@ class ScoringConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded; Janus needs fp32 weights) | deepspeed (not yet)
-    zero_stage: int = 2
+    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded; Janus needs fp32 weights) | deepspeed (ZeRO-1/2)
+    zero_stage: int = 2  # deepspeed: 1 partitions the AdamW state, 2 also the gradients (3: use fsdp2)
+    deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # deepspeed: keys merged into its config
     backend: str = "auto"  # auto | gloo | nccl
 
 
@@ -483,10 +484,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
         if d.weight <= 0:
             raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
-    if cfg.dist.strategy == "deepspeed":
+    if cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage not in (1, 2):
         raise ConfigError(
-            "dist.strategy=deepspeed is not implemented yet; use dist.strategy=ddp (replicated, any family) or "
-            "dist.strategy=fsdp2 (sharded) under torchrun"
+            f"dist.zero_stage={cfg.dist.zero_stage}: dist.strategy=deepspeed runs ZeRO stage 1 (optimizer state "
+            "partitioned) or 2 (also gradients); for sharded parameters (what ZeRO-3 does) use dist.strategy=fsdp2"
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")

@@ -85,12 +85,18 @@ def test_kl_and_multiple_epochs_run(tmp_path):
 @pytest.mark.parametrize("family,strategy,variant", [
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
     ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
+    ("janus", "deepspeed", "lora+kl"), ("sd3", "deepspeed", "full+kl"), ("janus", "deepspeed", "zero1+full+kl"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
-    replicated (ddp) and sharded (fsdp2: with LoRA and a KL against the LoRA-disabled model, and with full
-    fine-tuning and a KL against the frozen initial weights, kept as this rank's shards)."""
+    replicated (ddp), sharded (fsdp2: with LoRA and a KL against the LoRA-disabled model, and with full
+    fine-tuning and a KL against the frozen initial weights, kept as this rank's shards), and DeepSpeed ZeRO-2
+    / ZeRO-1 (partitioned gradients and AdamW state, the loop's own micro-batching and loss weights)."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
+    if variant.startswith("zero1"):
+        extra += ["dist.zero_stage=1"]
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
@@ -101,7 +107,8 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = {"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20}[variant]
+    port = ({"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30}[variant]
+            + {"ddp": 0, "fsdp2": 0, "deepspeed": 100}[strategy])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                           "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)
@@ -124,26 +131,32 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
 
 
 @pytest.mark.dist
-def test_fsdp2_resume_reproduces_the_uninterrupted_run(tmp_path):
-    """2 processes, dist.strategy=fsdp2, Janus full fine-tuning with a KL term: stop after the step-2
-    checkpoint, rerun the same command, and step 3 equals step 3 of an uninterrupted run. Covers the gathered
-    weights and optimizer state loading back into shards, and the frozen reference (taken before the
-    checkpoint is loaded) being the initial weights, not the resumed ones."""
+@pytest.mark.parametrize("strategy", ["fsdp2", "deepspeed"])
+def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
+    """2 processes, dist.strategy=fsdp2 or deepspeed (ZeRO-2), Janus full fine-tuning with a KL term: stop
+    after the step-2 checkpoint, rerun the same command, and step 3 equals step 3 of an uninterrupted run.
+    Covers the gathered weights and optimizer state loading back into shards / ZeRO partitions, and the frozen
+    reference (taken before the checkpoint is loaded) being the initial weights, not the resumed ones."""
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
     args = ["train", *FAMILY_OVERRIDES["janus"], *COMMON, "algorithm.kl_coef=0.01", "algorithm.kl_estimator=k3",
-            "checkpoint.every=2", "run.threads=1", "dist.strategy=fsdp2"]
+            "checkpoint.every=2", "run.threads=1", f"dist.strategy={strategy}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def run(out, steps, port):
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            str(port), "-m", "imagerl.cli", *args, f"train.steps={steps}", f"run.output_dir={out}"],
-                           capture_output=True, text=True, env=env)
-        assert p.returncode == 0, p.stderr[-3000:]
+    def run(out, steps, port, *more):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(port), "-m", "imagerl.cli", *args, f"train.steps={steps}", f"run.output_dir={out}",
+                               *more], capture_output=True, text=True, env=env)
 
-    run(tmp_path / "full", 3, 29571)
-    run(tmp_path / "cut", 2, 29572)
-    run(tmp_path / "cut", 3, 29573)  # resumes from checkpoints/step_000002
+    port = 29571 + (10 if strategy == "deepspeed" else 0)
+    for out, steps, i in ((tmp_path / "full", 3, 0), (tmp_path / "cut", 2, 1), (tmp_path / "cut", 3, 2)):
+        p = run(out, steps, port + i)  # the last one resumes from checkpoints/step_000002
+        assert p.returncode == 0, p.stderr[-3000:]
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
     assert [r["step"] for r in b] == [1, 2, 3]
     assert b[2]["kl"] > 0
     for k in ("reward/mean", "loss", "kl", "grad_norm", "ratio/mean", "clip_frac"):
         assert a[2][k] == b[2][k], k  # exact: same processes, same order of operations
+    if strategy == "deepspeed":  # ZeRO partitions cannot be loaded as a full AdamW state: a clear error, not a crash
+        p = run(tmp_path / "cut", 4, port + 3, "dist.strategy=ddp")
+        assert p.returncode != 0 and "resume with the strategy that wrote it" in p.stderr, p.stderr[-2000:]

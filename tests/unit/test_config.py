@@ -65,6 +65,22 @@ def test_cross_field_errors():
         load_config(None, ["model.tiny=false"])
     with pytest.raises(ConfigError, match="sft_datasets"):
         load_config(None, ["algorithm.sft_weight=0.1"])
+    with pytest.raises(ConfigError, match=r"dist\.zero_stage=3.*dist\.strategy=fsdp2"):
+        load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=3"])
+
+
+def test_deepspeed_config_keeps_the_keys_the_loop_owns():
+    from imagerl.zero import deepspeed_config
+
+    cfg = load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=1", "optim.grad_clip=0.5",
+                             "dist.deepspeed_extra.zero_optimization.reduce_bucket_size=1000",
+                             "dist.deepspeed_extra.gradient_accumulation_steps=8",
+                             "dist.deepspeed_extra.zero_optimization.stage=3"])
+    conf = deepspeed_config(cfg)
+    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # extra merged, stage kept
+    assert conf["gradient_accumulation_steps"] == 1 and conf["managed_gradient_accumulation"] is False
+    assert conf["gradient_clipping"] == 0.5
+    assert deepspeed_config(load_config(None, ["optim.grad_clip=0"]))["gradient_clipping"] == 0.0
 
 
 def test_missing_config_file():

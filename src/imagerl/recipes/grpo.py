@@ -2,9 +2,10 @@
 
 It never branches on the model family (policies are adapters, see policies/base.py) nor on the algorithm
 variant (advantage estimators and KL estimators come from registries). Distributed code is confined to
-`imagerl.dist`: every rank draws the same global prompt batch, rolls out its slice, rewards and group ids are
-gathered so advantages are computed on the global batch, per-unit loss weights are normalised with global
-counts, and gradients are summed over ranks: K processes compute the same update as one.
+`imagerl.dist` (and `imagerl.zero` for DeepSpeed): every rank draws the same global prompt batch, rolls out
+its slice, rewards and group ids are gathered so advantages are computed on the global batch, per-unit loss
+weights are normalised with global counts, and gradients are summed over ranks: K processes compute the
+same update as one.
 
 Determinism and exact resume: every random draw of step s comes from generators seeded by (run.seed, s) (the
 rollout's per-row streams and the trained-unit subsets also ignore the rank), so a run resumed from the
@@ -119,6 +120,18 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        # DeepSpeed ZeRO-1/2 partitions the AdamW state (and gradients) over the ranks; the LR schedule stays
+        # ours (it sets the learning rate of the same AdamW, which DeepSpeed steps on its partitions)
+        self.zero = None
+        if cfg.dist.strategy == "deepspeed" and self.dist.enabled:
+            from ..zero import ZeroEngine
+
+            try:
+                self.zero = ZeroEngine(cfg, self.policy.trainable_module(), self.optimizer, self.dist)
+            except ImportError as e:
+                raise TrainingError(str(e)) from None
+        # every rank must run the same forward/backward passes (collectives inside them)
+        self.lockstep = self.fsdp or self.zero is not None
         self.start_step = 0
         if cfg.run.resume:
             self._maybe_resume()
@@ -142,7 +155,15 @@ class GRPOTrainer:
             return
         state = load_checkpoint(ck)
         self.policy.load_trainable_state_dict(state["trainable"])
-        if self.fsdp:
+        zero_ckpt = isinstance(state["optimizer"], dict) and "zero_partitions" in state["optimizer"]
+        if zero_ckpt != (self.zero is not None):
+            raise TrainingError(
+                f"{ck}: its optimizer state was written {'with' if zero_ckpt else 'without'} dist.strategy=deepspeed; "
+                "resume with the strategy that wrote it (DeepSpeed stores ZeRO partitions, the others the full AdamW state)"
+            )
+        if self.zero is not None:
+            self.zero.load_state(state["optimizer"])
+        elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(self.policy.trainable_module(), self.optimizer, state["optimizer"],
@@ -158,7 +179,9 @@ class GRPOTrainer:
         path = None
         # Gathering sharded (FSDP2) weights and optimizer state is collective: every rank takes part.
         weights = self.policy.trainable_state_dict()
-        if self.fsdp:
+        if self.zero is not None:
+            opt_state = self.zero.gathered_state()
+        elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opt_state = get_optimizer_state_dict(self.policy.trainable_module(), self.optimizer,
@@ -264,7 +287,8 @@ class GRPOTrainer:
             tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
             w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
             grpo_scale = 1.0 - a.sft_weight
-            self.optimizer.zero_grad(set_to_none=True)
+            if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
+                self.optimizer.zero_grad(set_to_none=True)
             acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0}
             rmax, rmin = -math.inf, math.inf
             adv_dev = adv.adv.to(eff.device)
@@ -273,7 +297,7 @@ class GRPOTrainer:
                 adv_n = adv_dev[idx_d]
                 for units in chunks:
                     w = w_NT[idx_d][:, units.to(eff.device)]
-                    if float(w.sum()) == 0.0 and not self.fsdp:  # FSDP2: every rank must run the same forwards
+                    if float(w.sum()) == 0.0 and not self.lockstep:
                         continue
                     with self.autocast():
                         cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
@@ -288,7 +312,7 @@ class GRPOTrainer:
                         loss = loss + loss_kl
                         acc["kl"] += float(loss_kl.detach())
                         acc["kl_raw"] += float((kl_u.detach() * w).sum())
-                    (loss * grpo_scale).backward()
+                    self._backward(loss * grpo_scale)
                     m = w > 0
                     r = terms.ratio.detach()[m]
                     acc["pg"] += float(loss_pg.detach())
@@ -301,14 +325,18 @@ class GRPOTrainer:
             sft_loss = torch.tensor(0.0)
             if a.sft_weight > 0:
                 sft_loss = self._sft_step(step, epoch)
-            if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
-                dist.sum_gradients(self.params, self.dist)
-            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-            if hasattr(gn, "full_tensor"):
-                gn = gn.full_tensor()
-            if not torch.isfinite(gn):
+            if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
+                gn = torch.tensor(self.zero.step())
+            else:
+                if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
+                    dist.sum_gradients(self.params, self.dist)
+                gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                if hasattr(gn, "full_tensor"):
+                    gn = gn.full_tensor()
+            if not torch.isfinite(gn):  # (DeepSpeed has skipped its update in that case; the others never ran it)
                 raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
-            self.optimizer.step()
+            if self.zero is None:
+                self.optimizer.step()
             self.scheduler.step()
             # Logged numbers describe the global batch, so K processes log what one process would.
             keys = sorted(acc)
@@ -339,8 +367,14 @@ class GRPOTrainer:
         batch = sft_batch(self.cfg.data.sft_datasets, a.sft_batch_size, gen, size=int(getattr(self.policy, "image_size", 64)))
         with self.autocast():
             loss = self.policy.sft_loss(batch, gen)
-        (a.sft_weight * loss).backward()
+        self._backward(a.sft_weight * loss)
         return loss.detach()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.zero is not None:
+            self.zero.backward(loss)
+        else:
+            loss.backward()
 
     # ------------------------------------------------------------------------------------------------
     def step(self, step: int) -> StepResult:
