@@ -70,6 +70,24 @@ def test_all_abstain_is_a_clear_error(tmp_path):
         t.train()
 
 
+@pytest.mark.parametrize("strategy", ["none", pytest.param("deepspeed", marks=pytest.mark.dist)])
+def test_non_finite_gradient_is_a_clear_error(tmp_path, strategy):
+    # A learning rate of 1e30 blows the weights up after the first update: the next gradient norm is NaN/inf,
+    # and the run must stop with an error that names the fix, not keep training on garbage (DeepSpeed skips
+    # such an update itself; the loop still has to stop).
+    args = ["train", *FAMILY_OVERRIDES["janus"], *COMMON, "optim.lr=1e30", "optim.grad_clip=0", "train.steps=3",
+            "checkpoint.every=0", "run.threads=1", f"dist.strategy={strategy}", f"run.output_dir={tmp_path}"]
+    if strategy == "deepspeed":
+        pytest.importorskip("deepspeed")
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29591"]
+    else:
+        launch = [sys.executable]
+    p = subprocess.run([*launch, "-m", "imagerl.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "gradient norm is" in p.stderr and "lower optim.lr" in p.stderr, p.stderr[-2000:]
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2"))
