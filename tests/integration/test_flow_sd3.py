@@ -17,13 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPTS = ["a red square on the left", "a blue circle on the top"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models are dominated by per-op overhead; on a shared 2-core machine one thread is 10-30x faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(**over):

@@ -22,13 +22,7 @@ from imagerl.types import PromptBatch  # noqa: E402
 PROMPTS = ["a red square on the left", "blue", "a green circle on the top of a yellow star"]  # lengths differ
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one thread is faster and immune to oversubscription on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make(*overrides: str) -> JanusPolicy:
