@@ -104,6 +104,7 @@ def test_kl_and_multiple_epochs_run(tmp_path):
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
     ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
     ("janus", "deepspeed", "lora+kl"), ("sd3", "deepspeed", "full+kl"), ("janus", "deepspeed", "zero1+full+kl"),
+    ("janus", "deepspeed", "offload"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
@@ -115,6 +116,9 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     extra = ["algorithm.timestep_fraction=0.5"] if family == "sd3" else []
     if variant.startswith("zero1"):
         extra += ["dist.zero_stage=1"]
+    if variant == "offload":  # ZeRO-2 with the AdamW partitions in host memory, via dist.deepspeed_extra
+        extra += ["dist.deepspeed_extra.zero_optimization.offload_optimizer.device=cpu",
+                  "dist.deepspeed_extra.zero_force_ds_cpu_optimizer=false"]
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
@@ -125,7 +129,7 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = ({"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30}[variant]
+    port = ({"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30, "offload": 40}[variant]
             + {"ddp": 0, "fsdp2": 0, "deepspeed": 100}[strategy])
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                           "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
