@@ -4,6 +4,7 @@ A checkpoint is a directory ``checkpoints/step_000050`` holding
     trainable.safetensors   the trained weights (LoRA adapters or full-FT parameters)
     optimizer.pt            optimizer + LR-scheduler state
     state.json              step, sampler position, RNG states (python/numpy/torch), config digest
+    zero/rank_NNNNN.pt      dist.strategy=deepspeed only: each rank's ZeRO optimizer partition
 It is written into ``step_000050.tmp-<pid>`` first, every file fsync'ed, then renamed in one `os.replace`: a
 kill at any moment leaves either the previous complete checkpoint or the new complete one, never half of one.
 `latest_checkpoint` only considers complete directories (a `COMPLETE` marker written last, before the rename).
@@ -68,7 +69,11 @@ def save_checkpoint(
     scheduler_state: dict[str, Any],
     state: dict[str, Any],
     keep_last: int = 2,
+    move_in: dict[str, Path] | None = None,
 ) -> Path:
+    """Write checkpoint `step` atomically. `move_in` {name: directory}: directories written beforehand (e.g. by
+    every rank: DeepSpeed's optimizer partitions) that become `name/` inside the checkpoint before it is marked
+    complete, so they are part of the same atomic rename."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f"step_{step:06d}.tmp-{os.getpid()}"
@@ -83,6 +88,8 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     _write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, indent=1, default=str).encode())
+    for name, src in (move_in or {}).items():
+        os.replace(src, tmp / name)
     _write_bytes(tmp / MARKER, b"ok\n")
     _fsync_dir(tmp)
     if final.exists():  # same step written again (e.g. final save right after a periodic one)
@@ -107,7 +114,7 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
-    for p in ckpt_root.iterdir():  # leftovers of killed writes
+    for p in ckpt_root.iterdir():  # leftovers of killed writes (and of partition staging, see `move_in`)
         if ".tmp-" in p.name and p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
     if keep_last > 0:

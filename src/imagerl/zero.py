@@ -13,9 +13,12 @@ How the loop's invariants carry over:
   ranks' gradients; DeepSpeed averages, hence the loss is multiplied by the world size before backward.
 - A non-finite gradient norm makes DeepSpeed skip the update (fp32 overflow check) and report an infinite
   norm; the trainer turns that into a TrainingError, as on the other strategies.
-- Checkpoints stay one atomic directory: every rank's ZeRO partition state is gathered to rank 0 and stored in
-  optimizer.pt; on resume every rank hands the list to DeepSpeed, which re-partitions it (so the number of
-  processes may change between runs, as long as it stays > 1 and on DeepSpeed).
+- Checkpoints stay one atomic directory: every rank writes its own ZeRO partition (AdamW moments and fp32
+  master weights) into a staging directory that rank 0 moves into the checkpoint before marking it complete
+  (`checkpoint.save_checkpoint(move_in=...)`); nothing is gathered, so full fine-tuning of a large model does
+  not need the whole optimizer state in one process. On resume each rank reads its own file. The partitions
+  are tied to the process count (DeepSpeed's default, non-elastic layout): resuming with another count is a
+  clear error.
 
 ZeRO-3 (sharded parameters) is refused at config time: the rollout reads whole weights, and parameter
 sharding is what dist.strategy=fsdp2 provides.
@@ -25,15 +28,17 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as tdist
 
 from .config import Config
 from .dist import DistInfo
 
-ZERO_KEY = "zero_partitions"  # optimizer.pt: the list of every rank's ZeRO optimizer state
+ZERO_KEY = "zero_partitions"  # optimizer.pt: {ZERO_KEY: number of processes whose partitions the checkpoint holds}
+PARTITIONS_DIR = "zero"  # checkpoint subdirectory: rank_00000.pt, rank_00001.pt, ...
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
@@ -112,20 +117,25 @@ class ZeroEngine:
         gn = self.engine.get_global_grad_norm()
         return float("nan") if gn is None else float(gn)
 
-    # ---- checkpoints (collective: every rank calls them) -------------------------------------------
-    def gathered_state(self) -> dict[str, Any] | None:
-        """Every rank's ZeRO optimizer state, gathered to rank 0 (None on the other ranks)."""
-        mine = _to_cpu(self.optimizer.state_dict())
-        parts: list[Any] | None = [None] * self.info.world if self.info.is_main else None
-        tdist.gather_object(mine, parts, dst=0)
-        return {ZERO_KEY: parts} if self.info.is_main else None
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def write_partition(self, staging: Path) -> None:
+        """This rank's ZeRO optimizer state (its AdamW moments and fp32 master partition) -> staging/rank_R.pt,
+        fsync'ed. Every rank writes its own file: nothing is gathered, so no rank ever holds the whole state."""
+        path = staging / f"rank_{self.info.rank:05d}.pt"
+        with open(path, "wb") as f:
+            torch.save(_to_cpu(self.optimizer.state_dict()), f)
+            f.flush()
+            os.fsync(f.fileno())
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        if ZERO_KEY not in state:
+    def load_partition(self, ckpt: Path, state: dict[str, Any]) -> None:
+        saved = int(state[ZERO_KEY])
+        if saved != self.info.world:
             raise ValueError(
-                "the checkpoint's optimizer state was not written by dist.strategy=deepspeed; resume it with the "
-                "strategy that wrote it (ddp/fsdp2 store the full AdamW state)"
+                f"{ckpt} holds ZeRO optimizer partitions of {saved} processes and this run has {self.info.world}: "
+                f"DeepSpeed's partitions are tied to the process count; resume with --nproc_per_node {saved}"
             )
-        # the fp32 master partitions come from the saved copies (exact); DeepSpeed re-partitions the list
-        # for the current number of ranks
-        self.optimizer.load_state_dict(state[ZERO_KEY], load_optimizer_states=True, load_from_fp32_weights=True)
+        sd = torch.load(ckpt / PARTITIONS_DIR / f"rank_{self.info.rank:05d}.pt", map_location="cpu", weights_only=False)
+        # DeepSpeed reads entry [rank] of the list; the fp32 master partition comes from the saved copy (exact)
+        sds: list[Any] = [None] * self.info.world
+        sds[self.info.rank] = sd
+        self.optimizer.load_state_dict(sds, load_optimizer_states=True, load_from_fp32_weights=True)

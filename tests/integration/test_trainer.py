@@ -179,6 +179,13 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
     assert b[2]["kl"] > 0
     for k in ("reward/mean", "loss", "kl", "grad_norm", "ratio/mean", "clip_frac"):
         assert a[2][k] == b[2][k], k  # exact: same processes, same order of operations
-    if strategy == "deepspeed":  # ZeRO partitions cannot be loaded as a full AdamW state: a clear error, not a crash
+    if strategy == "deepspeed":
+        ck = tmp_path / "cut" / "checkpoints" / "step_000003"
+        assert sorted(os.listdir(ck / "zero")) == ["rank_00000.pt", "rank_00001.pt"]  # each rank's own partition
+        # ZeRO partitions cannot be loaded as a full AdamW state: a clear error, not a crash
         p = run(tmp_path / "cut", 4, port + 3, "dist.strategy=ddp")
         assert p.returncode != 0 and "resume with the strategy that wrote it" in p.stderr, p.stderr[-2000:]
+        # but evaluating the checkpoint needs its weights only, in one process
+        p = subprocess.run([sys.executable, "-m", "imagerl.cli", "eval", f"run.output_dir={tmp_path / 'cut'}"],
+                           capture_output=True, text=True, env=env)
+        assert p.returncode == 0 and (ck.parent.parent / "eval" / "step_000003.json").exists(), p.stderr[-2000:]

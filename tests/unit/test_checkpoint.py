@@ -45,3 +45,20 @@ def test_killed_write_is_ignored(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_000001"  # ... but is never taken as a checkpoint
     _save(tmp_path, 3)
     assert not any(".tmp-" in p for p in os.listdir(tmp_path))  # and is cleaned up by the next save
+
+
+def test_moved_in_directory_is_part_of_the_atomic_checkpoint(tmp_path):
+    # DeepSpeed: every rank writes its optimizer partition into a staging directory named like a killed write
+    # (so a leftover is pruned), and rank 0 moves it into the checkpoint before marking it complete.
+    staging = tmp_path / "step_000002.tmp-zero"
+    staging.mkdir()
+    for r in range(2):
+        torch.save({"rank": r}, staging / f"rank_{r:05d}.pt")
+    ck = save_checkpoint(tmp_path, 2, {"w": torch.zeros(3)}, {"zero_partitions": 2}, {}, {}, move_in={"zero": staging})
+    assert not staging.exists() and latest_checkpoint(tmp_path) == ck
+    assert sorted(os.listdir(ck / "zero")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert torch.load(ck / "zero" / "rank_00001.pt") == {"rank": 1}
+    leftover = tmp_path / "step_000004.tmp-zero"  # a run killed while ranks were writing partitions
+    leftover.mkdir()
+    _save(tmp_path, 3)
+    assert not leftover.exists()

@@ -97,3 +97,13 @@ def test_bad_yaml(tmp_path):
 def test_override_without_equals():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
+
+
+def test_zero_partitions_of_another_process_count_are_a_clear_error(tmp_path):
+    from imagerl.dist import DistInfo
+    from imagerl.zero import ZeroEngine
+
+    eng = ZeroEngine.__new__(ZeroEngine)  # no DeepSpeed needed: the count is checked before anything is read
+    eng.info = DistInfo(rank=0, world=2)
+    with pytest.raises(ValueError, match=r"partitions of 4 processes and this run has 2.*--nproc_per_node 4"):
+        eng.load_partition(tmp_path, {"zero_partitions": 4})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
+from ..zero import PARTITIONS_DIR, ZERO_KEY
 
 
 class TrainingError(RuntimeError):
@@ -134,7 +136,7 @@ class GRPOTrainer:
         self.lockstep = self.fsdp or self.zero is not None
         self.start_step = 0
         if cfg.run.resume:
-            self._maybe_resume()
+            self._maybe_resume(weights_only=not training)
         from ..logging import RunLogger
 
         self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
@@ -149,20 +151,28 @@ class GRPOTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[dt])
 
-    def _maybe_resume(self) -> None:
+    def _maybe_resume(self, weights_only: bool = False) -> None:
+        """Load the latest complete checkpoint: weights, and unless `weights_only` (eval / export) the optimizer,
+        schedule, sampler and RNG states."""
         ck = latest_checkpoint(self.ckpt_dir)
         if ck is None:
             return
         state = load_checkpoint(ck)
         self.policy.load_trainable_state_dict(state["trainable"])
-        zero_ckpt = isinstance(state["optimizer"], dict) and "zero_partitions" in state["optimizer"]
+        self.start_step = int(state["state"]["step"])
+        if weights_only:
+            return
+        zero_ckpt = isinstance(state["optimizer"], dict) and ZERO_KEY in state["optimizer"]
         if zero_ckpt != (self.zero is not None):
             raise TrainingError(
                 f"{ck}: its optimizer state was written {'with' if zero_ckpt else 'without'} dist.strategy=deepspeed; "
                 "resume with the strategy that wrote it (DeepSpeed stores ZeRO partitions, the others the full AdamW state)"
             )
         if self.zero is not None:
-            self.zero.load_state(state["optimizer"])
+            try:
+                self.zero.load_partition(ck, state["optimizer"])
+            except ValueError as e:
+                raise TrainingError(str(e)) from None
         elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -173,14 +183,22 @@ class GRPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["state"]["sampler"])
         set_rng_state(state["rng"])
-        self.start_step = int(state["state"]["step"])
 
     def save(self, step: int) -> Path | None:
         path = None
         # Gathering sharded (FSDP2) weights and optimizer state is collective: every rank takes part.
         weights = self.policy.trainable_state_dict()
-        if self.zero is not None:
-            opt_state = self.zero.gathered_state()
+        move_in = None
+        if self.zero is not None:  # every rank writes its own partition; rank 0 moves them into the checkpoint
+            staging = self.ckpt_dir / f"step_{step:06d}.tmp-zero"
+            if self.dist.is_main:
+                if staging.exists():  # left by a killed run
+                    shutil.rmtree(staging)
+                staging.mkdir(parents=True)
+            dist.barrier(self.dist)
+            self.zero.write_partition(staging)
+            dist.barrier(self.dist)
+            opt_state, move_in = {ZERO_KEY: self.dist.world}, {PARTITIONS_DIR: staging}
         elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -192,7 +210,7 @@ class GRPOTrainer:
             path = save_checkpoint(
                 self.ckpt_dir, step, weights, opt_state,
                 self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg)},
-                keep_last=self.cfg.checkpoint.keep_last,
+                keep_last=self.cfg.checkpoint.keep_last, move_in=move_in,
             )
         dist.barrier(self.dist)
         return path
