@@ -341,19 +341,19 @@ def _parse_overrides(overrides: list[str]) -> Any:
         raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
 
 
-def _merge_user(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     """Deep-merge plain dicts; lists merge element-wise when the override indexes into them."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge_user(out[k], v)
+            out[k] = deep_merge(out[k], v)
         elif isinstance(v, dict) and isinstance(out.get(k), list) and all(str(i).isdigit() for i in v):
             lst = list(out[k])
             for i, item in v.items():
                 i = int(i)
                 while len(lst) <= i:
                     lst.append({})
-                lst[i] = _merge_user(lst[i], item) if isinstance(item, dict) and isinstance(lst[i], dict) else item
+                lst[i] = deep_merge(lst[i], item) if isinstance(item, dict) and isinstance(lst[i], dict) else item
             out[k] = lst
         else:
             out[k] = v
@@ -385,8 +385,8 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{cfg_path}: the top level must be a mapping of sections (run:, model:, ...)")
-    user = _merge_user(user, data)
-    user = _merge_user(user, _parse_overrides(overrides))
+    user = deep_merge(user, data)
+    user = deep_merge(user, _parse_overrides(overrides))
     user = _listify_indexed(user, [])
     _check_keys(user, [], Config())
     schema = OmegaConf.structured(Config)

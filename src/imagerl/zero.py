@@ -26,15 +26,16 @@ sharding is what dist.strategy=fsdp2 provides.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config
+from . import dist
+from .config import Config, deep_merge
 from .dist import DistInfo
 
 ZERO_KEY = "zero_partitions"  # optimizer.pt: {ZERO_KEY: number of processes whose partitions the checkpoint holds}
@@ -55,30 +56,14 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-    _merge(conf, copy.deepcopy(dict(d.deepspeed_extra or {})))
-    # owned by the loop (see the module docstring); a user value here would silently change the update
+    conf = deep_merge(conf, dict(d.deepspeed_extra or {}))  # (new dicts along merged paths: extra is untouched)
+    # owned by the loop (see the module docstring); a user value here would silently change the update, and
+    # without the norm the loop could neither log it nor stop on a non-finite gradient
     conf["managed_gradient_accumulation"] = False
     conf["gradient_accumulation_steps"] = 1
     conf["zero_optimization"]["stage"] = int(d.zero_stage)
+    conf["zero_optimization"]["compute_grad_norm"] = True
     return conf
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-
-
-def _to_cpu(obj: Any) -> Any:
-    if torch.is_tensor(obj):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 class ZeroEngine:
@@ -114,18 +99,26 @@ class ZeroEngine:
         """Reduce the accumulated gradients, clip, apply AdamW -> the global gradient norm (before clipping;
         inf when it was not finite, in which case DeepSpeed skipped the update)."""
         self.engine.step()
-        gn = self.engine.get_global_grad_norm()
-        return float("nan") if gn is None else float(gn)
+        return float(self.engine.get_global_grad_norm())  # (never None: compute_grad_norm is ours)
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def write_partition(self, staging: Path) -> None:
-        """This rank's ZeRO optimizer state (its AdamW moments and fp32 master partition) -> staging/rank_R.pt,
-        fsync'ed. Every rank writes its own file: nothing is gathered, so no rank ever holds the whole state."""
-        path = staging / f"rank_{self.info.rank:05d}.pt"
-        with open(path, "wb") as f:
-            torch.save(_to_cpu(self.optimizer.state_dict()), f)
+    def stage_partitions(self, ckpt_root: Path, step: int) -> dict[str, Path]:
+        """Collective: every rank writes its ZeRO optimizer state (its AdamW moments and fp32 master partition)
+        to a staging directory, fsync'ed -> `move_in` for `checkpoint.save_checkpoint`, which rank 0 calls next.
+        Nothing is gathered, so no rank ever holds the whole state. The staging name contains ".tmp-", so a
+        run killed while writing leaves a directory the next save prunes."""
+        staging = ckpt_root / f"step_{step:06d}.tmp-zero"
+        if self.info.is_main:
+            if staging.exists():  # left by a run killed at this very step
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        dist.barrier(self.info)
+        with open(staging / f"rank_{self.info.rank:05d}.pt", "wb") as f:
+            torch.save(self.optimizer.state_dict(), f)  # (torch.save copies device tensors to host itself)
             f.flush()
             os.fsync(f.fileno())
+        dist.barrier(self.info)
+        return {PARTITIONS_DIR: staging}
 
     def load_partition(self, ckpt: Path, state: dict[str, Any]) -> None:
         saved = int(state[ZERO_KEY])

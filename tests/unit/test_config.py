@@ -75,9 +75,12 @@ def test_deepspeed_config_keeps_the_keys_the_loop_owns():
     cfg = load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=1", "optim.grad_clip=0.5",
                              "dist.deepspeed_extra.zero_optimization.reduce_bucket_size=1000",
                              "dist.deepspeed_extra.gradient_accumulation_steps=8",
-                             "dist.deepspeed_extra.zero_optimization.stage=3"])
+                             "dist.deepspeed_extra.zero_optimization.stage=3",
+                             "dist.deepspeed_extra.zero_optimization.compute_grad_norm=false"])
     conf = deepspeed_config(cfg)
-    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # extra merged, stage kept
+    # extra merged; the stage and the gradient norm (logged, and checked for NaN) stay the loop's
+    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000, "compute_grad_norm": True}
+    assert cfg.dist.deepspeed_extra["zero_optimization"]["stage"] == 3  # the user's dict is not modified
     assert conf["gradient_accumulation_steps"] == 1 and conf["managed_gradient_accumulation"] is False
     assert conf["gradient_clipping"] == 0.5
     assert deepspeed_config(load_config(None, ["optim.grad_clip=0"]))["gradient_clipping"] == 0.0

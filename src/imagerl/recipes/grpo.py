@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
-from ..zero import PARTITIONS_DIR, ZERO_KEY
+from ..zero import ZERO_KEY
 
 
 class TrainingError(RuntimeError):
@@ -190,15 +189,7 @@ class GRPOTrainer:
         weights = self.policy.trainable_state_dict()
         move_in = None
         if self.zero is not None:  # every rank writes its own partition; rank 0 moves them into the checkpoint
-            staging = self.ckpt_dir / f"step_{step:06d}.tmp-zero"
-            if self.dist.is_main:
-                if staging.exists():  # left by a killed run
-                    shutil.rmtree(staging)
-                staging.mkdir(parents=True)
-            dist.barrier(self.dist)
-            self.zero.write_partition(staging)
-            dist.barrier(self.dist)
-            opt_state, move_in = {ZERO_KEY: self.dist.world}, {PARTITIONS_DIR: staging}
+            opt_state, move_in = {ZERO_KEY: self.dist.world}, self.zero.stage_partitions(self.ckpt_dir, step)
         elif self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
