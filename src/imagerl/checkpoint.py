@@ -1,10 +1,12 @@
 """Atomic, resumable checkpoints.
 
 A checkpoint is a directory ``checkpoints/step_000050`` holding
-    trainable.safetensors   the trained weights (LoRA adapters or full-FT parameters)
-    optimizer.pt            optimizer + LR-scheduler state
-    state.json              step, sampler position, RNG states (python/numpy/torch), config digest
-    zero/rank_NNNNN.pt      dist.strategy=deepspeed only: each rank's ZeRO optimizer partition
+    trainable.safetensors   the trained weights (LoRA adapters or full-FT parameters), whole
+    optimizer/              the AdamW state in torch.distributed.checkpoint format, written by every rank
+                            (FSDP2: its own shards), loadable under any strategy but DeepSpeed, any process count
+    zero/rank_NNNNN.pt      instead of optimizer/ under dist.strategy=deepspeed: each rank's ZeRO partition
+    optimizer.pt            LR-scheduler and RNG states, and which of the two optimizer layouts the checkpoint has
+    state.json              step, sampler position, config
 It is written into ``step_000050.tmp-<pid>`` first, every file fsync'ed, then renamed in one `os.replace`: a
 kill at any moment leaves either the previous complete checkpoint or the new complete one, never half of one.
 `latest_checkpoint` only considers complete directories (a `COMPLETE` marker written last, before the rename).

@@ -9,7 +9,12 @@ plugin (see ECOSYSTEM.md section 4).
 from __future__ import annotations
 
 import os
+import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as tdist
@@ -77,6 +82,64 @@ def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         tdist.barrier()
+
+
+@contextmanager
+def staging_dir(path: Path, info: DistInfo) -> Iterator[Path]:
+    """Collective: rank 0 (re)creates the directory `path` (a leftover of a run killed at this very point is
+    cleared), every rank writes its own part of a checkpoint inside the block, and when the block exits every
+    rank has finished writing. The checkpoint writer (rank 0) then moves the directory in (`save_checkpoint(
+    move_in=...)`), so per-rank pieces join the one atomic rename and no rank gathers the others' state."""
+    if info.is_main:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    barrier(info)
+    yield path
+    barrier(info)
+
+
+OPTIM_KEY = "optimizer_dcp"  # optimizer.pt: {OPTIM_KEY: process count}; the state itself is in OPTIM_DIR
+OPTIM_DIR = "optimizer"  # checkpoint subdirectory in torch.distributed.checkpoint (DCP) format
+
+
+@contextmanager
+def _quiet_single_process_dcp() -> Iterator[None]:
+    """DCP warns on every single-process save/load, even when asked for one (`no_dist=True`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def stage_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_root: Path, step: int,
+                          info: DistInfo) -> dict[str, Path]:
+    """Collective: every rank writes its own part of the optimizer state with torch.distributed.checkpoint into
+    a staging directory -> `move_in` for `checkpoint.save_checkpoint`. Under FSDP2 that part is this rank's
+    shards, so nothing is gathered: a full fine-tune's AdamW moments (twice the weights, in fp32) never sit in
+    one process. One process and DDP write whole tensors (DCP saves replicated ones once). The state is keyed by
+    parameter name and DCP records where each shard sits in the full tensor, so `load_optimizer_state` loads it
+    under any of these strategies and any process count."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(module, optimizer)  # FSDP2: this rank's DTensor shards
+    with staging_dir(ckpt_root / f"step_{step:06d}.tmp-optim", info) as staging:
+        with _quiet_single_process_dcp():
+            dcp.save(state, checkpoint_id=staging, no_dist=not info.enabled)  # (its file writer fsyncs every file)
+    return {OPTIM_DIR: staging}
+
+
+def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, info: DistInfo) -> None:
+    """Load what `stage_optimizer_state` wrote (collective when distributed): each rank reads the pieces of its own
+    shards (FSDP2) or the whole tensors (one process, DDP), whatever process count wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    # the structure to fill: torch creates AdamW's state with a zero-lr step first (parameters unchanged)
+    state = get_optimizer_state_dict(module, optimizer)
+    with _quiet_single_process_dcp():
+        dcp.load(state, checkpoint_id=ckpt / OPTIM_DIR, no_dist=not info.enabled)
+    set_optimizer_state_dict(module, optimizer, state)
 
 
 def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:

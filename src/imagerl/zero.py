@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +106,11 @@ class ZeroEngine:
         to a staging directory, fsync'ed -> `move_in` for `checkpoint.save_checkpoint`, which rank 0 calls next.
         Nothing is gathered, so no rank ever holds the whole state. The staging name contains ".tmp-", so a
         run killed while writing leaves a directory the next save prunes."""
-        staging = ckpt_root / f"step_{step:06d}.tmp-zero"
-        if self.info.is_main:
-            if staging.exists():  # left by a run killed at this very step
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-        dist.barrier(self.info)
-        with open(staging / f"rank_{self.info.rank:05d}.pt", "wb") as f:
-            torch.save(self.optimizer.state_dict(), f)  # (torch.save copies device tensors to host itself)
-            f.flush()
-            os.fsync(f.fileno())
-        dist.barrier(self.info)
+        with dist.staging_dir(ckpt_root / f"step_{step:06d}.tmp-zero", self.info) as staging:
+            with open(staging / f"rank_{self.info.rank:05d}.pt", "wb") as f:
+                torch.save(self.optimizer.state_dict(), f)  # (torch.save copies device tensors to host itself)
+                f.flush()
+                os.fsync(f.fileno())
         return {PARTITIONS_DIR: staging}
 
     def load_partition(self, ckpt: Path, state: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@ abstain handling, multi-process equals single-process."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,9 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
 def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
     """2 processes, dist.strategy=fsdp2 or deepspeed (ZeRO-2), Janus full fine-tuning with a KL term: stop
     after the step-2 checkpoint, rerun the same command, and step 3 equals step 3 of an uninterrupted run.
-    Covers the gathered weights and optimizer state loading back into shards / ZeRO partitions, and the frozen
-    reference (taken before the checkpoint is loaded) being the initial weights, not the resumed ones."""
+    Covers the gathered weights and the per-rank optimizer pieces loading back into shards / ZeRO partitions,
+    and the frozen reference (taken before the checkpoint is loaded) being the initial weights, not the resumed
+    ones. FSDP2 also changes the process count both ways (its DCP optimizer shards reshard)."""
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
     args = ["train", *FAMILY_OVERRIDES["janus"], *COMMON, "algorithm.kl_coef=0.01", "algorithm.kl_estimator=k3",
@@ -171,7 +173,10 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
                                *more], capture_output=True, text=True, env=env)
 
     port = 29571 + (10 if strategy == "deepspeed" else 0)
-    for out, steps, i in ((tmp_path / "full", 3, 0), (tmp_path / "cut", 2, 1), (tmp_path / "cut", 3, 2)):
+    full_steps = 4 if strategy == "fsdp2" else 3  # fsdp2: step 4 checks a resume from a one-process checkpoint
+    for out, steps, i in ((tmp_path / "full", full_steps, 0), (tmp_path / "cut", 2, 1), (tmp_path / "cut", 3, 2)):
+        if i == 2:  # keep a copy of the stopped run for the one-process resume below
+            shutil.copytree(tmp_path / "cut", tmp_path / "cut1")
         p = run(out, steps, port + i)  # the last one resumes from checkpoints/step_000002
         assert p.returncode == 0, p.stderr[-3000:]
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "cut")
@@ -179,6 +184,25 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
     assert b[2]["kl"] > 0
     for k in ("reward/mean", "loss", "kl", "grad_norm", "ratio/mean", "clip_frac"):
         assert a[2][k] == b[2][k], k  # exact: same processes, same order of operations
+    if strategy == "fsdp2":
+        # every rank wrote its own shards of the AdamW state (torch.distributed.checkpoint), nothing gathered
+        shards = sorted(os.listdir(tmp_path / "cut" / "checkpoints" / "step_000003" / "optimizer"))
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"], shards
+        # DCP reshards: the 2-process checkpoint resumes in one process, to the numbers of the 2-process run
+        # (approximately: one process sums in another order)
+        p = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, "train.steps=3", "dist.strategy=none",
+                            f"run.output_dir={tmp_path / 'cut1'}"], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        c = metrics(tmp_path / "cut1")
+        assert [r["step"] for r in c] == [1, 2, 3]
+        # and the other way: the full AdamW state this one process wrote loads into the 2 processes' shards
+        p = run(tmp_path / "cut1", 4, port + 3)
+        assert p.returncode == 0, p.stderr[-3000:]
+        c = metrics(tmp_path / "cut1")
+        assert [r["step"] for r in c] == [1, 2, 3, 4]
+        for k in ("reward/mean", "loss", "kl", "grad_norm", "ratio/mean"):
+            assert c[2][k] == pytest.approx(a[2][k], rel=1e-4, abs=1e-6), k
+            assert c[3][k] == pytest.approx(a[3][k], rel=1e-4, abs=1e-6), k
     if strategy == "deepspeed":
         ck = tmp_path / "cut" / "checkpoints" / "step_000003"
         assert sorted(os.listdir(ck / "zero")) == ["rank_00000.pt", "rank_00001.pt"]  # each rank's own partition

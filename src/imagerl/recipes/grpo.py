@@ -161,42 +161,39 @@ class GRPOTrainer:
         self.start_step = int(state["state"]["step"])
         if weights_only:
             return
-        zero_ckpt = isinstance(state["optimizer"], dict) and ZERO_KEY in state["optimizer"]
+        saved = state["optimizer"] if isinstance(state["optimizer"], dict) else {}
+        zero_ckpt = ZERO_KEY in saved
         if zero_ckpt != (self.zero is not None):
             raise TrainingError(
                 f"{ck}: its optimizer state was written {'with' if zero_ckpt else 'without'} dist.strategy=deepspeed; "
-                "resume with the strategy that wrote it (DeepSpeed stores ZeRO partitions, the others the full AdamW state)"
+                "resume with the strategy that wrote it (DeepSpeed stores its own ZeRO partitions; the other strategies "
+                "store an AdamW state any of them can load)"
             )
         if self.zero is not None:
             try:
-                self.zero.load_partition(ck, state["optimizer"])
+                self.zero.load_partition(ck, saved)
             except ValueError as e:
                 raise TrainingError(str(e)) from None
-        elif self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            set_optimizer_state_dict(self.policy.trainable_module(), self.optimizer, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
+        elif dist.OPTIM_KEY in saved:  # any strategy but DeepSpeed, any process count
+            dist.load_optimizer_state(self.policy.trainable_module(), self.optimizer, ck, self.dist)
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
+            raise TrainingError(f"{ck} has no optimizer state this version can read; start a new run.output_dir")
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["state"]["sampler"])
         set_rng_state(state["rng"])
 
     def save(self, step: int) -> Path | None:
         path = None
-        # Gathering sharded (FSDP2) weights and optimizer state is collective: every rank takes part.
+        # Gathering sharded (FSDP2) weights and staging the optimizer state are collective: every rank takes part.
         weights = self.policy.trainable_state_dict()
-        move_in = None
-        if self.zero is not None:  # every rank writes its own partition; rank 0 moves them into the checkpoint
+        # every rank writes its own part of the optimizer state (ZeRO partitions, or DCP: FSDP2 shards / whole
+        # tensors), and rank 0 moves the staged directory into the checkpoint before its atomic rename
+        if self.zero is not None:
             opt_state, move_in = {ZERO_KEY: self.dist.world}, self.zero.stage_partitions(self.ckpt_dir, step)
-        elif self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt_state = get_optimizer_state_dict(self.policy.trainable_module(), self.optimizer,
-                                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
-            opt_state = self.optimizer.state_dict()
+            opt_state = {dist.OPTIM_KEY: self.dist.world}
+            move_in = dist.stage_optimizer_state(self.policy.trainable_module(), self.optimizer, self.ckpt_dir, step,
+                                                 self.dist)
         if self.dist.is_main:
             path = save_checkpoint(
                 self.ckpt_dir, step, weights, opt_state,
