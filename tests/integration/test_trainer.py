@@ -2,6 +2,7 @@
 abstain handling, multi-process equals single-process."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -87,6 +88,22 @@ def test_non_finite_gradient_is_a_clear_error(tmp_path, strategy):
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode != 0
     assert "gradient norm is" in p.stderr and "lower optim.lr" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["janus", "sd3"])
+def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, family):
+    # bf16 weights under AdamW drop every update below their rounding step (most of them at small lr): full
+    # fine-tuning of bf16 weights is a clear error naming the fixes, while LoRA over a bf16 base trains fp32
+    # adapters under bf16 autocast.
+    with pytest.raises(TrainingError, match=r"trained parameters are bfloat16.*model.dtype=fp32 with run.dtype=bf16"):
+        GRPOTrainer(cfg_for(family, tmp_path / "full", "model.dtype=bf16", "run.dtype=bf16"))
+    t = GRPOTrainer(cfg_for(family, tmp_path / "lora", "model.dtype=bf16", "run.dtype=bf16", "model.lora.enabled=true",
+                            "model.lora.r=4", "train.steps=1", "checkpoint.every=0"))
+    assert {p.dtype for p in t.params} == {torch.float32}
+    before = [p.detach().clone() for p in t.params]
+    t.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
+    assert math.isfinite(metrics(tmp_path / "lora")[0]["loss"])
 
 
 def test_kl_and_multiple_epochs_run(tmp_path):
