@@ -243,7 +243,7 @@ def test_sampled_decoding_is_seeded(server):
                                            seed=seed, logprobs=True, top_logprobs=1)
         return r.choices[0].message.content, [t.logprob for t in r.choices[0].logprobs.content]
 
-    a, b, c = ask(1), ask(1), ask(2)
+    a, b = ask(1), ask(1)
     assert a == b, "same seed, same sample"
     others = {ask(s)[0] for s in range(2, 6)}
     assert len(others | {a[0]}) > 1, "different seeds should give different samples from a near-uniform tiny model"
