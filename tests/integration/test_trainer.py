@@ -97,6 +97,9 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
     # adapters under bf16 autocast.
     with pytest.raises(TrainingError, match=r"trained parameters are bfloat16.*model.dtype=fp32 with run.dtype=bf16"):
         GRPOTrainer(cfg_for(family, tmp_path / "full", "model.dtype=bf16", "run.dtype=bf16"))
+    with pytest.raises(TrainingError, match=r"run.dtype=fp16 trains without loss scaling.*use run.dtype=bf16"):
+        GRPOTrainer(cfg_for(family, tmp_path / "fp16", "run.dtype=fp16"))
+    GRPOTrainer(cfg_for(family, tmp_path / "full", "model.dtype=bf16", "run.dtype=fp16"), training=False)  # eval
     t = GRPOTrainer(cfg_for(family, tmp_path / "lora", "model.dtype=bf16", "run.dtype=bf16", "model.lora.enabled=true",
                             "model.lora.r=4", "train.steps=1", "checkpoint.every=0"))
     assert {p.dtype for p in t.params} == {torch.float32}

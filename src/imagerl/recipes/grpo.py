@@ -118,7 +118,8 @@ class GRPOTrainer:
         self.params = self.policy.trainable_parameters()
         if not self.params:
             raise TrainingError("the policy has no trainable parameters: enable model.lora or list model.trainable modules")
-        self._check_update_precision()
+        if training:  # (eval / export only read weights)
+            self._check_update_precision()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -150,7 +151,14 @@ class GRPOTrainer:
         optim.lr=1e-6 (the Janus-Pro recipe) nearly no bf16 weight ever changes, and training silently does
         nothing (measured on the tiny Janus: 1.8% of the weights changed after a step at 1e-6, 11% at 1e-5).
         So trained parameters must be fp32 unless DeepSpeed runs the update (its ZeRO optimizer steps fp32
-        master partitions of bf16 weights)."""
+        master partitions of bf16 weights). fp16 compute would need loss scaling (a GradScaler), which the loop
+        does not have, so it is refused for training too."""
+        if self.cfg.run.dtype == "fp16":
+            raise TrainingError(
+                "run.dtype=fp16 trains without loss scaling, so small fp16 activation gradients would underflow to "
+                "zero; use run.dtype=bf16 (the same speed and memory on GPUs that have it, with fp32's range) or fp32. "
+                "fp16 is fine for `imagerl eval`"
+            )
         low = sorted({str(p.dtype).removeprefix("torch.") for p in self.params if p.dtype in (torch.bfloat16, torch.float16)})
         if not low or (self.cfg.dist.strategy == "deepspeed" and self.dist.enabled):
             return
