@@ -125,7 +125,7 @@ def test_kl_and_multiple_epochs_run(tmp_path):
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
     ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
     ("janus", "deepspeed", "lora+kl"), ("sd3", "deepspeed", "full+kl"), ("janus", "deepspeed", "zero1+full+kl"),
-    ("janus", "deepspeed", "offload"),
+    ("janus", "deepspeed", "offload"), ("janus", "ddp", "accelerate"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
@@ -150,12 +150,19 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     one = subprocess.run([sys.executable, "-m", "imagerl.cli", *args, f"run.output_dir={tmp_path}/one"],
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
-    port = ({"janus": 29533, "sd3": 29534}[family] + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30, "offload": 40}[variant]
+    port = ({"janus": 29533, "sd3": 29534}[family]
+            + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30, "offload": 40, "accelerate": 50}[variant]
             + {"ddp": 0, "fsdp2": 0, "deepspeed": 100}[strategy])
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                          "-m", "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
+    if variant == "accelerate":  # accelerate's launcher starts the processes the way torchrun does
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(port), "-m"]
+    else:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m"]
+    two = subprocess.run([*launch, "imagerl.cli", *args, f"dist.strategy={strategy}", f"run.output_dir={tmp_path}/two"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert f"2 processes: dist.strategy={strategy}, gloo" in two.stdout, two.stdout[-2000:]
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
     if variant.endswith("kl"):  # the reference really differs from the policy after the first update

@@ -142,6 +142,9 @@ class GRPOTrainer:
 
         self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
                                 is_main=self.dist.is_main and training)
+        if self.dist.enabled and training:  # (so a launcher that silently starts one process is noticed)
+            engine = "fsdp2" if self.fsdp else "deepspeed" if self.zero is not None else "ddp"
+            self.logger.print(f"{self.dist.world} processes: dist.strategy={engine}, {torch.distributed.get_backend()}")
         if self.start_step and training:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
 
