@@ -1,4 +1,4 @@
-"""Command line: ``imagerl train | eval | export | print-config | serve-reward``.
+"""Command line: ``imagerl train | eval | sample | export | print-config | serve-reward``.
 
 ``imagerl train`` with no config runs the built-in demo recipe (configs/demo.yaml).
 """
@@ -57,26 +57,38 @@ def cmd_train(args: list[str]) -> int:
     return 0
 
 
-def _take_flag(args: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """`--flag VALUE` or `--flag=VALUE` out of args -> (value or None, remaining args)."""
-    out, value, i = [], None, 0
+def _take_all(args: list[str], flag: str) -> tuple[list[str], list[str]]:
+    """Every `--flag VALUE` / `--flag=VALUE` out of args -> (values, remaining args)."""
+    out, values, i = [], [], 0
     while i < len(args):
         a = args[i]
         if a == flag:
             if i + 1 >= len(args):
                 raise SystemExit(f"imagerl: {flag} needs a value")
-            value, i = args[i + 1], i + 2
+            values.append(args[i + 1])
+            i += 2
             continue
         if a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
+            values.append(a.split("=", 1)[1])
         else:
             out.append(a)
         i += 1
-    return value, out
+    return values, out
 
 
-def _trained_policy(args: list[str]):
-    """The run's policy with its latest checkpoint loaded (no run files written).
+def _take_flag(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """`--flag VALUE` or `--flag=VALUE` out of args -> (the last value or None, remaining args)."""
+    values, out = _take_all(args, flag)
+    return (values[-1] if values else None), out
+
+
+def _take_switch(args: list[str], flag: str) -> tuple[bool, list[str]]:
+    return flag in args, [a for a in args if a != flag]
+
+
+def _trained_policy(args: list[str], base: bool = False):
+    """The run's policy with its latest checkpoint loaded (no run files written); `base`: the initial weights,
+    no checkpoint needed.
 
     Without a CONFIG, `run.output_dir=DIR` is enough: the run's own resolved DIR/config.yaml is used."""
     config, overrides = _split(args)
@@ -84,16 +96,17 @@ def _trained_policy(args: list[str]):
         out = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir=")), None)
         if out and (Path(out) / "config.yaml").exists():
             args = [str(Path(out) / "config.yaml"), *overrides]
-    cfg = _load(args)
+    cfg = _load([*args, "run.resume=false"] if base else args)
     from .checkpoint import latest_checkpoint
     from .recipes.grpo import GRPOTrainer
     from .rewards.base import RewardError
 
     ckpt_dir = Path(cfg.run.output_dir) / "checkpoints"
-    ck = latest_checkpoint(ckpt_dir)
-    if ck is None:
+    ck = None if base else latest_checkpoint(ckpt_dir)
+    if ck is None and not base:
         raise SystemExit(
-            f"imagerl: no checkpoint in {ckpt_dir}: train first (imagerl train ...) or point run.output_dir= at a run"
+            f"imagerl: no checkpoint in {ckpt_dir}: train first (imagerl train ...), point run.output_dir= at a run, "
+            "or sample the initial weights with --base"
         )
     try:
         trainer = GRPOTrainer(cfg, training=False)
@@ -119,6 +132,89 @@ def cmd_eval(args: list[str]) -> int:
         print(f"{k}: {v:.4f}")
     print(f"samples: {out / f'{tag}.png'}\nmetrics: {out / f'{tag}.json'}")
     return 0
+
+
+SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE) [--n 4] "
+                "[--seed 0] [--out DIR] [--base] [--deterministic] [--no-score]")
+
+
+def cmd_sample(args: list[str]) -> int:
+    """Images for your own prompts from the latest checkpoint (or the initial weights with --base), each saved
+    as a PNG with a line in samples.jsonl (prompt, file, rewards under the run's reward config), plus captioned
+    grids. The training sampler is used (rollout.* settings), seeded by --seed; --deterministic uses the
+    evaluation sampler. Prompts go through the policy in chunks of data.prompts_per_step."""
+    texts, args = _take_all(args, "--prompt")
+    prompt_file, args = _take_flag(args, "--prompts")
+    n_s, args = _take_flag(args, "--n")
+    seed_s, args = _take_flag(args, "--seed")
+    dest, args = _take_flag(args, "--out")
+    base, args = _take_switch(args, "--base")
+    deterministic, args = _take_switch(args, "--deterministic")
+    no_score, args = _take_switch(args, "--no-score")
+    if bool(texts) == bool(prompt_file):
+        raise SystemExit(f"imagerl sample: give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both; usage: {SAMPLE_USAGE}")
+    try:
+        n, seed = int(n_s or 4), int(seed_s or 0)
+    except ValueError:
+        raise SystemExit(f"imagerl sample: --n and --seed take integers (got --n {n_s!r}, --seed {seed_s!r})") from None
+    if n < 1:
+        raise SystemExit(f"imagerl sample: --n {n} must be >= 1 (images per prompt)")
+    from .data.prompts import DataError, load_rows
+
+    try:
+        rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, field_name="--prompts")
+    except DataError as e:
+        raise SystemExit(f"imagerl sample: {e}") from None
+    cfg, trainer, ck = _trained_policy(args, base=base)
+    import torch
+
+    from .imageio import to_pil
+    from .logging import make_sample_grid
+    from .recipes.grpo import SAMPLE, seeded_generator
+    from .rewards.base import RewardError
+    from .types import PromptBatch, RewardInput
+
+    tag = ck.name if ck is not None else "base"
+    out = Path(dest) if dest else Path(cfg.run.output_dir) / "sample" / tag
+    out.mkdir(parents=True, exist_ok=True)
+    chunk = max(1, cfg.data.prompts_per_step)
+    lines = []
+    for c, start in enumerate(range(0, len(rows), chunk)):
+        part = rows[start:start + chunk]
+        batch = PromptBatch(prompts=[r["prompt"] for r in part],
+                            metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in part])
+        ro = trainer.sample(batch, n, seeded_generator(seed, c, 0, SAMPLE), eval_mode=deterministic)
+        scores, names, total = None, [], torch.full((len(ro),), float("nan"))
+        if not no_score:
+            try:
+                table = trainer.scorer.score(RewardInput.from_rollout(ro))
+            except RewardError as e:
+                raise SystemExit(f"imagerl sample: scoring failed ({e}); fix the reward or pass --no-score") from None
+            scores, names, total = table.scores, table.names, table.weighted_total(cfg.scoring.fallback)
+        for i in range(len(ro)):
+            p_idx, j = start + i // n, i % n
+            name = f"{p_idx:04d}_{j}.png"
+            to_pil(ro.images[i]).save(out / name)
+            line = {"file": name, "prompt": ro.prompts[i], "sample": j, "checkpoint": str(ck) if ck else "base",
+                    "seed": seed, "deterministic": deterministic}
+            if scores is not None:
+                line["reward"] = _num(total[i])
+                line["rewards"] = {nm: _num(scores[i, k]) for k, nm in enumerate(names)}
+            lines.append(line)
+        grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
+                                title=f"{tag}: {'deterministic' if deterministic else f'seed {seed}'}")
+        grid.save(out / f"grid_{c:03d}.png")
+    trainer.close()
+    (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    print(f"{len(lines)} images ({len(rows)} prompt{'s' if len(rows) != 1 else ''} x {n}) from {tag} in {out}/ "
+          "(samples.jsonl, grid_*.png)")
+    return 0
+
+
+def _num(x) -> float | None:
+    """A score for JSON: NaN (an abstaining reward) becomes null."""
+    v = float(x)
+    return None if v != v else v
 
 
 def cmd_export(args: list[str]) -> int:
@@ -150,6 +246,7 @@ def cmd_serve_reward(args: list[str]) -> int:
 COMMANDS = {
     "train": (cmd_train, "train a policy: imagerl train [CONFIG] [key=value ...] (no CONFIG = the built-in demo)"),
     "eval": (cmd_eval, "evaluate the latest checkpoint deterministically: imagerl eval [CONFIG] [key=value ...]"),
+    "sample": (cmd_sample, "images for your prompts from the latest checkpoint: " + SAMPLE_USAGE[len("imagerl sample "):]),
     "export": (cmd_export, "save the trained model for its own library: imagerl export [CONFIG] [key=value ...] [--to DIR]"),
     "print-config": (cmd_print_config, "print the resolved config: imagerl print-config [CONFIG] [key=value ...]"),
     "serve-reward": (cmd_serve_reward, "serve rewards over HTTP: imagerl serve-reward CONFIG [key=value ...]"),

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import torch
 
 from .config import ConfigError
+from .imageio import to_u8
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -378,7 +379,7 @@ def make_sample_grid(
     imgs = images.detach()[: n].float().cpu().clamp(0, 1)
     if imgs.shape[1] == 1:
         imgs = imgs.expand(-1, 3, -1, -1)
-    imgs_u8 = (imgs * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()  # [N, H, W, 3]
+    imgs_u8 = to_u8(imgs)  # [N, H, W, 3]
 
     font = _font(max(10, min(14, tw // 8)))
     title_font = _font(14)

@@ -1,4 +1,4 @@
-"""`imagerl eval` and `imagerl export` on a finished (tiny) run, through the CLI entry point."""
+"""`imagerl eval`, `imagerl sample` and `imagerl export` on a finished (tiny) run, through the CLI entry point."""
 
 import json
 
@@ -18,6 +18,29 @@ def test_train_eval_export(tmp_path, capsys):
     assert 0.0 <= res["eval/reward/mean"] <= 1.0 and res["checkpoint"].endswith("step_000002")
     assert (run / "eval" / "step_000002.png").stat().st_size > 0
     assert (run / "metrics.jsonl").read_text() == before  # evaluation leaves the training log alone
+    # sample: your prompts, n images each, seeded (the same seed gives the same files), scored by the run's rewards
+    for out in ("s1", "s2"):
+        assert main(["sample", f"run.output_dir={run}", "--prompt", "a red square on the left", "--prompt",
+                     "a green circle at the top", "--n", "3", "--seed", "7", "--out", str(tmp_path / out)]) == 0
+    lines = [json.loads(x) for x in (tmp_path / "s1" / "samples.jsonl").read_text().splitlines()]
+    assert [(x["prompt"][:7], x["sample"]) for x in lines] == [("a red s", 0), ("a red s", 1), ("a red s", 2),
+                                                                ("a green", 0), ("a green", 1), ("a green", 2)]
+    assert all(0 <= x["reward"] <= 1 and x["rewards"]["color_position"] == x["reward"] for x in lines)
+    assert all(x["checkpoint"].endswith("step_000002") for x in lines)
+    for x in lines:
+        assert (tmp_path / "s1" / x["file"]).read_bytes() == (tmp_path / "s2" / x["file"]).read_bytes()
+    assert len({(tmp_path / "s1" / x["file"]).read_bytes() for x in lines}) > 1  # the n samples differ
+    assert (tmp_path / "s1" / "grid_000.png").stat().st_size > 0
+    # the initial weights (no checkpoint needed), a prompt file, no scoring; default output under the run
+    (tmp_path / "p.txt").write_text("a blue square on the right\n")
+    assert main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "p.txt"), "--n", "2", "--base",
+                 "--no-score"]) == 0
+    base = [json.loads(x) for x in (run / "sample" / "base" / "samples.jsonl").read_text().splitlines()]
+    assert len(base) == 2 and base[0]["checkpoint"] == "base" and "reward" not in base[0]
+    with pytest.raises(SystemExit, match=r"--prompt TEXT \(repeatable\) or --prompts FILE"):
+        main(["sample", f"run.output_dir={run}"])
+    with pytest.raises(SystemExit, match=r"--prompts: prompt file .*does not exist"):
+        main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "missing.txt")])
     assert main(["export", f"run.output_dir={run}", "--to", str(tmp_path / "exp")]) == 0
     from transformers import JanusForConditionalGeneration
 
@@ -28,3 +51,5 @@ def test_train_eval_export(tmp_path, capsys):
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in .*train first"):
         main(["eval", f"run.output_dir={tmp_path / 'empty'}"])
+    with pytest.raises(SystemExit, match="no checkpoint in .*sample the initial weights with --base"):
+        main(["sample", f"run.output_dir={tmp_path / 'empty'}", "--prompt", "a red square"])

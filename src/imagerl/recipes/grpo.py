@@ -52,7 +52,7 @@ def seeded_generator(seed: int, step: int, rank: int, purpose: int) -> torch.Gen
     return torch.Generator().manual_seed(s)
 
 
-ROLLOUT, TRAIN, EVAL, SFT = 1, 2, 3, 4
+ROLLOUT, TRAIN, EVAL, SFT, SAMPLE = 1, 2, 3, 4, 5
 
 
 def lr_lambda(cfg: Config):
@@ -441,13 +441,17 @@ class GRPOTrainer:
         ds = load_datasets(specs, "data.eval_datasets")
         rows = [r for d in ds for r in d.rows][: self.cfg.data.prompts_per_step]
         batch = PromptBatch(prompts=[r["prompt"] for r in rows], metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in rows])
-        gen = seeded_generator(self.cfg.run.seed, 0, 0, EVAL)
-        self.policy.eval()
-        with torch.no_grad(), self.autocast():
-            ro = self.policy.rollout(batch, self.cfg.rollout.group_size, gen, eval_mode=True)
+        ro = self.sample(batch, self.cfg.rollout.group_size, seeded_generator(self.cfg.run.seed, 0, 0, EVAL), eval_mode=True)
         t = self.scorer.score(RewardInput.from_rollout(ro))
         tot = t.weighted_total(self.cfg.scoring.fallback)
         return reward_summary("eval/reward/", tot, t.scores, t.names), ro, tot
+
+    def sample(self, batch: PromptBatch, n: int, gen: torch.Generator, eval_mode: bool = False) -> Rollout:
+        """n images per prompt from the current weights, without gradients: the training sampler (rollout.*
+        settings), or with `eval_mode` the deterministic evaluation one (flow: ODE with the eval steps/CFG)."""
+        self.policy.eval()
+        with torch.no_grad(), self.autocast():
+            return self.policy.rollout(batch, n, gen, eval_mode=eval_mode)
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg

@@ -15,6 +15,7 @@ import re
 
 import torch
 
+from ..imageio import to_u8
 from ..tiny import POSITIONS
 from ..types import RewardInput, RewardOutput
 from .base import Reward
@@ -124,7 +125,7 @@ class JpegCompressibilityReward(Reward):
     def score(self, inp: RewardInput) -> RewardOutput:
         from PIL import Image
 
-        arr = inp.images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = to_u8(inp.images)
         out = []
         for a in arr:
             buf = io.BytesIO()

@@ -43,6 +43,7 @@ import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
 from fastapi.responses import JSONResponse
 
+from ..imageio import to_pil
 from ..types import RewardInput
 from .base import Reward
 from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
@@ -103,11 +104,8 @@ def pil_to_tensor(img: Any) -> torch.Tensor:
 
 def encode_png(img_3HW: torch.Tensor) -> str:
     """[3, H, W] float in [0, 1] -> base64 PNG (no data-URI prefix). Inverse of `decode_image`."""
-    from PIL import Image
-
-    a = img_3HW.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", compress_level=1)  # speed over size: loopback/LAN links
+    to_pil(img_3HW).save(buf, format="PNG", compress_level=1)  # speed over size: loopback/LAN links
     return base64.b64encode(buf.getvalue()).decode()
 
 

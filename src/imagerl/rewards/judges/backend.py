@@ -45,10 +45,9 @@ def image_to_data_uri(img: Any, fmt: str = "PNG") -> str:
     from PIL import Image
 
     if not isinstance(img, Image.Image):
-        import torch
+        from ...imageio import to_pil
 
-        t = img.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-        img = Image.fromarray(t)
+        img = to_pil(img)
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
