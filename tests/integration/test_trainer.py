@@ -90,6 +90,20 @@ def test_non_finite_gradient_is_a_clear_error(tmp_path, strategy):
     assert "gradient norm is" in p.stderr and "lower optim.lr" in p.stderr, p.stderr[-2000:]
 
 
+def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
+    # resuming must not crash deep inside torch.distributed.checkpoint: a damaged checkpoint (its optimizer/
+    # directory gone) and an unknown layout each name the checkpoint and what to do
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
+    ck = tmp_path / "checkpoints" / "step_000001"
+    shutil.rmtree(ck / "optimizer")
+    with pytest.raises(TrainingError, match=r"step_000001/optimizer is missing or incomplete.*remove .*step_000001"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
+    state = torch.load(ck / "optimizer.pt", weights_only=False)
+    torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, ck / "optimizer.pt")  # a bare AdamW state
+    with pytest.raises(TrainingError, match=r"no optimizer state this version can read"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
+
+
 @pytest.mark.parametrize("family", ["janus", "sd3"])
 def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, family):
     # bf16 weights under AdamW drop every update below their rounding step (most of them at small lr): full

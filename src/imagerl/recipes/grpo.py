@@ -204,9 +204,13 @@ class GRPOTrainer:
             except ValueError as e:
                 raise TrainingError(str(e)) from None
         elif dist.OPTIM_KEY in saved:  # any strategy but DeepSpeed, any process count
+            if not (ck / dist.OPTIM_DIR / ".metadata").is_file():
+                raise TrainingError(f"{ck / dist.OPTIM_DIR} is missing or incomplete (a damaged checkpoint): "
+                                    f"remove {ck} to resume from the checkpoint before it")
             dist.load_optimizer_state(self.policy.trainable_module(), self.optimizer, ck, self.dist)
         else:
-            raise TrainingError(f"{ck} has no optimizer state this version can read; start a new run.output_dir")
+            raise TrainingError(f"{ck} has no optimizer state this version can read (written by an older imagerl?); "
+                                "start a new run.output_dir")
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["state"]["sampler"])
         set_rng_state(state["rng"])
