@@ -5,6 +5,7 @@ A checkpoint is a directory ``checkpoints/step_000050`` holding
     optimizer/              the AdamW state in torch.distributed.checkpoint format, written by every rank
                             (FSDP2: its own shards), loadable under any strategy but DeepSpeed, any process count
     zero/rank_NNNNN.pt      instead of optimizer/ under dist.strategy=deepspeed: each rank's ZeRO partition
+    ema/                    optim.ema_decay > 0: the fp32 average of the trained weights (DCP, like optimizer/)
     optimizer.pt            LR-scheduler and RNG states, and which of the two optimizer layouts the checkpoint has
     state.json              step, sampler position, config
 It is written into ``step_000050.tmp-<pid>`` first, every file fsync'ed, then renamed in one `os.replace`: a

@@ -221,9 +221,11 @@ def cmd_export(args: list[str]) -> int:
     dest, args = _take_flag(args, "--to")
     cfg, trainer, ck = _trained_policy(args)
     target = Path(dest) if dest else Path(cfg.run.output_dir) / "export"
-    trainer.policy.save_pretrained(str(target))
+    with trainer.eval_weights():  # the EMA of the weights when the run kept one
+        trainer.policy.save_pretrained(str(target))
     trainer.close()
-    print(f"exported {ck.name} of {cfg.model.family} to {target} (loadable by the family's own library)")
+    ema = " (its EMA weights)" if trainer.ema is not None else ""
+    print(f"exported {ck.name}{ema} of {cfg.model.family} to {target} (loadable by the family's own library)")
     return 0
 
 

@@ -152,6 +152,8 @@ class OptimConfig:
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max grad norm (0 = off)
+    ema_decay: float = 0.0  # EMA of the trained weights, used by eval, sample and export (0 = off; Flow-GRPO: 0.9)
+    ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO: 8)
 
 
 @dataclass
@@ -489,6 +491,10 @@ def validate(cfg: Config) -> None:
             f"dist.zero_stage={cfg.dist.zero_stage}: dist.strategy=deepspeed runs ZeRO stage 1 (optimizer state "
             "partitioned) or 2 (also gradients); for sharded parameters (what ZeRO-3 does) use dist.strategy=fsdp2"
         )
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1) (0 turns the EMA off; e.g. 0.9)")
+    if cfg.optim.ema_every < 1:
+        raise ConfigError(f"optim.ema_every={cfg.optim.ema_every} must be >= 1 (optimizer steps between EMA updates)")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")
     if cfg.rollout.sde_window_range and len(cfg.rollout.sde_window_range) != 2:

@@ -14,7 +14,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -111,34 +111,44 @@ def _quiet_single_process_dcp() -> Iterator[None]:
         yield
 
 
-def stage_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_root: Path, step: int,
-                          info: DistInfo) -> dict[str, Path]:
-    """Collective: every rank writes its own part of the optimizer state with torch.distributed.checkpoint into
-    a staging directory -> `move_in` for `checkpoint.save_checkpoint`. Under FSDP2 that part is this rank's
-    shards, so nothing is gathered: a full fine-tune's AdamW moments (twice the weights, in fp32) never sit in
-    one process. One process and DDP write whole tensors (DCP saves replicated ones once). The state is keyed by
-    parameter name and DCP records where each shard sits in the full tensor, so `load_optimizer_state` loads it
-    under any of these strategies and any process count."""
+def stage_dcp(state: dict[str, Any], ckpt_root: Path, step: int, name: str, info: DistInfo) -> dict[str, Path]:
+    """Collective: every rank writes its own part of `state` (tensors, FSDP2 DTensor shards, nested dicts) with
+    torch.distributed.checkpoint into a staging directory -> `move_in` for `checkpoint.save_checkpoint`, where
+    it becomes `name/`. Nothing is gathered; tensors every rank holds in full are written once. DCP records
+    where each shard sits in the full tensor, so `load_dcp` reads it back under any strategy and process count."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    state = get_optimizer_state_dict(module, optimizer)  # FSDP2: this rank's DTensor shards
-    with staging_dir(ckpt_root / f"step_{step:06d}.tmp-optim", info) as staging:
+    with staging_dir(ckpt_root / f"step_{step:06d}.tmp-{name}", info) as staging:
         with _quiet_single_process_dcp():
             dcp.save(state, checkpoint_id=staging, no_dist=not info.enabled)  # (its file writer fsyncs every file)
-    return {OPTIM_DIR: staging}
+    return {name: staging}
+
+
+def load_dcp(state: dict[str, Any], path: Path, info: DistInfo) -> None:
+    """Fill the tensors of `state` in place from a directory `stage_dcp` wrote (collective when distributed):
+    each rank reads the pieces of its own shards, or whole tensors."""
+    import torch.distributed.checkpoint as dcp
+
+    with _quiet_single_process_dcp():
+        dcp.load(state, checkpoint_id=path, no_dist=not info.enabled)
+
+
+def stage_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt_root: Path, step: int,
+                          info: DistInfo) -> dict[str, Path]:
+    """The optimizer state, keyed by parameter name, through `stage_dcp`. Under FSDP2 each rank writes its own
+    shards, so a full fine-tune's AdamW moments (twice the weights, in fp32) never sit in one process."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return stage_dcp(get_optimizer_state_dict(module, optimizer), ckpt_root, step, OPTIM_DIR, info)
 
 
 def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, info: DistInfo) -> None:
-    """Load what `stage_optimizer_state` wrote (collective when distributed): each rank reads the pieces of its own
-    shards (FSDP2) or the whole tensors (one process, DDP), whatever process count wrote them."""
-    import torch.distributed.checkpoint as dcp
+    """Load what `stage_optimizer_state` wrote, whatever strategy (but DeepSpeed) and process count wrote it."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     # the structure to fill: torch creates AdamW's state with a zero-lr step first (parameters unchanged)
     state = get_optimizer_state_dict(module, optimizer)
-    with _quiet_single_process_dcp():
-        dcp.load(state, checkpoint_id=ckpt / OPTIM_DIR, no_dist=not info.enabled)
+    load_dcp(state, ckpt / OPTIM_DIR, info)
     set_optimizer_state_dict(module, optimizer, state)
 
 

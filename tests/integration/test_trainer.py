@@ -32,17 +32,45 @@ def metrics(path):
     return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
 
 
-@pytest.mark.parametrize("family", ["janus", "sd3"])
-def test_resume_reproduces_uninterrupted_run(tmp_path, family):
-    GRPOTrainer(cfg_for(family, tmp_path / "a", "train.steps=4", "checkpoint.every=2")).train()
+@pytest.mark.parametrize("family,extra", [("janus", []), ("sd3", []),
+                                          ("janus", ["optim.ema_decay=0.9", "train.eval_every=2", "optim.lr=1e-2"])])
+def test_resume_reproduces_uninterrupted_run(tmp_path, family, extra):
+    # with an EMA, the step-4 evaluation runs on the average, which must come back from the checkpoint
+    GRPOTrainer(cfg_for(family, tmp_path / "a", "train.steps=4", "checkpoint.every=2", *extra)).train()
     # Interrupted run: stop after step 2 (the checkpoint), then the same command with steps=4 resumes.
-    GRPOTrainer(cfg_for(family, tmp_path / "b", "train.steps=2", "checkpoint.every=2")).train()
-    t = GRPOTrainer(cfg_for(family, tmp_path / "b", "train.steps=4", "checkpoint.every=2"))
+    GRPOTrainer(cfg_for(family, tmp_path / "b", "train.steps=2", "checkpoint.every=2", *extra)).train()
+    t = GRPOTrainer(cfg_for(family, tmp_path / "b", "train.steps=4", "checkpoint.every=2", *extra))
     assert t.start_step == 2
     t.train()
     a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     assert a == b  # bit-identical numbers, CPU fp32
+    if extra:
+        assert "eval/reward/mean" in b[3] and (tmp_path / "b" / "checkpoints" / "step_000004" / "ema").is_dir()
+
+
+def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
+    from imagerl.cli import main
+
+    args = ["optim.ema_decay=0.9", "optim.lr=1e-2", "train.steps=3", "checkpoint.every=0"]
+    t = GRPOTrainer(cfg_for("janus", tmp_path, *args))
+    t.train()
+    named = t.policy.named_trainable_parameters()
+    trained = {n: p.detach().clone() for n, p in named}
+    ema = t.ema.state_dict()
+    assert all(not torch.equal(ema[n], trained[n]) for n in trained)  # the average lags the trained weights
+    with t.eval_weights():
+        assert all(torch.equal(p, ema[n]) for n, p in named)
+    assert all(torch.equal(p, trained[n]) for n, p in named)  # and they come back exactly
+    # `imagerl export` writes the average (a fresh process-like load: weights + EMA from the checkpoint)
+    assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "exp")]) == 0
+    from safetensors.torch import load_file
+
+    exported = {}
+    for f in (tmp_path / "exp").glob("*.safetensors"):
+        exported.update(load_file(f))
+    n = "language_model.layers.0.self_attn.q_proj.weight"  # (the trained module is JanusModel, exported as model.*)
+    assert torch.equal(exported["model." + n], ema[n]) and not torch.equal(exported["model." + n], trained[n])
 
 
 @pytest.mark.parametrize("family", ["janus", "sd3"])
@@ -139,7 +167,7 @@ def test_kl_and_multiple_epochs_run(tmp_path):
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
     ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
     ("janus", "deepspeed", "lora+kl"), ("sd3", "deepspeed", "full+kl"), ("janus", "deepspeed", "zero1+full+kl"),
-    ("janus", "deepspeed", "offload"), ("janus", "ddp", "accelerate"),
+    ("janus", "deepspeed", "offload"), ("janus", "ddp", "accelerate"), ("janus", "fsdp2", "ema"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
@@ -156,6 +184,8 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
                   "dist.deepspeed_extra.zero_force_ds_cpu_optimizer=false"]
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
+    if variant == "ema":  # each rank averages its shards; the step-2 evaluation runs on the average
+        extra += ["optim.ema_decay=0.9", "train.eval_every=2"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
         extra += ["algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
@@ -165,7 +195,7 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
                          capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     port = ({"janus": 29533, "sd3": 29534}[family]
-            + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30, "offload": 40, "accelerate": 50}[variant]
+            + {"": 0, "lora+kl": 10, "full+kl": 20, "zero1+full+kl": 30, "offload": 40, "accelerate": 50, "ema": 60}[variant]
             + {"ddp": 0, "fsdp2": 0, "deepspeed": 100}[strategy])
     if variant == "accelerate":  # accelerate's launcher starts the processes the way torchrun does
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -183,8 +213,10 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
         for k in ("reward/mean", "reward/std", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
-                  "ratio/min", "clip_frac"):
+                  "ratio/min", "clip_frac", *(["eval/reward/mean"] if "eval/reward/mean" in ra else [])):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+    if variant == "ema":
+        assert "eval/reward/mean" in b[1]
     from safetensors.torch import load_file
 
     wa = load_file(tmp_path / "one/checkpoints/step_000002/trainable.safetensors")

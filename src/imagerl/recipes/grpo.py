@@ -39,6 +39,7 @@ from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
+from ..ema import WeightEMA
 from ..zero import ZERO_KEY
 
 
@@ -53,6 +54,7 @@ def seeded_generator(seed: int, step: int, rank: int, purpose: int) -> torch.Gen
 
 
 ROLLOUT, TRAIN, EVAL, SFT, SAMPLE = 1, 2, 3, 4, 5
+EMA_DIR = "ema"  # checkpoint subdirectory: the weights' EMA (DCP format)
 
 
 def lr_lambda(cfg: Config):
@@ -123,6 +125,7 @@ class GRPOTrainer:
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.ema = WeightEMA(self.policy.named_trainable_parameters(), o.ema_decay, o.ema_every) if o.ema_decay > 0 else None
         # DeepSpeed ZeRO-1/2 partitions the AdamW state (and gradients) over the ranks; the LR schedule stays
         # ours (it sets the learning rate of the same AdamW, which DeepSpeed steps on its partitions)
         self.zero = None
@@ -136,6 +139,7 @@ class GRPOTrainer:
         # every rank must run the same forward/backward passes (collectives inside them)
         self.lockstep = self.fsdp or self.zero is not None
         self.start_step = 0
+        self._resume_note = ""
         if cfg.run.resume:
             self._maybe_resume(weights_only=not training)
         from ..logging import RunLogger
@@ -147,6 +151,8 @@ class GRPOTrainer:
             self.logger.print(f"{self.dist.world} processes: dist.strategy={engine}, {torch.distributed.get_backend()}")
         if self.start_step and training:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
+        if self._resume_note:
+            self.logger.print(self._resume_note)
 
     # ------------------------------------------------------------------------------------------------
     def _check_update_precision(self) -> None:
@@ -188,6 +194,13 @@ class GRPOTrainer:
         state = load_checkpoint(ck)
         self.policy.load_trainable_state_dict(state["trainable"])
         self.start_step = int(state["state"]["step"])
+        if self.ema is not None:
+            if (ck / EMA_DIR / ".metadata").is_file():
+                dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
+            else:  # EMA switched on for a run that had none: average from the resumed weights on
+                self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
+                                     self.cfg.optim.ema_every)
+                self._resume_note = f"{ck} holds no EMA (optim.ema_decay was 0): the average starts from its weights"
         if weights_only:
             return
         saved = state["optimizer"] if isinstance(state["optimizer"], dict) else {}
@@ -227,6 +240,8 @@ class GRPOTrainer:
             opt_state = {dist.OPTIM_KEY: self.dist.world}
             move_in = dist.stage_optimizer_state(self.policy.trainable_module(), self.optimizer, self.ckpt_dir, step,
                                                  self.dist)
+        if self.ema is not None:  # (FSDP2: each rank's shards of the average, like the optimizer state)
+            move_in.update(dist.stage_dcp(self.ema.state_dict(), self.ckpt_dir, step, EMA_DIR, self.dist))
         if self.dist.is_main:
             path = save_checkpoint(
                 self.ckpt_dir, step, weights, opt_state,
@@ -377,6 +392,8 @@ class GRPOTrainer:
             if self.zero is None:
                 self.optimizer.step()
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.scheduler.last_epoch)  # (= optimizer steps so far, restored on resume)
             # Logged numbers describe the global batch, so K processes log what one process would.
             keys = sorted(acc)
             tot = dist.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64), self.dist)
@@ -451,11 +468,16 @@ class GRPOTrainer:
         return reward_summary("eval/reward/", tot, t.scores, t.names), ro, tot
 
     def sample(self, batch: PromptBatch, n: int, gen: torch.Generator, eval_mode: bool = False) -> Rollout:
-        """n images per prompt from the current weights, without gradients: the training sampler (rollout.*
-        settings), or with `eval_mode` the deterministic evaluation one (flow: ODE with the eval steps/CFG)."""
+        """n images per prompt from the evaluated weights (`eval_weights`), without gradients: the training
+        sampler (rollout.* settings), or with `eval_mode` the deterministic evaluation one (flow: ODE with the
+        eval steps/CFG)."""
         self.policy.eval()
-        with torch.no_grad(), self.autocast():
+        with torch.no_grad(), self.autocast(), self.eval_weights():
             return self.policy.rollout(batch, n, gen, eval_mode=eval_mode)
+
+    def eval_weights(self) -> contextlib.AbstractContextManager:
+        """The weights to evaluate, sample and export: the EMA when optim.ema_decay > 0, else the trained ones."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
