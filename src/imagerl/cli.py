@@ -90,7 +90,9 @@ def _trained_policy(args: list[str], base: bool = False):
     """The run's policy with its latest checkpoint loaded (no run files written); `base`: the initial weights,
     no checkpoint needed.
 
-    Without a CONFIG, `run.output_dir=DIR` is enough: the run's own resolved DIR/config.yaml is used."""
+    Without a CONFIG, `run.output_dir=DIR` is enough: the run's own resolved DIR/config.yaml is used. With
+    optim.ema_decay > 0 the commands use the EMA of the weights; `--no-ema` uses the trained weights instead."""
+    no_ema, args = _take_switch(args, "--no-ema")
     config, overrides = _split(args)
     if config is None:
         out = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir=")), None)
@@ -112,7 +114,14 @@ def _trained_policy(args: list[str], base: bool = False):
         trainer = GRPOTrainer(cfg, training=False)
     except (RewardError, ValueError, OSError) as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
+    if no_ema:
+        trainer.ema = None  # (eval_weights then gives the trained weights)
     return cfg, trainer, ck
+
+
+def _weights_tag(cfg, trainer, ck) -> str:
+    """checkpoint name, or "base"; "_no_ema" when a run that keeps an EMA is read without it."""
+    return (ck.name if ck is not None else "base") + ("_no_ema" if cfg.optim.ema_decay > 0 and trainer.ema is None else "")
 
 
 def cmd_eval(args: list[str]) -> int:
@@ -122,7 +131,7 @@ def cmd_eval(args: list[str]) -> int:
     metrics, ro, total = trainer.eval_rollout()
     out = Path(cfg.run.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    tag = ck.name
+    tag = _weights_tag(cfg, trainer, ck)
     grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=len(ro),
                             title=f"eval of {tag} (deterministic sampling)")
     grid.save(out / f"{tag}.png")
@@ -135,7 +144,7 @@ def cmd_eval(args: list[str]) -> int:
 
 
 SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE) [--n 4] "
-                "[--seed 0] [--out DIR] [--base] [--deterministic] [--no-score]")
+                "[--seed 0] [--out DIR] [--base] [--deterministic] [--no-score] [--no-ema]")
 
 
 def cmd_sample(args: list[str]) -> int:
@@ -174,7 +183,7 @@ def cmd_sample(args: list[str]) -> int:
     from .rewards.base import RewardError
     from .types import PromptBatch, RewardInput
 
-    tag = ck.name if ck is not None else "base"
+    tag = _weights_tag(cfg, trainer, ck)
     out = Path(dest) if dest else Path(cfg.run.output_dir) / "sample" / tag
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(1, cfg.data.prompts_per_step)
@@ -196,7 +205,7 @@ def cmd_sample(args: list[str]) -> int:
             name = f"{p_idx:04d}_{j}.png"
             to_pil(ro.images[i]).save(out / name)
             line = {"file": name, "prompt": ro.prompts[i], "sample": j, "checkpoint": str(ck) if ck else "base",
-                    "seed": seed, "deterministic": deterministic}
+                    "ema": trainer.ema is not None, "seed": seed, "deterministic": deterministic}
             if scores is not None:
                 line["reward"] = _num(total[i])
                 line["rewards"] = {nm: _num(scores[i, k]) for k, nm in enumerate(names)}
@@ -247,9 +256,9 @@ def cmd_serve_reward(args: list[str]) -> int:
 
 COMMANDS = {
     "train": (cmd_train, "train a policy: imagerl train [CONFIG] [key=value ...] (no CONFIG = the built-in demo)"),
-    "eval": (cmd_eval, "evaluate the latest checkpoint deterministically: imagerl eval [CONFIG] [key=value ...]"),
+    "eval": (cmd_eval, "evaluate the latest checkpoint deterministically: imagerl eval [CONFIG] [key=value ...] [--no-ema]"),
     "sample": (cmd_sample, "images for your prompts from the latest checkpoint: " + SAMPLE_USAGE[len("imagerl sample "):]),
-    "export": (cmd_export, "save the trained model for its own library: imagerl export [CONFIG] [key=value ...] [--to DIR]"),
+    "export": (cmd_export, "save the trained model for its own library: imagerl export [CONFIG] [key=value ...] [--to DIR] [--no-ema]"),
     "print-config": (cmd_print_config, "print the resolved config: imagerl print-config [CONFIG] [key=value ...]"),
     "serve-reward": (cmd_serve_reward, "serve rewards over HTTP: imagerl serve-reward CONFIG [key=value ...]"),
 }

@@ -71,6 +71,15 @@ def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
         exported.update(load_file(f))
     n = "language_model.layers.0.self_attn.q_proj.weight"  # (the trained module is JanusModel, exported as model.*)
     assert torch.equal(exported["model." + n], ema[n]) and not torch.equal(exported["model." + n], trained[n])
+    # --no-ema: the trained weights
+    assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "raw"), "--no-ema"]) == 0
+    raw = {}
+    for f in (tmp_path / "raw").glob("*.safetensors"):
+        raw.update(load_file(f))
+    assert torch.equal(raw["model." + n], trained[n])
+    # eval of the average and of the trained weights, side by side
+    assert main(["eval", f"run.output_dir={tmp_path}"]) == 0 and main(["eval", f"run.output_dir={tmp_path}", "--no-ema"]) == 0
+    assert (tmp_path / "eval" / "step_000003.json").exists() and (tmp_path / "eval" / "step_000003_no_ema.json").exists()
 
 
 @pytest.mark.parametrize("family", ["janus", "sd3"])
@@ -167,7 +176,7 @@ def test_kl_and_multiple_epochs_run(tmp_path):
     ("janus", "ddp", ""), ("sd3", "ddp", ""), ("sd3", "fsdp2", "lora+kl"), ("janus", "fsdp2", "lora+kl"),
     ("janus", "fsdp2", "full+kl"), ("sd3", "fsdp2", "full+kl"),
     ("janus", "deepspeed", "lora+kl"), ("sd3", "deepspeed", "full+kl"), ("janus", "deepspeed", "zero1+full+kl"),
-    ("janus", "deepspeed", "offload"), ("janus", "ddp", "accelerate"), ("janus", "fsdp2", "ema"),
+    ("janus", "deepspeed", "offload"), ("janus", "ddp", "accelerate"), ("janus", "fsdp2", "ema"), ("janus", "deepspeed", "ema"),
 ])
 def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     """torchrun with 2 CPU processes (gloo) must produce the same metrics and weights as a single process:
