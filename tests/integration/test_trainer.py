@@ -49,6 +49,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, family, extra):
         assert "eval/reward/mean" in b[3] and (tmp_path / "b" / "checkpoints" / "step_000004" / "ema").is_dir()
 
 
+def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsys):
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9"))
+    assert "holds no EMA" in capsys.readouterr().out
+    assert all(torch.equal(t.ema.state_dict()[n], p) for n, p in t.policy.named_trainable_parameters())
+
+
 def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
     from imagerl.cli import main
 
