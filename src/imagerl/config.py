@@ -67,6 +67,7 @@ class ModelConfig:
     tiny_size: str = "demo"  # which tiny preset: demo | test | bench
     tiny_overrides: dict[str, Any] = field(default_factory=dict)  # architecture knobs for tiny builds
     dtype: str = "fp32"  # weight dtype: fp32 | bf16 | fp16
+    trained_dtype: str = ""  # "" = model.dtype | fp32: the trained parameters in fp32 inside a bf16 model (run.dtype=bf16)
     lora: LoraConfig = field(default_factory=LoraConfig)
     trainable: list[str] = field(default_factory=list)  # full fine-tune: name substrings to train (empty = family default)
     gradient_checkpointing: bool = False
@@ -202,7 +203,7 @@ class ScoringConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded; Janus needs fp32 weights) | deepspeed (ZeRO-1/2)
+    strategy: str = "auto"  # auto | none | ddp | fsdp2 (sharded; Janus: fp32 trained weights) | deepspeed (ZeRO-1/2)
     zero_stage: int = 2  # deepspeed: 1 partitions the AdamW state, 2 also the gradients (3: use fsdp2)
     deepspeed_extra: dict[str, Any] = field(default_factory=dict)  # deepspeed: keys merged into its config
     backend: str = "auto"  # auto | gloo | nccl
@@ -415,6 +416,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
 _CHOICES: dict[str, tuple[str, ...]] = {
     "run.dtype": ("fp32", "bf16", "fp16"),
     "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.trained_dtype": ("", "fp32"),
     "model.reference": ("auto", "lora_disabled", "frozen_copy", "none"),
     "model.tiny_size": ("demo", "test", "bench"),
     "rollout.sde": ("flow_grpo", "cps", "dance", "ode"),
@@ -490,6 +492,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"dist.zero_stage={cfg.dist.zero_stage}: dist.strategy=deepspeed runs ZeRO stage 1 (optimizer state "
             "partitioned) or 2 (also gradients); for sharded parameters (what ZeRO-3 does) use dist.strategy=fsdp2"
+        )
+    if cfg.model.trained_dtype == "fp32" and cfg.model.dtype != "fp32" and cfg.run.dtype != cfg.model.dtype:
+        raise ConfigError(
+            f"model.trained_dtype=fp32 inside a model.dtype={cfg.model.dtype} model needs run.dtype={cfg.model.dtype}: "
+            "autocast is what lets the fp32 trained layers take the low-precision activations of the frozen ones"
         )
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1) (0 turns the EMA off; e.g. 0.9)")

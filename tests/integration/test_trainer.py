@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from imagerl.config import load_config
+from imagerl.config import ConfigError, load_config
 from imagerl.recipes.grpo import GRPOTrainer, TrainingError
 
 FAMILY_OVERRIDES = {
@@ -165,6 +165,21 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
     t.train()
     assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
     assert math.isfinite(metrics(tmp_path / "lora")[0]["loss"])
+    # full fine-tuning with fp32 trained parameters inside the bf16 model (frozen parts stay bf16), with a KL
+    # against the frozen copy: at lr 1e-5 every trained parameter moves (a bf16 one mostly would not)
+    t = GRPOTrainer(cfg_for(family, tmp_path / "mixed", "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32",
+                            "optim.lr=1e-5", "algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}",
+                            "train.steps=2", "checkpoint.every=0"))
+    assert {p.dtype for p in t.params} == {torch.float32}
+    frozen = list((t.policy.model.model.vqmodel if family == "janus" else t.policy.vae).parameters())
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    before = [p.detach().clone() for p in t.params]
+    t.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
+    m = metrics(tmp_path / "mixed")
+    assert m[1]["kl"] > 0 and math.isfinite(m[1]["loss"])
+    with pytest.raises(ConfigError, match="model.trained_dtype=fp32 inside a model.dtype=bf16 model needs run.dtype=bf16"):
+        cfg_for(family, tmp_path / "x", "model.dtype=bf16", "model.trained_dtype=fp32")
 
 
 def test_kl_and_multiple_epochs_run(tmp_path):

@@ -106,6 +106,12 @@ class GRPOTrainer:
         self.rewards = RewardSet(cfg.rewards)
         self.scorer = ScoringRunner(self.rewards)
         self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
+        if cfg.model.trained_dtype == "fp32":
+            # fp32 master weights for what trains, while frozen parts (text encoders, VAE, VQ) stay in model.dtype;
+            # autocast (run.dtype, checked at config time) computes in bf16 all the same. Before sharding and the
+            # reference copy, so both see the fp32 parameters.
+            for _, p in self.policy.named_trainable_parameters():
+                p.data = p.data.float()
         # FSDP2 shards the trained module's parameters over the ranks; otherwise every rank holds the full
         # model and gradients are summed explicitly (dist.sum_gradients), which is DDP's update.
         self.fsdp = cfg.dist.strategy == "fsdp2" and self.dist.enabled
@@ -174,8 +180,9 @@ class GRPOTrainer:
         raise TrainingError(
             f"the trained parameters are {'/'.join(low)} (model.dtype={self.cfg.model.dtype}): AdamW updates smaller than "
             f"their rounding step are lost, so at optim.lr={self.cfg.optim.lr:g} most weights would never change. Keep "
-            "trained weights in fp32: model.dtype=fp32 with run.dtype=bf16 for bf16 compute (mixed precision), or train "
-            "LoRA adapters (model.lora.enabled=true; they stay fp32 over a low-precision base), or launch "
+            "trained weights in fp32: model.trained_dtype=fp32 (only the trained parameters, the rest stays "
+            f"{self.cfg.model.dtype}; with run.dtype=bf16), or model.dtype=fp32 with run.dtype=bf16 for bf16 compute, or "
+            "train LoRA adapters (model.lora.enabled=true; they stay fp32 over a low-precision base), or launch "
             "dist.strategy=deepspeed with torchrun (fp32 master partitions)"
         )
 

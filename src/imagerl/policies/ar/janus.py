@@ -350,23 +350,27 @@ class JanusPolicy(Policy):
         decoder reads weights directly. Frozen parts outside the trained module (VQ model, vision encoder,
         and with LoRA the generation head) stay replicated.
 
-        Weights must be fp32 (sharded fp32 master weights; `run.dtype=bf16` gives bf16 compute). The
-        gradient divide factor is 1: the loss weights are already normalised by the global batch."""
+        The sharded weights must be fp32 (sharded fp32 master weights; `run.dtype=bf16` gives bf16 compute):
+        `model.dtype=fp32`, or for full fine-tuning `model.trained_dtype=fp32`, which leaves the frozen VQ model
+        and vision encoder (never sharded) in bf16. The gradient divide factor is 1: the loss weights are
+        already normalised by the global batch."""
         from torch.distributed.fsdp import fully_shard
 
-        if any(p.dtype != torch.float32 for p in self.trainable_module().parameters()):
-            raise NotImplementedError(
-                "dist.strategy=fsdp2 for Janus needs fp32 weights (model.dtype=fp32); use run.dtype=bf16 for "
-                "bf16 compute under autocast, or dist.strategy=ddp for bf16 weights"
-            )
         lm = self._base_lm()
         units: list[nn.Module] = [*lm.layers, lm.embed_tokens]
         if not self.uses_lora():
             jm = self.model.model
             units += [jm.generation_embeddings, jm.generation_aligner, jm.generation_head.proj_out,
                       jm.generation_head.vision_head]
+        units.append(self.model.model.language_model)
+        if any(p.dtype != torch.float32 for u in units for p in u.parameters()):
+            raise NotImplementedError(
+                "dist.strategy=fsdp2 for Janus needs fp32 sharded weights: model.dtype=fp32, or model.trained_dtype=fp32 "
+                "for full fine-tuning (with run.dtype=bf16 for bf16 compute under autocast); or dist.strategy=ddp for "
+                "bf16 weights"
+            )
         # reshard_after_forward explicit (not the root/non-root default): `_gathered` restores exactly this
-        for u in [*units, self.model.model.language_model]:
+        for u in units:
             fully_shard(u, mesh=mesh, reshard_after_forward=True)
         sum_sharded_gradients(self.model)
         # FSDP2 picks the root of a unit tree at the first forward, and the policy's first call into the
