@@ -4,7 +4,6 @@ next is generated, with numbers identical to scoring after the rollout."""
 import json
 import threading
 
-import torch
 
 from imagerl.config import load_config
 from imagerl.recipes.grpo import GRPOTrainer
