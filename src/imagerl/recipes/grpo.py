@@ -33,13 +33,13 @@ from ..algorithms.losses import clipped_surrogate, unit_weights
 from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from ..config import Config, to_dict, to_yaml
 from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
+from ..ema import WeightEMA
 from ..policies import POLICIES  # noqa: F401  (registers policy names)
 from ..policies.base import Policy, resolve_device
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
-from ..ema import WeightEMA
 from ..zero import ZERO_KEY
 
 
