@@ -85,11 +85,13 @@ def barrier(info: DistInfo) -> None:
 
 
 @contextmanager
-def staging_dir(path: Path, info: DistInfo) -> Iterator[Path]:
-    """Collective: rank 0 (re)creates the directory `path` (a leftover of a run killed at this very point is
-    cleared), every rank writes its own part of a checkpoint inside the block, and when the block exits every
-    rank has finished writing. The checkpoint writer (rank 0) then moves the directory in (`save_checkpoint(
-    move_in=...)`), so per-rank pieces join the one atomic rename and no rank gathers the others' state."""
+def staging_dir(ckpt_root: Path, step: int, name: str, info: DistInfo) -> Iterator[Path]:
+    """Collective: rank 0 (re)creates the staging directory of checkpoint piece `name` (a leftover of a run
+    killed at this very point is cleared), every rank writes its own part inside the block, and when the block
+    exits every rank has finished writing. The checkpoint writer (rank 0) then moves the directory in
+    (`save_checkpoint(move_in={name: path})`), so per-rank pieces join the one atomic rename and no rank
+    gathers the others' state. The name contains ".tmp-", so `checkpoint.prune` removes a killed write's."""
+    path = ckpt_root / f"step_{step:06d}.tmp-{name}"
     if info.is_main:
         if path.exists():
             shutil.rmtree(path)
@@ -118,10 +120,15 @@ def stage_dcp(state: dict[str, Any], ckpt_root: Path, step: int, name: str, info
     where each shard sits in the full tensor, so `load_dcp` reads it back under any strategy and process count."""
     import torch.distributed.checkpoint as dcp
 
-    with staging_dir(ckpt_root / f"step_{step:06d}.tmp-{name}", info) as staging:
+    with staging_dir(ckpt_root, step, name, info) as staging:
         with _quiet_single_process_dcp():
             dcp.save(state, checkpoint_id=staging, no_dist=not info.enabled)  # (its file writer fsyncs every file)
     return {name: staging}
+
+
+def dcp_complete(path: Path) -> bool:
+    """Whether `path` holds a whole DCP save (its metadata file is written last, by the coordinator)."""
+    return (path / ".metadata").is_file()
 
 
 def load_dcp(state: dict[str, Any], path: Path, info: DistInfo) -> None:

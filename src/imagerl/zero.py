@@ -104,9 +104,8 @@ class ZeroEngine:
     def stage_partitions(self, ckpt_root: Path, step: int) -> dict[str, Path]:
         """Collective: every rank writes its ZeRO optimizer state (its AdamW moments and fp32 master partition)
         to a staging directory, fsync'ed -> `move_in` for `checkpoint.save_checkpoint`, which rank 0 calls next.
-        Nothing is gathered, so no rank ever holds the whole state. The staging name contains ".tmp-", so a
-        run killed while writing leaves a directory the next save prunes."""
-        with dist.staging_dir(ckpt_root / f"step_{step:06d}.tmp-zero", self.info) as staging:
+        Nothing is gathered, so no rank ever holds the whole state."""
+        with dist.staging_dir(ckpt_root, step, PARTITIONS_DIR, self.info) as staging:
             with open(staging / f"rank_{self.info.rank:05d}.pt", "wb") as f:
                 torch.save(self.optimizer.state_dict(), f)  # (torch.save copies device tensors to host itself)
                 f.flush()

@@ -73,16 +73,15 @@ def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
     assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "exp")]) == 0
     from safetensors.torch import load_file
 
-    exported = {}
-    for f in (tmp_path / "exp").glob("*.safetensors"):
-        exported.update(load_file(f))
+    def weights(d):
+        return {k: v for f in (tmp_path / d).glob("*.safetensors") for k, v in load_file(f).items()}
+
+    exported = weights("exp")
     n = "language_model.layers.0.self_attn.q_proj.weight"  # (the trained module is JanusModel, exported as model.*)
     assert torch.equal(exported["model." + n], ema[n]) and not torch.equal(exported["model." + n], trained[n])
     # --no-ema: the trained weights
     assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "raw"), "--no-ema"]) == 0
-    raw = {}
-    for f in (tmp_path / "raw").glob("*.safetensors"):
-        raw.update(load_file(f))
+    raw = weights("raw")
     assert torch.equal(raw["model." + n], trained[n])
     # eval of the average and of the trained weights, side by side
     assert main(["eval", f"run.output_dir={tmp_path}"]) == 0 and main(["eval", f"run.output_dir={tmp_path}", "--no-ema"]) == 0

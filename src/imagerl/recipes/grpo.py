@@ -202,7 +202,7 @@ class GRPOTrainer:
         self.policy.load_trainable_state_dict(state["trainable"])
         self.start_step = int(state["state"]["step"])
         if self.ema is not None:
-            if (ck / EMA_DIR / ".metadata").is_file():
+            if dist.dcp_complete(ck / EMA_DIR):
                 dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
             else:  # EMA switched on for a run that had none: average from the resumed weights on
                 self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
@@ -224,7 +224,7 @@ class GRPOTrainer:
             except ValueError as e:
                 raise TrainingError(str(e)) from None
         elif dist.OPTIM_KEY in saved:  # any strategy but DeepSpeed, any process count
-            if not (ck / dist.OPTIM_DIR / ".metadata").is_file():
+            if not dist.dcp_complete(ck / dist.OPTIM_DIR):
                 raise TrainingError(f"{ck / dist.OPTIM_DIR} is missing or incomplete (a damaged checkpoint): "
                                     f"remove {ck} to resume from the checkpoint before it")
             dist.load_optimizer_state(self.policy.trainable_module(), self.optimizer, ck, self.dist)
