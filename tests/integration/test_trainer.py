@@ -181,6 +181,25 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
         cfg_for(family, tmp_path / "x", "model.dtype=bf16", "model.trained_dtype=fp32")
 
 
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_trained_dtype_fp32_in_bf16_flow_transformers(tmp_path, family):
+    # the other flow families' transformers under model.trained_dtype=fp32: fp32 trained parameters next to bf16
+    # text encoders and VAE, bf16 autocast, a KL against the frozen copy; every trained parameter moves
+    t = GRPOTrainer(load_config(None, [f"model.family={family}", "model.tiny_size=test", "rollout.num_steps=3",
+                                       "rollout.cfg_scale=1.0", *COMMON, f"run.output_dir={tmp_path}",
+                                       "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32", "optim.lr=1e-5",
+                                       "algorithm.kl_coef=0.01", "algorithm.kl_estimator=mean", "train.steps=2",
+                                       "checkpoint.every=0"]))
+    assert {p.dtype for p in t.params} == {torch.float32}
+    frozen = [*t.policy.vae.parameters(), *t.policy.text_encoder.parameters()]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    before = [p.detach().clone() for p in t.params]
+    t.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
+    m = metrics(tmp_path)
+    assert m[1]["kl"] > 0 and math.isfinite(m[1]["loss"]) and abs(m[0]["ratio/first_epoch_max_dev"]) < 1e-3
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2"))
@@ -281,6 +300,31 @@ def test_deepspeed_keeps_fp32_master_weights_for_bf16_weights(tmp_path):
             finer += int((master != master.bfloat16().float()).sum())
             total += master.numel()
     assert finer > 0.5 * total, (finer, total)  # (padding and zero-gradient entries stay bf16-exact)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_fsdp2_shards_fp32_trained_weights_of_a_bf16_janus(tmp_path):
+    """model.trained_dtype=fp32 under 2-process FSDP2: the shards are the fp32 trained parameters (the bf16 VQ
+    model stays outside them), every saved weight is fp32 and moved from the initial one, and the KL against
+    the sharded frozen copy is live. (bf16 sampling on half the rows per process is not bit-equal to one
+    process, so this row checks training, not equality.)"""
+    from safetensors.torch import load_file
+
+    args = ["train", *FAMILY_OVERRIDES["janus"], *COMMON, "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32",
+            "optim.lr=1e-5", "algorithm.kl_coef=0.01", "algorithm.kl_estimator=k3", "train.steps=2", "checkpoint.every=0",
+            "checkpoint.save_final=true", "run.threads=1", "dist.strategy=fsdp2", f"run.output_dir={tmp_path}"]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29599",
+                        "-m", "imagerl.cli", *args], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = metrics(tmp_path)
+    assert len(m) == 2 and m[1]["kl"] > 0 and all(math.isfinite(r["loss"]) for r in m)
+    saved = load_file(tmp_path / "checkpoints/step_000002/trainable.safetensors")
+    init = dict(GRPOTrainer(cfg_for("janus", tmp_path / "init", "model.dtype=bf16", "run.dtype=bf16",
+                                    "model.trained_dtype=fp32"), training=False).policy.named_trainable_parameters())
+    assert saved.keys() == init.keys()
+    assert all(w.dtype == torch.float32 for w in saved.values())
+    assert all(not torch.equal(saved[k], init[k].detach()) for k in saved)
 
 
 @pytest.mark.dist
