@@ -376,10 +376,10 @@ def make_sample_grid(
     h, w = int(images.shape[2]), int(images.shape[3])
     th, tw = tile_scale(h, w, min_tile, max_tile)
 
-    imgs = images.detach()[: n].float().cpu().clamp(0, 1)
+    imgs = images[:n]
     if imgs.shape[1] == 1:
         imgs = imgs.expand(-1, 3, -1, -1)
-    imgs_u8 = to_u8(imgs)  # [N, H, W, 3]
+    imgs_u8 = to_u8(imgs)  # [N, H, W, 3] (to_u8 detaches, casts, clamps and moves to the CPU)
 
     font = _font(max(10, min(14, tw // 8)))
     title_font = _font(14)
