@@ -14,6 +14,8 @@ Variants timed:
   imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder on prepared weights (what rollout() uses;
                 the time includes preparing the weights and the embedding table, done once per call)
   imagerl-hf    the same sampler loop through the transformers modules (use_fast_decoder=False)
+  imagerl-graph (CUDA) rollout.cuda_graph=true: the fixed-shape decode step captured once as a CUDA graph and
+                replayed per token; `--static` times its eager form on a CPU (imagerl-static)
   transformers  model.generate(generation_mode="image") (static cache, logits processors)
 """
 
@@ -82,6 +84,7 @@ def main() -> int:
     ap.add_argument("--size", default="bench", help="tiny preset (bench | demo | test)")
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--skip-hf-modules", action="store_true", help="do not time the imagerl-hf variant")
+    ap.add_argument("--static", action="store_true", help="on a CPU, also time the fixed-shape step eagerly")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (the model and both samplers run there)")
     ap.add_argument("--dtype", default="fp32", help="model weights: fp32 | bf16 | fp16 (bf16 is what GPUs run)")
     args = ap.parse_args()
@@ -102,11 +105,12 @@ def main() -> int:
     speedups = []
     for b in [int(x) for x in args.batch.split(",")]:
         speedups.append(run_batch(args, pol, b, peak))
-    print(f"RESULT speedup={','.join(f'{x:.2f}' for x in speedups)}")
+    print(f"RESULT speedup={','.join(f'{x[0]:.2f}' for x in speedups)}"
+          + (f" graph={','.join(f'{x[1]:.2f}' for x in speedups)}" if device.type == "cuda" else ""))
     return 0
 
 
-def run_batch(args, pol, batch: int, peak: float) -> float:
+def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
     from transformers import GenerationConfig
 
     # one prompt repeated: transformers' generate counts pad slots as positions, so equal lengths keep
@@ -136,9 +140,22 @@ def run_batch(args, pol, batch: int, peak: float) -> float:
         with torch.inference_mode():
             return pol.model.generate(enc.ids, attention_mask=enc.valid.long(), generation_mode="image", generation_config=gc)
 
+    def ours_static(mode: str):
+        def run() -> torch.Tensor:
+            pol.decode_static = mode
+            try:
+                return ours()
+            finally:
+                pol.decode_static = ""
+        return run
+
     variants = {"imagerl": ours, "transformers": hf}
     if not args.skip_hf_modules:
         variants["imagerl-hf"] = ours_hf_modules
+    if pol.device.type == "cuda":
+        variants["imagerl-graph"] = ours_static("graph")
+    elif args.static:
+        variants["imagerl-static"] = ours_static("eager")
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for name, f in variants.items():
@@ -186,7 +203,7 @@ def run_batch(args, pol, batch: int, peak: float) -> float:
           f"{100 * flops / med['transformers'] / peak:.1f}% of the matmul peak")
     print(f"VQ decode of the batch (not in the timings above): {vq_s:.3f} s")
     print()
-    return tps["imagerl"] / tps["transformers"]
+    return tps["imagerl"] / tps["transformers"], tps.get("imagerl-graph", 0.0) / tps["transformers"]
 
 
 if __name__ == "__main__":

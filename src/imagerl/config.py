@@ -107,6 +107,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     cfg_scale: float = 5.0  # classifier-free guidance (AR: logits mix; flow: velocity mix). 1 = off
+    cuda_graph: bool = False  # AR: replay the fixed-shape decode step as one CUDA graph (CPU: same step, eager)
     # flow-matching sampling
     num_steps: int = 10
     sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode

@@ -269,6 +269,9 @@ class JanusPolicy(Policy):
                 )
         self._resolve_special_ids()
         self.params = self._sampling_params(eval_mode=False)
+        # rollout.cuda_graph: the fixed-shape decode step (`cfg_decode(static=...)`), captured as a CUDA graph on
+        # a GPU; elsewhere the same step runs eagerly, so a CPU smoke test of a GPU recipe runs the same code
+        self.decode_static = ("graph" if device.type == "cuda" else "eager") if cfg.rollout.cuda_graph else ""
         self._setup_trainable()
         if m.gradient_checkpointing:
             self._base_lm().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -559,6 +562,7 @@ class JanusPolicy(Policy):
             prompt_valid_RP=self._cond_uncond(valid_BP, params),
             uniforms_BT=noise,
             params=params,
+            static=self.decode_static if fast is not None else "",  # (the fixed-shape step needs the lean decoder)
         )
 
     def decode_images(self, tokens_BT: torch.Tensor) -> torch.Tensor:

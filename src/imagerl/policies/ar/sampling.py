@@ -194,6 +194,29 @@ class KVBuffer:
         return self._len.get(layer_idx, 0)
 
 
+class StaticKVBuffer(KVBuffer):
+    """A `KVBuffer` for a fixed-shape decode step (what a CUDA graph replays): `update` writes at the slots
+    held in the device tensor `slots` and returns the whole buffer, so every step has the same shapes and no
+    Python-side length; the caller masks the slots not written yet. Zero-filled, so a masked slot never holds
+    NaN (SDPA weighs it by 0, and 0 x NaN would still be NaN)."""
+
+    def __init__(self, max_len: int):
+        super().__init__(max_len)
+        self.slots: torch.Tensor | None = None  # [n] long, set by the caller before each forward
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx not in self._k:
+            R, H, _, D = key.shape
+            self._k[layer_idx] = key.new_zeros(R, H, self.max_len, D)
+            self._v[layer_idx] = value.new_zeros(R, H, self.max_len, value.shape[-1])
+        self._k[layer_idx].index_copy_(2, self.slots, key)
+        self._v[layer_idx].index_copy_(2, self.slots, value)
+        return self._k[layer_idx], self._v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError("StaticKVBuffer has no host-side length (only FastLlamaDecoder drives it)")
+
+
 # --------------------------------------------------------------------------------------------------
 # The decode loop
 # --------------------------------------------------------------------------------------------------
@@ -221,6 +244,7 @@ def cfg_decode(
     prompt_valid_RP: torch.Tensor,
     uniforms_BT: torch.Tensor,
     params: SamplingParams,
+    static: str = "",
 ) -> DecodeOutput:
     """Sample `num_tokens` tokens for B rows with a KV cache; conditional and unconditional rows (when
     CFG is on) run in one batched forward, R = 2B rows ordered [cond..., uncond...].
@@ -228,7 +252,15 @@ def cfg_decode(
     The prompt is prefilled once; each step then feeds one token per row. Masks and positions are
     computed once and sliced, so the per-step work is the model forward, the head, and the draw.
     Token t of row b is drawn by inverse CDF with uniforms_BT[b, t] (see `draw_tokens`).
+
+    `static`: "" = the step attends over the live length (fastest eagerly); "eager" = every step has the
+    same shapes (attention over the whole buffer, masked; the step index lives on the device); "graph" =
+    that step captured once as a CUDA graph and replayed (`forward` must drive the cache only through
+    `update`, as `FastLlamaDecoder` does). Same function in all three modes.
     """
+    if static:
+        return _static_decode(forward, guided_logits, embed, prompt_embeds_RPD, prompt_valid_RP, uniforms_BT,
+                              params, capture=static == "graph")
     R, P, _ = prompt_embeds_RPD.shape
     B = R // 2 if params.uses_cfg else R
     device = prompt_embeds_RPD.device
@@ -259,6 +291,74 @@ def cfg_decode(
             break
         mask = step_mask_R11L[..., : P + t + 1] if padded else None
         hidden_RD = forward(embed(draw.tokens), mask, n_real_R1 + t, cache)[:, -1]
+    return DecodeOutput(tokens_BT, logp_BT)
+
+
+def _static_decode(forward: ForwardFn, guided_logits: LogitsFn, embed: EmbedFn, prompt_embeds_RPD: torch.Tensor,
+                   prompt_valid_RP: torch.Tensor, uniforms_BT: torch.Tensor, params: SamplingParams,
+                   capture: bool) -> DecodeOutput:
+    """`cfg_decode` with one fixed-shape step (see there). The step reads the step index `t_1` and the hidden
+    state from device tensors, writes token t, its log-prob, the next hidden state and t + 1 back into them:
+    nothing crosses to the host, so on a GPU the whole step (about 10 kernels per layer, plus head and draw)
+    is captured once and replayed T - 1 times, one launch each instead of hundreds. Attention runs over all
+    P + T slots with a mask (like transformers' static cache), which costs more arithmetic than the live
+    length; on GPUs at rollout batch sizes the launches, not that arithmetic, bound a step."""
+    R, P, _ = prompt_embeds_RPD.shape
+    B = R // 2 if params.uses_cfg else R
+    device = prompt_embeds_RPD.device
+    T = uniforms_BT.shape[1]
+    if uniforms_BT.shape[0] != B:
+        raise ValueError(f"cfg_decode: {uniforms_BT.shape[0]} rows of uniforms for {B} samples")
+    if capture and device.type != "cuda":
+        raise ValueError(f"cfg_decode(static='graph') captures a CUDA graph; the model is on {device}")
+    L = P + T
+    u_BT = uniforms_BT.to(device)
+    valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
+    key_valid_R11L = torch.cat([valid_RP, valid_RP.new_ones(R, T)], dim=1)[:, None, None, :]
+    slot_L = torch.arange(L, device=device)
+    n_real_R1 = valid_RP.long().sum(-1, keepdim=True)
+
+    cache = StaticKVBuffer(L)
+    cache.slots = slot_L[:P]
+    # prefill: causal over the prompt (padding hidden), the T image slots not written yet hidden
+    prefill_mask = torch.cat([causal_padding_mask(valid_RP), valid_RP.new_zeros(R, 1, P, T)], dim=-1)
+    hidden_RD = forward(prompt_embeds_RPD, prefill_mask, positions_from_valid(valid_RP), cache)[:, -1].clone()
+
+    tokens_BT = torch.empty(B, T, dtype=torch.long, device=device)
+    logp_BT = torch.empty(B, T, dtype=torch.float32, device=device)
+    t_1 = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step() -> None:
+        draw = draw_tokens(sampling_logits(guided_logits(hidden_RD), params), u_BT.index_select(1, t_1)[:, 0])
+        tokens_BT.index_copy_(1, t_1, draw.tokens[:, None])
+        logp_BT.index_copy_(1, t_1, draw.logp[:, None])
+        # feed token t at slot P + t, position n_real + t; keys up to that slot (real ones) are visible. The
+        # last step's forward is not needed, but keeping it makes every step the same graph.
+        cache.slots = P + t_1
+        mask = key_valid_R11L & (slot_L <= P + t_1)
+        hidden_RD.copy_(forward(embed(draw.tokens), mask, n_real_R1 + t_1, cache)[:, -1])
+        t_1.add_(1)
+
+    if not capture:
+        for _ in range(T):
+            step()
+        return DecodeOutput(tokens_BT, logp_BT)
+    # the first step runs eagerly on a side stream (it also warms up library handles and workspaces, which
+    # must not be created during capture), then the captured step replays steps 1 .. T-1
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except RuntimeError as e:
+        raise RuntimeError(f"rollout.cuda_graph=true: capturing the decode step as a CUDA graph failed ({e}); "
+                           "set rollout.cuda_graph=false to decode step by step") from e
+    for _ in range(T - 1):
+        graph.replay()
     return DecodeOutput(tokens_BT, logp_BT)
 
 
