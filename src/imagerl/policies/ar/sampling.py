@@ -258,9 +258,6 @@ def cfg_decode(
     that step captured once as a CUDA graph and replayed (`forward` must drive the cache only through
     `update`, as `FastLlamaDecoder` does). Same function in all three modes.
     """
-    if static:
-        return _static_decode(forward, guided_logits, embed, prompt_embeds_RPD, prompt_valid_RP, uniforms_BT,
-                              params, capture=static == "graph")
     R, P, _ = prompt_embeds_RPD.shape
     B = R // 2 if params.uses_cfg else R
     device = prompt_embeds_RPD.device
@@ -268,8 +265,11 @@ def cfg_decode(
     if uniforms_BT.shape[0] != B:
         raise ValueError(f"cfg_decode: {uniforms_BT.shape[0]} rows of uniforms for {B} samples")
     u_BT = uniforms_BT.to(device)
-
     valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
+    if static:
+        return _static_decode(forward, guided_logits, embed, prompt_embeds_RPD, valid_RP, u_BT, params,
+                              capture=static == "graph")
+
     padded = not bool(valid_RP.all())
     # decode-step masks: query at absolute slot P+t sees keys [0, P+t] that are real. Without
     # padding no mask is needed at all (None lets SDPA take its unmasked kernels).
@@ -295,25 +295,18 @@ def cfg_decode(
 
 
 def _static_decode(forward: ForwardFn, guided_logits: LogitsFn, embed: EmbedFn, prompt_embeds_RPD: torch.Tensor,
-                   prompt_valid_RP: torch.Tensor, uniforms_BT: torch.Tensor, params: SamplingParams,
-                   capture: bool) -> DecodeOutput:
+                   valid_RP: torch.Tensor, u_BT: torch.Tensor, params: SamplingParams, capture: bool) -> DecodeOutput:
     """`cfg_decode` with one fixed-shape step (see there). The step reads the step index `t_1` and the hidden
     state from device tensors, writes token t, its log-prob, the next hidden state and t + 1 back into them:
     nothing crosses to the host, so on a GPU the whole step (about 10 kernels per layer, plus head and draw)
     is captured once and replayed T - 1 times, one launch each instead of hundreds. Attention runs over all
     P + T slots with a mask (like transformers' static cache), which costs more arithmetic than the live
     length; on GPUs at rollout batch sizes the launches, not that arithmetic, bound a step."""
-    R, P, _ = prompt_embeds_RPD.shape
-    B = R // 2 if params.uses_cfg else R
+    (R, P, _), (B, T) = prompt_embeds_RPD.shape, u_BT.shape
     device = prompt_embeds_RPD.device
-    T = uniforms_BT.shape[1]
-    if uniforms_BT.shape[0] != B:
-        raise ValueError(f"cfg_decode: {uniforms_BT.shape[0]} rows of uniforms for {B} samples")
     if capture and device.type != "cuda":
         raise ValueError(f"cfg_decode(static='graph') captures a CUDA graph; the model is on {device}")
     L = P + T
-    u_BT = uniforms_BT.to(device)
-    valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
     key_valid_R11L = torch.cat([valid_RP, valid_RP.new_ones(R, T)], dim=1)[:, None, None, :]
     slot_L = torch.arange(L, device=device)
     n_real_R1 = valid_RP.long().sum(-1, keepdim=True)
