@@ -85,6 +85,11 @@ class ZeroEngine:
             )
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
         self.info = info
+        if next(module.parameters()).device.type == "cpu":
+            # DeepSpeed's torch comm backend JIT-compiles a shared-memory all-reduce op for CPU tensors (about
+            # 50 s, again whenever the install path changes) that only its inference all-reduce calls; ZeRO
+            # training never does. Its table of compatible ops is the switch that build step reads.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         # the process group is ours (dist.init); DeepSpeed wraps it instead of creating another one
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=deepspeed_config(cfg), dist_init_required=False,

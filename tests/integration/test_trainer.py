@@ -181,6 +181,9 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
         cfg_for(family, tmp_path / "x", "model.dtype=bf16", "model.trained_dtype=fp32")
 
 
+# FLUX's q/k torch.nn.RMSNorm then sees bf16 inputs with fp32 gains and warns that it skips its fused kernel
+# (a speed note, documented in docs/flow.md)
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
 def test_trained_dtype_fp32_in_bf16_flow_transformers(tmp_path, family):
     # the other flow families' transformers under model.trained_dtype=fp32: fp32 trained parameters next to bf16
