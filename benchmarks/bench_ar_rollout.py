@@ -3,7 +3,7 @@
 Both run in this one process on the same tiny Janus ("bench" preset: 16x16 = 256 image tokens, a 4-layer
 Llama of hidden 256, 1024 codes), the same prompts, batch, CFG scale and sampling settings, after warm-up,
 interleaved repeats, median. Only token sampling is timed (VQ decoding is the same call for both and is
-reported on its own). Also measured in the same run: the machine's fp32 matmul peak (a large square
+reported on its own). Also measured in the same run: the machine's matmul peak in the model's dtype (a large square
 matmul), and the FLOP/s our sampler achieves with the model FLOPs counted analytically, as a fraction
 of that peak.
 
@@ -38,9 +38,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(n: int, repeats: int, device: torch.device) -> float:
-    """Best fp32 FLOP/s of an n x n @ n x n matmul on `device`."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_peak(n: int, repeats: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n x n @ n x n matmul in `dtype` on `device` (the model's dtype: a bf16 model on a GPU
+    is measured against the bf16 tensor-core peak, not the fp32 one)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -100,8 +101,9 @@ def main() -> int:
     ])
     device = torch.device(args.device)
     pol = JanusPolicy(cfg, device)
-    peak = matmul_peak(args.peak_n, 5, device)
-    print(f"fp32 matmul peak ({args.peak_n}^3, {device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    peak_dtype = next(pol.model.parameters()).dtype
+    peak = matmul_peak(args.peak_n, 5, device, peak_dtype)
+    print(f"{args.dtype} matmul peak ({args.peak_n}^3, {device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
     speedups = []
     for b in [int(x) for x in args.batch.split(",")]:
         speedups.append(run_batch(args, pol, b, peak))
