@@ -3,7 +3,8 @@
 Both of its paths (prepared: rearranged weights with folded norm gains, fused projections, merged LoRA,
 complex RoPE; live: the module tensors, unmerged LoRA) must reproduce the transformers hidden states
 for a left-padded prefill followed by single-token decode steps, with grouped-query attention, biases,
-a scaled RoPE, and an active (non-zero) LoRA adapter."""
+a scaled RoPE, and an active (non-zero) LoRA adapter; with the live-length cache and with the fixed-shape one
+that a CUDA graph replays."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from imagerl.policies.ar.sampling import (
     FastLlamaDecoder,
     KVBuffer,
+    StaticKVBuffer,
     causal_padding_mask,
     positions_from_valid,
 )
@@ -54,6 +56,21 @@ def fast_hidden(dec, embeds, valid, prefill: int):
     return torch.cat(outs, 1)
 
 
+def static_hidden(dec, embeds, valid, prefill: int):
+    """`fast_hidden` with the fixed-shape cache of `rollout.cuda_graph`: every call attends over all L slots,
+    writes at the device slots it is given, and hides the slots not written yet with the mask."""
+    R, L, _ = embeds.shape
+    cache = StaticKVBuffer(L)
+    pos, slot = positions_from_valid(valid), torch.arange(L)
+    cache.slots = slot[:prefill]
+    mask = torch.cat([causal_padding_mask(valid[:, :prefill]), valid.new_zeros(R, 1, prefill, L - prefill)], -1)
+    outs = [dec(embeds[:, :prefill], mask, pos[:, :prefill], cache)]
+    for t in range(prefill, L):
+        cache.slots = slot[t:t + 1]
+        outs.append(dec(embeds[:, t:t + 1], valid[:, None, None, :] & (slot <= t), pos[:, t:t + 1], cache))
+    return torch.cat(outs, 1)
+
+
 CASES = {
     "plain": {},
     "gqa+bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
@@ -77,9 +94,11 @@ def test_fast_decoder_matches_transformers(case, prepared):
         assert dec is not None and (dec.prepared is not None) == prepared
         got = fast_hidden(dec, embeds, valid, prefill=4)
         assert (dec.prepared is not None) == prepared  # the path did not silently change
+        got_static = static_hidden(dec, embeds, valid, prefill=4)
     keep = valid[..., None].expand_as(ref)  # pad positions' outputs are never used
-    err = (got - ref)[keep].abs().max().item()
-    assert err < 1e-5, err
+    for out in (got, got_static):
+        err = (out - ref)[keep].abs().max().item()
+        assert err < 1e-5, err
 
 
 @pytest.mark.parametrize("prepared", [True, False])
