@@ -18,6 +18,8 @@ from imagerl.recipes.grpo import GRPOTrainer, TrainingError
 FAMILY_OVERRIDES = {
     "janus": ["model.family=janus", "model.tiny_size=test"],
     "sd3": ["model.family=sd3", "model.tiny_size=test", "rollout.num_steps=3", "rollout.cfg_scale=1.0"],
+    "flux": ["model.family=flux", "model.tiny_size=test", "rollout.num_steps=3", "rollout.cfg_scale=1.0"],
+    "qwen_image": ["model.family=qwen_image", "model.tiny_size=test", "rollout.num_steps=3", "rollout.cfg_scale=1.0"],
 }
 COMMON = ["logging.progress_bar=false", "logging.sample_every=0", "data.prompts_per_step=2", "rollout.group_size=4",
           "algorithm.micro_batch_size=3", "optim.lr=1e-3", "logging.console=false"]
@@ -164,19 +166,8 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
     t.train()
     assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
     assert math.isfinite(metrics(tmp_path / "lora")[0]["loss"])
-    # full fine-tuning with fp32 trained parameters inside the bf16 model (frozen parts stay bf16), with a KL
-    # against the frozen copy: at lr 1e-5 every trained parameter moves (a bf16 one mostly would not)
-    t = GRPOTrainer(cfg_for(family, tmp_path / "mixed", "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32",
-                            "optim.lr=1e-5", "algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}",
-                            "train.steps=2", "checkpoint.every=0"))
-    assert {p.dtype for p in t.params} == {torch.float32}
-    frozen = list((t.policy.model.model.vqmodel if family == "janus" else t.policy.vae).parameters())
-    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
-    before = [p.detach().clone() for p in t.params]
-    t.train()
-    assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
-    m = metrics(tmp_path / "mixed")
-    assert m[1]["kl"] > 0 and math.isfinite(m[1]["loss"])
+    train_fp32_inside_bf16(family, tmp_path / "mixed",
+                           lambda pol: (pol.model.model.vqmodel if family == "janus" else pol.vae).parameters())
     with pytest.raises(ConfigError, match="model.trained_dtype=fp32 inside a model.dtype=bf16 model needs run.dtype=bf16"):
         cfg_for(family, tmp_path / "x", "model.dtype=bf16", "model.trained_dtype=fp32")
 
@@ -186,21 +177,28 @@ def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, fam
 @pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
 def test_trained_dtype_fp32_in_bf16_flow_transformers(tmp_path, family):
-    # the other flow families' transformers under model.trained_dtype=fp32: fp32 trained parameters next to bf16
-    # text encoders and VAE, bf16 autocast, a KL against the frozen copy; every trained parameter moves
-    t = GRPOTrainer(load_config(None, [f"model.family={family}", "model.tiny_size=test", "rollout.num_steps=3",
-                                       "rollout.cfg_scale=1.0", *COMMON, f"run.output_dir={tmp_path}",
-                                       "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32", "optim.lr=1e-5",
-                                       "algorithm.kl_coef=0.01", "algorithm.kl_estimator=mean", "train.steps=2",
-                                       "checkpoint.every=0"]))
+    # the other flow families' transformers under model.trained_dtype=fp32, next to bf16 text encoders and VAE
+    m = train_fp32_inside_bf16(family, tmp_path, lambda pol: [*pol.vae.parameters(), *pol.text_encoder.parameters()])
+    assert abs(m[0]["ratio/first_epoch_max_dev"]) < 1e-3
+
+
+def train_fp32_inside_bf16(family, out, frozen_of):
+    """Full fine-tuning with fp32 trained parameters inside a bf16 model (bf16 autocast), with a KL against the
+    frozen copy: the trained parameters are fp32 and `frozen_of(policy)` bf16, and at lr 1e-5 every trained
+    parameter moves (a bf16 one mostly would not). Returns the metrics."""
+    t = GRPOTrainer(cfg_for(family, out, "model.dtype=bf16", "run.dtype=bf16", "model.trained_dtype=fp32",
+                            "optim.lr=1e-5", "algorithm.kl_coef=0.01",
+                            f"algorithm.kl_estimator={'k3' if family == 'janus' else 'mean'}",
+                            "train.steps=2", "checkpoint.every=0"))
     assert {p.dtype for p in t.params} == {torch.float32}
-    frozen = [*t.policy.vae.parameters(), *t.policy.text_encoder.parameters()]
+    frozen = list(frozen_of(t.policy))
     assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
     before = [p.detach().clone() for p in t.params]
     t.train()
     assert all(not torch.equal(b, p) for b, p in zip(before, t.params))
-    m = metrics(tmp_path)
-    assert m[1]["kl"] > 0 and math.isfinite(m[1]["loss"]) and abs(m[0]["ratio/first_epoch_max_dev"]) < 1e-3
+    m = metrics(out)
+    assert m[1]["kl"] > 0 and math.isfinite(m[1]["loss"])
+    return m
 
 
 def test_kl_and_multiple_epochs_run(tmp_path):
