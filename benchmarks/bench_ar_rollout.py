@@ -130,34 +130,29 @@ def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
         with torch.inference_mode():
             return pol.sample_tokens(enc.ids, enc.valid, pol.params, gen).tokens
 
-    def ours_hf_modules() -> torch.Tensor:
-        pol.use_fast_decoder = False
-        try:
-            return ours()
-        finally:
-            pol.use_fast_decoder = True
+    def ours_with(attr: str, value):
+        """`ours` with one policy switch flipped for the call (use_fast_decoder, decode_static)."""
+        def run() -> torch.Tensor:
+            old = getattr(pol, attr)
+            setattr(pol, attr, value)
+            try:
+                return ours()
+            finally:
+                setattr(pol, attr, old)
+        return run
 
     def hf() -> torch.Tensor:
         torch.manual_seed(0)
         with torch.inference_mode():
             return pol.model.generate(enc.ids, attention_mask=enc.valid.long(), generation_mode="image", generation_config=gc)
 
-    def ours_static(mode: str):
-        def run() -> torch.Tensor:
-            pol.decode_static = mode
-            try:
-                return ours()
-            finally:
-                pol.decode_static = ""
-        return run
-
     variants = {"imagerl": ours, "transformers": hf}
     if not args.skip_hf_modules:
-        variants["imagerl-hf"] = ours_hf_modules
+        variants["imagerl-hf"] = ours_with("use_fast_decoder", False)
     if pol.device.type == "cuda":
-        variants["imagerl-graph"] = ours_static("graph")
+        variants["imagerl-graph"] = ours_with("decode_static", "graph")
     elif args.static:
-        variants["imagerl-static"] = ours_static("eager")
+        variants["imagerl-static"] = ours_with("decode_static", "eager")
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for name, f in variants.items():
