@@ -115,3 +115,23 @@ def test_reference_context_is_the_initial_policy(family, lora):
     torch.testing.assert_close(ref.logp, ro.old_logp[:, units], atol=1e-5, rtol=0)  # = the rollout's policy
     torch.testing.assert_close(after.velocity, cur.velocity)  # leaving the context restores the policy
     assert ref.mean.shape == ref.velocity.shape and ref.std.shape[0] == len(ro)
+
+
+def test_building_bf16_policies_and_their_pipelines_prints_nothing():
+    """A user's console shows our progress, not library chatter: importing diffusers' pipelines (which import
+    transformers' CLIP/SigLIP image processors and, without torchvision, made transformers print a fallback
+    notice on every run) and casting tiny random modules to bf16 (diffusers' warning about fp32-only modules,
+    of which tiny models have none) write nothing to stderr. One fresh interpreter builds every family."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import torch; from flow_helpers import make_flow_policy\n"
+            f"for family in {sorted(FAMILIES)!r}:\n"
+            "    pol = make_flow_policy(family, 1.0, model__dtype='bf16')\n"
+            "    assert pol.transformer.dtype == torch.bfloat16\n"
+            "    if hasattr(type(pol), 'pipeline'): pol.pipeline()  # (SD3 builds its pipeline up front)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr == "", p.stderr[-2000:]

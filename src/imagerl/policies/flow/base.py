@@ -54,6 +54,7 @@ rest with `self.freeze(module)`, and sets `self.image_size`. Helper for tiny bui
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any, Iterator
 
@@ -66,6 +67,36 @@ from ...types import LogProbOutput, PromptBatch, Rollout
 from ..base import Policy, sum_sharded_gradients
 from . import sde as sde_math
 
+
+class _TorchvisionFallbackNotice(logging.Filter):
+    """diffusers' pipeline modules import transformers' CLIP / SigLIP image processors (for IP-adapters) at import
+    time; without torchvision, which imagerl does not install and no flow policy needs (those processors are never
+    used here), transformers then prints a two-line notice that it falls back to its PIL processors on every run.
+    This drops exactly that notice, nothing else from transformers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+# (a filter on the logger that creates the record: it applies before any handler sees it)
+logging.getLogger("transformers.utils.import_utils").addFilter(_TorchvisionFallbackNotice())
+
+
+def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
+    """Move a module to `device`, casting to `dtype` only when given and different (loaded pipelines
+    already have their dtype, and some keep chosen submodules in fp32 on purpose)."""
+    module = module.to(device)
+    if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
+        from diffusers.utils import logging as dlogging
+
+        # tiny random models have no fp32-only modules; silence diffusers' generic warning about casting
+        level = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            module = module.to(dtype)
+        finally:
+            dlogging.set_verbosity(level)
+    return module
 
 
 def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: str = "", layout: str = "",

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..base import resolve_dtype
 from . import sde as sde_math
-from .base import FlowPolicy, load_pipeline, tiny_preset
+from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 
 # Scheduler config of FLUX.1-dev (scheduler/scheduler_config.json); used for tiny builds and as a fallback.
 FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -339,24 +339,6 @@ def save_transformer(transformer: nn.Module, path: str, uses_lora: bool, pipelin
         )
     else:
         transformer.save_pretrained(os.path.join(path, "transformer"))
-
-
-def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
-    """Move a module to `device`, casting to `dtype` only when given and different (loaded pipelines
-    already have their dtype, and some keep chosen submodules in fp32 on purpose)."""
-    module = module.to(device)
-    if dtype is not None and any(p.dtype != dtype for p in module.parameters() if p.is_floating_point()):
-        from diffusers.utils import logging as dlogging
-
-        # tiny random models have no fp32-only modules; silence diffusers' generic warning about casting
-        level = dlogging.get_verbosity()
-        dlogging.set_verbosity_error()
-        try:
-            module = module.to(dtype)
-        finally:
-            dlogging.set_verbosity(level)
-    return module
-
 
 
 class FluxPolicy(FlowPolicy):

@@ -34,11 +34,10 @@ from torch import nn
 
 from ..base import resolve_dtype
 from . import sde as sde_math
-from .base import FlowPolicy, load_pipeline, tiny_preset
+from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 from .flux import (
     check_image_size,
     flux_schedule_kwargs,
-    move_module,
     pack_latents,
     save_transformer,
     unpack_latents,

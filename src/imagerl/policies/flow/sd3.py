@@ -25,7 +25,7 @@ import torch
 
 from ...config import Config
 from ..base import resolve_dtype
-from .base import FlowPolicy, load_pipeline, tiny_preset
+from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 
 TINY_PRESETS: dict[str, dict[str, Any]] = {
     # image_size px; the x2 VAE gives latent = image_size / 2; patch 2 -> (image_size / 4)^2 tokens
@@ -136,7 +136,7 @@ class SD3Policy(FlowPolicy):
         self.to(device)
         if mcfg.tiny and self.weight_dtype != torch.float32:  # real weights were loaded in weight_dtype already
             for m in (self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.transformer):
-                m.to(self.weight_dtype)
+                move_module(m, device, self.weight_dtype)  # (in place: nn.Module.to returns the module)
         self.setup_trainable(self.transformer)
         if not self.uses_lora():
             # The last MMDiT block is context_pre_only: its text-query projection feeds only text outputs that
