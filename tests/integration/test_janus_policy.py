@@ -145,6 +145,25 @@ def test_fixed_shape_decode_step_samples_the_same(overrides):
     assert torch.allclose(ro_static.old_logp, ro_live.old_logp, atol=1e-5)
 
 
+@pytest.mark.parametrize("static", ["", "eager"])
+def test_rollout_under_bf16_autocast_decodes_what_training_scores(static):
+    # the Janus-Pro recipe's precision: fp32 weights, bf16 compute by autocast (run.dtype=bf16). The lean decoder
+    # takes its live path (the modules' ops in their order, which autocast casts as it casts log_prob), the image-
+    # token inputs keep the text embeddings' dtype as in log_prob's sequence, and both decode loops run (the
+    # fixed-shape cache once crashed on keys that were fp32 in the prefill and bf16 in the decode steps)
+    pol = make("rollout.top_k=9")
+    pol.decode_static = static
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, embed = pol._sampler_parts(pol.params, 4)
+        assert fast is not None and fast.prepared is None
+        assert embed(torch.tensor([0, 1])).dtype == torch.float32
+        ro = roll(pol, seed=4, G=3)
+        out = pol.log_prob(ro, all_units(ro))
+    dev = (torch.exp(out.logp - ro.old_logp) - 1).abs().max().item()
+    print("max |ratio - 1|", dev)
+    assert dev < 2e-3, dev  # bf16 (fp32 above): the live loop attends over fewer keys than the training forward
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_samples_the_same():
     # the captured step replayed T - 1 times equals the live-length loop on the same GPU (fp32), and the

@@ -533,12 +533,16 @@ class JanusPolicy(Policy):
         """What sampling `num_rows` images needs from the current weights: the lean decoder (None = the
         transformers forward) and the image-token embedding function (tokens [B] -> inputs [R, 1, D])."""
         fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
-        embed = lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params)  # noqa: E731
+        # image-token inputs in the text embeddings' dtype, as `log_prob` builds its sequence: under autocast the
+        # aligner MLP returns bf16 while the (never autocast) text embeddings stay fp32, and decoding from bf16
+        # inputs would make the rollout a different function from the training forward
+        text_dtype = self._base_lm().get_input_embeddings().weight.dtype
+        embed = lambda tok_B: self._cond_uncond(self._image_embeds(tok_B[:, None]), params).to(text_dtype)  # noqa: E731
         V = self.model.config.vq_config.num_embeddings
         if fast is not None and V <= self.EMBED_TABLE_FACTOR * num_rows * self.num_image_tokens:
             # The image-token embedding (codebook lookup -> 2-layer aligner MLP) is a per-token function:
             # tabulate it for all V codes in one GEMM instead of two tiny GEMMs + GELU per decode step.
-            table_VD = self._image_embeds(torch.arange(V, device=self.device)[:, None])[:, 0]
+            table_VD = self._image_embeds(torch.arange(V, device=self.device)[:, None])[:, 0].to(text_dtype)
             rows = 2 if params.uses_cfg else 1
             embed = lambda tok_B: table_VD[tok_B.repeat(rows)].unsqueeze(1)  # noqa: E731  cond and uncond rows
         return fast, embed

@@ -489,7 +489,13 @@ class FastLlamaDecoder:
             # RoPE runs in fp32 where transformers rotates in the model dtype; in bf16 that measurably widened
             # the rollout/training mismatch (first-epoch max |ratio - 1| 0.04 -> 0.05 on the demo), so low
             # precision keeps the module tensors and their op order (live path)
-            fuse = (all(p.dtype == torch.float32 for p in lm.parameters())
+            # Nor under autocast (fp32 weights, run.dtype=bf16): its GEMMs then return bf16 while the prepared
+            # path's RoPE and cache follow the weights' dtype, so keys came out fp32 in the prefill and bf16 in
+            # the decode steps (a crash in the fixed-shape cache, a silent cast in the live one). The live path
+            # repeats the modules' ops in their order, so autocast casts it exactly as it casts `log_prob`.
+            device_type = next(lm.parameters()).device.type
+            fuse = (not torch.is_autocast_enabled(device_type)
+                    and all(p.dtype == torch.float32 for p in lm.parameters())
                     and sum(p.numel() * p.element_size() for p in lm.parameters()) <= cls.FUSE_MAX_BYTES)
         layers = []
         for layer in lm.layers:
