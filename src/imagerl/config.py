@@ -75,8 +75,6 @@ class ModelConfig:
     revision: str = ""
     trust_remote_code: bool = False
     image_size: int = 0  # output resolution (0 = the family's default)
-    # Frozen editor / extra components (planner policies, editing models)
-    editor: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,9 +115,6 @@ class RolloutConfig:
     shared_noise: bool = False  # same initial noise for the G samples of a prompt
     timestep_shift: float = 0.0  # 0 = resolution-dependent shift from the model's scheduler config
     cfg_in_training: bool = True  # flow: apply CFG when recomputing log-probs (False = DeepGen-RL)
-    # planner / text policies
-    max_new_tokens: int = 256
-    prefill: str = ""  # thinking prefill appended after the prompt
     # evaluation
     eval_num_steps: int = 0  # 0 = num_steps
     eval_cfg_scale: float = 0.0  # 0 = cfg_scale
@@ -421,6 +416,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.reference": ("auto", "lora_disabled", "frozen_copy", "none"),
     "model.tiny_size": ("demo", "test", "bench"),
     "rollout.sde": ("flow_grpo", "cps", "dance", "ode"),
+    "algorithm.name": ("grpo",),  # (the one loop's objective; a name is reserved for each variant that lands)
     "algorithm.loss_agg": ("token_mean", "seq_mean"),
     "algorithm.kl_estimator": ("k1", "k2", "k3", "mean", "velocity"),
     "optim.schedule": ("constant", "cosine", "linear"),
