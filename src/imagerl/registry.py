@@ -44,19 +44,22 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._items or name in self._lazy or ":" in name
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, field: str = "") -> T:
+        """The object registered as `name` (or 'package.module:Attr'); errors name `field` (default: the
+        registry's generic one, e.g. 'rewards[].type'; callers that know the index pass 'rewards[2].type')."""
+        field = field or self.field
         if name in self._items:
             return self._items[name]
         if name in self._lazy:
-            obj = import_object(self._lazy[name], field=self.field)
+            obj = import_object(self._lazy[name], field=field)
             self._items[name] = obj
             return obj
         if ":" in name:
-            return import_object(name, field=self.field)
+            return import_object(name, field=field)
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise RegistryError(
-            f"{self.field}: unknown {self.kind} '{name}'.{hint} Valid names: {', '.join(self.names())}; "
+            f"{field}: unknown {self.kind} '{name}'.{hint} Valid names: {', '.join(self.names())}; "
             f"or give your own as 'package.module:ClassName'."
         )
 

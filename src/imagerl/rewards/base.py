@@ -74,9 +74,9 @@ def build_reward(spec: Any, index: int | str = 0) -> Reward:
     name = (spec.get("name", "") if isinstance(spec, dict) else spec.name) or rtype.split(":")[-1]
     field = f"rewards[{index}]"
     try:
-        cls = REWARDS.get(rtype)
+        cls = REWARDS.get(rtype, field=f"{field}.type")
     except KeyError as e:
-        raise ValueError(f"{field}.type: {e}") from None
+        raise ValueError(str(e)) from None
     check_kwargs(cls, args, f"{field}.args")
     try:
         return cls(name=name, **args)
