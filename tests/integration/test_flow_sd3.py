@@ -134,6 +134,14 @@ def test_bad_inputs_name_the_field():
     pol = make(rollout__sde_window=2, rollout__sde_window_range=[5, 9])
     with pytest.raises(ValueError, match="sde_window_range"):
         pol.rollout(batch(), 2, gen())
+    # a rollout without noise has nothing to train on (every step masked: loss 0, no update): refused before
+    # training, while the same policy still samples and evaluates
+    for over, field in (({"rollout__sde": "ode"}, "rollout.sde=ode"), ({"rollout__noise_level": 0.0}, "rollout.noise_level=0.0")):
+        pol = make(**over)
+        with pytest.raises(ValueError, match=f"^{field}: the rollout draws no noise"):
+            pol.check_training_config()
+        assert not pol.rollout(batch(), 2, gen()).mask.any()
+    make().check_training_config()
 
 
 def test_save_pretrained_loads_in_diffusers(tmp_path):

@@ -136,6 +136,10 @@ class Policy(nn.Module):
                     src = distribute_tensor(src, p.device_mesh, p.placements)
                 p.copy_(src)
 
+    def check_training_config(self) -> None:
+        """Raise ValueError, naming the field and the fix, when the config samples nothing this policy can train
+        on (the trainer calls it before training; evaluation and sampling do not)."""
+
     # ---- reference policy -----------------------------------------------------------------------
     def uses_lora(self) -> bool:
         return bool(self.cfg.model.lora.enabled)

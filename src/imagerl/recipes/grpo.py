@@ -128,6 +128,7 @@ class GRPOTrainer:
             raise TrainingError("the policy has no trainable parameters: enable model.lora or list model.trainable modules")
         if training:  # (eval / export only read weights)
             self._check_update_precision()
+            self.policy.check_training_config()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))

@@ -131,6 +131,18 @@ class FlowPolicy(Policy):
         self._neg_cond: dict[str, torch.Tensor] | None = None
         sde_math.get_step_fn(cfg.rollout.sde)  # fail early on a bad rollout.sde
 
+    def check_training_config(self) -> None:
+        # GRPO scores the Gaussian transitions of the SDE steps; an ODE rollout (or no noise) has none, so every
+        # step would be masked out and training would run at loss 0, changing nothing
+        ro = self.cfg.rollout
+        if ro.sde == "ode" or ro.noise_level <= 0:
+            what = "rollout.sde=ode" if ro.sde == "ode" else f"rollout.noise_level={ro.noise_level}"
+            raise ValueError(
+                f"{what}: the rollout draws no noise, so no denoising step has a log-probability to train on. Use "
+                "rollout.sde=flow_grpo | cps | dance with rollout.noise_level > 0 (e.g. 0.7); evaluation already "
+                "samples with the ODE (rollout.eval_num_steps, rollout.eval_cfg_scale)"
+            )
+
     # ============================ hooks (family) ===============================================
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
