@@ -180,6 +180,24 @@ def test_cuda_graph_decode_samples_the_same():
     assert torch.allclose(ro_graph.old_logp, ro_live.old_logp, atol=1e-5)
 
 
+@pytest.mark.gpu
+def test_cuda_graph_decode_under_bf16_autocast():
+    # the recipe's precision (fp32 weights, bf16 autocast, whose weight-cast cache the warm-up step fills before
+    # the capture): the replayed graph draws what the same fixed-shape step draws eagerly, and training agrees
+    cfg = load_config(None, ["model.tiny=true", "model.tiny_size=test", "rollout.cfg_scale=5", "rollout.top_k=9",
+                             "rollout.cuda_graph=true"])
+    pol = JanusPolicy(cfg, torch.device("cuda")).eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ro_graph = roll(pol, seed=4, G=3)
+        pol.decode_static = "eager"
+        ro_eager = roll(pol, seed=4, G=3)
+        with torch.no_grad():
+            out = pol.log_prob(ro_graph, all_units(ro_graph))
+    assert torch.equal(ro_graph.replay["image_tokens"].cpu(), ro_eager.replay["image_tokens"].cpu())
+    assert torch.allclose(ro_graph.old_logp, ro_eager.old_logp, atol=1e-5)
+    assert (torch.exp(out.logp - ro_graph.old_logp) - 1).abs().max().item() < 2e-3
+
+
 def test_argmax_consistency_and_cfg_matters():
     import dataclasses
 
