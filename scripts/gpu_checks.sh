@@ -54,6 +54,9 @@ case "$what" in
     train demo_bf16 train.steps=40 run.dtype=bf16                   # the recipe's precision: fp32 weights, bf16 autocast
     train flow_fp32 demo_flow train.steps=20
     train janus_recipe janus_pro_t2i_grpo model.tiny=true model.tiny_size=test train.steps=2 rollout.cuda_graph=true
+    for r in flow_grpo_sd3 flux_grpo qwen_image_grpo deepgen_mr_grpo; do  # bf16 weights + autocast, on the GPU
+      train "recipe_$r" "$r" model.tiny=true model.tiny_size=test data.prompts_per_step=2 rollout.group_size=4 train.steps=2
+    done
     ;;
   bench)
     step bench_fp32 python3 benchmarks/bench_ar_rollout.py --device "$device" --batch 1,8,32 --repeats 5 --threads 8
