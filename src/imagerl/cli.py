@@ -100,7 +100,8 @@ def _trained_policy(args: list[str], base: bool = False):
             args = [str(Path(out) / "config.yaml"), *overrides]
     cfg = _load([*args, "run.resume=false"] if base else args)
     from .checkpoint import latest_checkpoint
-    from .recipes.grpo import GRPOTrainer
+    from .data.prompts import DataError
+    from .recipes.grpo import GRPOTrainer, TrainingError
     from .rewards.base import RewardError
 
     ckpt_dir = Path(cfg.run.output_dir) / "checkpoints"
@@ -112,7 +113,7 @@ def _trained_policy(args: list[str], base: bool = False):
         )
     try:
         trainer = GRPOTrainer(cfg, training=False)
-    except (RewardError, ValueError, OSError) as e:
+    except (DataError, TrainingError, RewardError, ValueError, OSError) as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)

@@ -41,6 +41,9 @@ def test_train_eval_export(tmp_path, capsys):
         main(["sample", f"run.output_dir={run}"])
     with pytest.raises(SystemExit, match=r"--prompts: prompt file .*does not exist"):
         main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "missing.txt")])
+    # reading the checkpoint with other model settings: one line naming what changed, not a traceback
+    with pytest.raises(SystemExit, match=r"^imagerl: TrainingError: .*written with model.lora.enabled=False \(now True\)"):
+        main(["eval", f"run.output_dir={run}", "model.lora.enabled=true"])
     assert main(["export", f"run.output_dir={run}", "--to", str(tmp_path / "exp")]) == 0
     from transformers import JanusForConditionalGeneration
 

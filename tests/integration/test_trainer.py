@@ -149,6 +149,20 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
 
 
+def test_resume_with_other_model_settings_names_what_changed(tmp_path):
+    # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
+    # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
+    with pytest.raises(TrainingError, match=r"step_000001: checkpoint does not match the policy: missing .*lora_A.*"
+                                            r"It was written with model.lora.enabled=False \(now True\)\. Resume with"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "model.lora.enabled=true"))
+    with pytest.raises(TrainingError, match=r"other shapes than the policy's .*q_proj.weight \(32, 32\) vs \(16, 16\).*"
+                                            r"written with model.tiny_overrides.hidden_size=unset \(now 16\)\."):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "model.tiny_overrides.hidden_size=16"))
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.lr=1e-4")).train()  # other settings resume
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+
+
 @pytest.mark.parametrize("family", ["janus", "sd3"])
 def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, family):
     # bf16 weights under AdamW drop every update below their rounding step (most of them at small lr): full

@@ -123,10 +123,15 @@ class Policy(nn.Module):
         missing = set(params) - set(sd)
         unexpected = set(sd) - set(params)
         if missing or unexpected:
-            raise RuntimeError(
+            raise ValueError(
                 f"checkpoint does not match the policy: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
                 "(was it written with another model.family, LoRA setting or tiny preset?)"
             )
+        # (a DTensor's shape is the full tensor's, like the checkpoint's)
+        shapes = [f"{n} {tuple(sd[n].shape)} vs {tuple(p.shape)}" for n, p in params.items() if sd[n].shape != p.shape]
+        if shapes:
+            raise ValueError(f"checkpoint tensors have other shapes than the policy's (checkpoint vs policy): "
+                             f"{shapes[:3]}{' ...' if len(shapes) > 3 else ''} (another model size, LoRA rank or image size?)")
         with torch.no_grad():
             for n, p in params.items():
                 src = sd[n].to(p.device, p.dtype)

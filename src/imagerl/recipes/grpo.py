@@ -81,6 +81,27 @@ class StepResult:
     metrics: dict[str, float]
 
 
+def _model_config_changes(saved: dict | None, cfg: Config) -> str:
+    """' It was written with model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's
+    config ('' when none differ or the checkpoint has no config)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        return ""
+    now = to_dict(cfg)["model"]
+
+    def flat(d: dict, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved["model"], "model."), flat(now, "model.")
+    unset = object()
+    show = lambda v: "unset" if v is unset else repr(v)  # noqa: E731
+    pairs = [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))]
+    diff = [f"{k}={show(x)} (now {show(y)})" for k, x, y in pairs if x != y]
+    return f" It was written with {', '.join(diff)}." if diff else ""
+
+
 class GRPOTrainer:
     def __init__(self, cfg: Config, training: bool = True):
         """`training=False` (imagerl eval / export): load the policy and the latest checkpoint only; write no
@@ -200,7 +221,11 @@ class GRPOTrainer:
         if ck is None:
             return
         state = load_checkpoint(ck)
-        self.policy.load_trainable_state_dict(state["trainable"])
+        try:
+            self.policy.load_trainable_state_dict(state["trainable"])
+        except ValueError as e:
+            raise TrainingError(f"{ck}: {e}.{_model_config_changes(state['state'].get('config'), self.cfg)} Resume with "
+                                "the model settings that wrote it, or give a new run.output_dir") from None
         self.start_step = int(state["state"]["step"])
         if self.ema is not None:
             if dist.dcp_complete(ck / EMA_DIR):
