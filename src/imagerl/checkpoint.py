@@ -125,10 +125,26 @@ def prune(ckpt_root: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is complete (it has its marker) but cannot be read back."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
-    trainable = load_file(str(path / "trainable.safetensors"))
-    opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    state = json.loads((path / "state.json").read_text())
-    return {"trainable": trainable, **opt, "state": state}
+    readers = {
+        "trainable.safetensors": lambda f: load_file(str(f)),
+        "optimizer.pt": lambda f: torch.load(f, map_location="cpu", weights_only=False),
+        "state.json": lambda f: json.loads(f.read_text()),
+    }
+    parts: dict[str, Any] = {}
+    for name, read in readers.items():
+        try:
+            parts[name] = read(path / name)
+        except Exception as e:  # noqa: BLE001  (whatever the reader raises: missing, truncated, garbled)
+            # written atomically, so this is damage after the fact (disk, a copy, a hand edit): say so and how out
+            raise CheckpointError(
+                f"{path / name} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: remove {path} "
+                "to resume from the checkpoint before it"
+            ) from None
+    return {"trainable": parts["trainable.safetensors"], **parts["optimizer.pt"], "state": parts["state.json"]}

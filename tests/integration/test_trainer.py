@@ -147,6 +147,16 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
     torch.save({**state, "optimizer": {"state": {}, "param_groups": []}}, ck / "optimizer.pt")  # a bare AdamW state
     with pytest.raises(TrainingError, match=r"no optimizer state this version can read"):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
+    # a truncated weights file or a garbled state.json: the file, the reader's complaint, and the way out
+    from imagerl.checkpoint import CheckpointError
+
+    (ck / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"step_000001/state.json cannot be read \(JSONDecodeError.*remove .*step_000001"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
+    w = ck / "trainable.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"trainable.safetensors cannot be read \(SafetensorError.*damaged"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
 
 
 def test_resume_with_other_model_settings_names_what_changed(tmp_path):
