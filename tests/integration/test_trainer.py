@@ -159,6 +159,12 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
 
 
+def test_unwritable_output_dir_is_a_clear_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(TrainingError, match=r"^run.output_dir=.*a_file/run: cannot write there \(.*\); give a writable"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "a_file" / "run"))
+
+
 def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
     # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it

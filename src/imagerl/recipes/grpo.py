@@ -120,8 +120,12 @@ class GRPOTrainer:
         self.out = Path(cfg.run.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         if self.dist.is_main and training:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / "config.yaml").write_text(to_yaml(cfg))
+            except OSError as e:
+                raise TrainingError(f"run.output_dir={cfg.run.output_dir}: cannot write there ({e.strerror or e}); "
+                                    "give a writable directory") from None
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
