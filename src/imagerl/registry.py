@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
+import sys
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -64,12 +66,28 @@ class Registry(Generic[T]):
         )
 
 
+def _import_user_module(name: str) -> Any:
+    """importlib.import_module, also looking in the working directory. `python -m` puts it on sys.path, but
+    console scripts (`imagerl train ...`) do not, and a user's own module (mypkg/rewards.py next to the config)
+    is expected to import from where they run the command. It goes last on sys.path, so it shadows nothing; only
+    a missing top-level module is retried (a dependency missing inside the user's module stays that error)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
+
+
 def import_object(path: str, field: str = "") -> Any:
     mod_name, _, attr = path.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _import_user_module(mod_name)
     except ImportError as e:
-        raise RegistryError(f"{field}: cannot import module '{mod_name}' named in '{path}': {e}") from e
+        raise RegistryError(f"{field}: cannot import module '{mod_name}' named in '{path}': {e} (it must be "
+                            f"installed, on PYTHONPATH, or under the working directory {os.getcwd()})") from e
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):

@@ -172,3 +172,23 @@ def test_bad_child_specs_name_the_field():
         build_reward({"type": "gated", "args": {"gate": "ocr", "value": child("a")}})
     with pytest.raises(ValueError, match="weight must be a number"):
         build_reward({"type": "product", "args": {"children": [dict(child("a"), weight="heavy")]}})
+
+
+def test_own_reward_module_imports_from_the_working_directory(tmp_path, monkeypatch):
+    """`imagerl train` is a console script, so the directory it runs in is not on sys.path (as it is under
+    `python -m`); a user's reward module there must still import by 'module:Class'. A dependency missing inside
+    that module stays its own error, naming the module that is missing."""
+    import sys
+
+    (tmp_path / "my_cwd_reward_mod.py").write_text(
+        "import torch\nfrom imagerl.rewards.base import Reward\nfrom imagerl.types import RewardOutput\n"
+        "class Half(Reward):\n    def score(self, inp):\n        return RewardOutput(torch.full((len(inp.prompts),), 0.5))\n")
+    (tmp_path / "my_cwd_broken_mod.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    r = build_reward({"type": "my_cwd_reward_mod:Half"})
+    assert close(r(batch([{}, {}])).scores, [0.5, 0.5])
+    assert sys.path[-1] == str(tmp_path)  # appended: it shadows nothing installed
+    with pytest.raises(ValueError, match=r"rewards\[0\].type: cannot import module 'my_cwd_broken_mod'.*"
+                                         r"No module named 'no_such_dependency_xyz'"):
+        build_reward({"type": "my_cwd_broken_mod:X"})
