@@ -279,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] not in COMMANDS:
         parser.error(f"unknown command '{argv[0]}'")
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        print(f"imagerl {argv[0]}: {COMMANDS[argv[0]][1]}\n\n"
+              "CONFIG: a .yaml or .jsonnet file, or a bundled recipe by name (demo, demo_flow, janus_pro_t2i_grpo, ...).\n"
+              "key=value: any config key (e.g. train.steps=10 model.tiny=true); `imagerl print-config [CONFIG]` shows\n"
+              "them all with their values, docs/config.md describes them.")
+        return 0
     return COMMANDS[argv[0]][0](argv[1:])
 
 

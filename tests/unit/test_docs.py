@@ -36,6 +36,15 @@ def test_print_config_cli():
     assert bad.returncode != 0 and "Did you mean 'train.steps'" in bad.stderr
 
 
+def test_subcommand_help(capsys):
+    from imagerl.cli import main
+
+    for cmd in ("train", "eval", "sample", "export", "print-config", "serve-reward"):
+        assert main([cmd, "--help"]) == 0, cmd  # (not "config file '--help' does not exist")
+        out = capsys.readouterr().out
+        assert out.startswith(f"imagerl {cmd}: ") and "key=value" in out and "print-config" in out, out
+
+
 def test_every_config_key_is_read_by_the_code():
     """No key in the schema that nothing reads: a user who sets it would get silence instead of an effect or an
     "unknown key" error. A key counts as read when its name appears as an attribute (`.name`) or a string
