@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,58 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
                 "to resume from the checkpoint before it"
             ) from None
     return {"trainable": parts["trainable.safetensors"], **parts["optimizer.pt"], "state": parts["state.json"]}
+
+
+# --------------------------------------------------------------------------------------------------
+# One writer per run directory
+# --------------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".imagerl.lock"
+_HELD: dict[str, list[Any]] = {}  # resolved run dir -> [open lock file, holders in this process]
+
+
+class RunDirInUse(RuntimeError):
+    pass
+
+
+def lock_run_dir(out: Path) -> str:
+    """Claim `out` for this process: a second `imagerl train` on the same run.output_dir would interleave its
+    checkpoints and truncate the first one's metrics.jsonl. An advisory `flock` on `out/.imagerl.lock`: the
+    kernel drops it when the process ends, however it ends (kill -9 included), so a crashed run never leaves
+    a stale lock behind. Re-entrant within one process (several trainers on one directory, one after the other,
+    as tests and notebooks do); returns the key for `unlock_run_dir`. Where `fcntl` does not exist (Windows), no
+    lock is taken."""
+    key = str(out.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return ""
+    f = open(out / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise RunDirInUse(
+            f"run.output_dir={out} is in use by another imagerl run ({who}): wait for it or stop it, or give "
+            "another run.output_dir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD[key] = [f, 1]
+    return key
+
+
+def unlock_run_dir(key: str) -> None:
+    if key not in _HELD:
+        return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] == 0:
+        _HELD.pop(key)[0].close()  # (closing the file releases the flock)
+

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from imagerl.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
@@ -62,3 +63,34 @@ def test_moved_in_directory_is_part_of_the_atomic_checkpoint(tmp_path):
     leftover.mkdir()
     _save(tmp_path, 3)
     assert not leftover.exists()
+
+
+def test_one_writer_per_run_dir(tmp_path):
+    """A second process training into the same run.output_dir is refused (it would interleave checkpoints and
+    truncate the first run's metrics.jsonl) and told who holds it; the lock goes with its process (killed too),
+    and one process may open the directory again (trainers one after another)."""
+    import signal
+
+    from imagerl.checkpoint import RunDirInUse, lock_run_dir, unlock_run_dir
+    from imagerl.config import load_config
+    from imagerl.recipes.grpo import GRPOTrainer, TrainingError
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from imagerl.checkpoint import lock_run_dir; "
+         f"lock_run_dir(Path({str(tmp_path)!r})); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunDirInUse, match=rf"run.output_dir={tmp_path} is in use by another imagerl run \(pid {holder.pid} on "):
+            lock_run_dir(tmp_path)
+        cfg = load_config(None, ["model.tiny_size=test", f"run.output_dir={tmp_path}"])
+        with pytest.raises(TrainingError, match="is in use by another imagerl run"):
+            GRPOTrainer(cfg)
+        assert not (tmp_path / "config.yaml").exists()  # refused before writing anything
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    a = lock_run_dir(tmp_path)  # the kernel dropped the dead process's lock
+    b = lock_run_dir(tmp_path)  # re-entrant in one process
+    unlock_run_dir(b)
+    unlock_run_dir(a)

@@ -30,7 +30,15 @@ from .. import dist
 from ..algorithms.advantages import AdvantageOutput, compute_advantages
 from ..algorithms.kl import kl_per_unit
 from ..algorithms.losses import clipped_surrogate, unit_weights
-from ..checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from ..checkpoint import (
+    RunDirInUse,
+    latest_checkpoint,
+    load_checkpoint,
+    lock_run_dir,
+    save_checkpoint,
+    set_rng_state,
+    unlock_run_dir,
+)
 from ..config import Config, to_dict, to_yaml
 from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
 from ..ema import WeightEMA
@@ -107,6 +115,7 @@ class GRPOTrainer:
         """`training=False` (imagerl eval / export): load the policy and the latest checkpoint only; write no
         run files (the run's metrics.jsonl and config.yaml are left untouched)."""
         self.cfg = cfg
+        self._run_lock = ""  # (set when this trainer writes into run.output_dir)
         self.device = resolve_device(cfg.run.device)
         self.dist = dist.init(cfg.dist.backend, self.device)
         if cfg.run.threads:
@@ -122,10 +131,14 @@ class GRPOTrainer:
         if self.dist.is_main and training:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                (self.out / "config.yaml").write_text(to_yaml(cfg))
             except OSError as e:
                 raise TrainingError(f"run.output_dir={cfg.run.output_dir}: cannot write there ({e.strerror or e}); "
                                     "give a writable directory") from None
+            try:  # before anything is written into it (config.yaml, metrics.jsonl, checkpoints)
+                self._run_lock = lock_run_dir(self.out)
+            except RunDirInUse as e:
+                raise TrainingError(str(e)) from None
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
@@ -539,9 +552,10 @@ class GRPOTrainer:
 
 
     def close(self) -> None:
-        """Stop the scoring thread and release reward servers/sessions."""
+        """Stop the scoring thread, release reward servers/sessions and the run directory."""
         self.scorer.close()
         self.rewards.close()
+        unlock_run_dir(self._run_lock)
 
 
 def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, names: list[str]) -> dict[str, float]:
