@@ -20,6 +20,7 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,7 @@ def lock_run_dir(out: Path) -> str:
     f = open(out / LOCK_FILE, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         f.seek(0)
         who = f.read().strip() or "another process"
         f.close()
@@ -189,6 +190,11 @@ def lock_run_dir(out: Path) -> str:
             f"run.output_dir={out} is in use by another imagerl run ({who}): wait for it or stop it, or give "
             "another run.output_dir"
         ) from None
+    except OSError as e:  # a filesystem without flock (some network mounts: ENOLCK): train unguarded, and say so
+        f.close()
+        warnings.warn(f"run.output_dir={out}: cannot lock it ({e.strerror or e}); a second run started on this "
+                      "directory would not be refused", stacklevel=2)
+        return ""
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")

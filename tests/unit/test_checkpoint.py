@@ -94,3 +94,17 @@ def test_one_writer_per_run_dir(tmp_path):
     b = lock_run_dir(tmp_path)  # re-entrant in one process
     unlock_run_dir(b)
     unlock_run_dir(a)
+
+
+def test_filesystem_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from imagerl.checkpoint import lock_run_dir
+
+    def no_locks(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match=r"cannot lock it \(No locks available\); a second run"):
+        assert lock_run_dir(tmp_path) == ""
