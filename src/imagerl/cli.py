@@ -36,15 +36,23 @@ def _load(args: list[str]):
         raise SystemExit(f"imagerl: config error: {e}") from None
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """The errors that are the user's to fix (bad data, config, checkpoint or reward setup; each message names the
+    field or file and the fix): the commands print them as one line instead of a traceback. DataError and
+    CheckpointError are ValueErrors."""
+    from .recipes.grpo import TrainingError
+    from .rewards.base import RewardError
+
+    return (TrainingError, RewardError, ValueError, OSError)
+
+
 def cmd_train(args: list[str]) -> int:
     cfg = _load(args)
-    from .data.prompts import DataError
-    from .recipes.grpo import TrainingError, train
-    from .rewards.base import RewardError
+    from .recipes.grpo import train
 
     try:
         result = train(cfg)
-    except (DataError, TrainingError, RewardError, ValueError, OSError) as e:
+    except _user_errors() as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.get("paths") or {}
@@ -100,9 +108,7 @@ def _trained_policy(args: list[str], base: bool = False):
             args = [str(Path(out) / "config.yaml"), *overrides]
     cfg = _load([*args, "run.resume=false"] if base else args)
     from .checkpoint import latest_checkpoint
-    from .data.prompts import DataError
-    from .recipes.grpo import GRPOTrainer, TrainingError
-    from .rewards.base import RewardError
+    from .recipes.grpo import GRPOTrainer
 
     ckpt_dir = Path(cfg.run.output_dir) / "checkpoints"
     ck = None if base else latest_checkpoint(ckpt_dir)
@@ -113,7 +119,7 @@ def _trained_policy(args: list[str], base: bool = False):
         )
     try:
         trainer = GRPOTrainer(cfg, training=False)
-    except (DataError, TrainingError, RewardError, ValueError, OSError) as e:
+    except _user_errors() as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)
