@@ -39,11 +39,13 @@ def _load(args: list[str]):
 def _user_errors() -> tuple[type[Exception], ...]:
     """The errors that are the user's to fix (bad data, config, checkpoint or reward setup; each message names the
     field or file and the fix): the commands print them as one line instead of a traceback. DataError and
-    CheckpointError are ValueErrors."""
+    CheckpointError are ValueErrors; RegistryError (an unknown model.family, algorithm.advantage, reward type or
+    'module:Class' that does not import) is a KeyError."""
     from .recipes.grpo import TrainingError
+    from .registry import RegistryError
     from .rewards.base import RewardError
 
-    return (TrainingError, RewardError, ValueError, OSError)
+    return (TrainingError, RewardError, RegistryError, ValueError, OSError)
 
 
 def cmd_train(args: list[str]) -> int:

@@ -137,5 +137,7 @@ def test_clear_errors():
         CLIPScoreReward(model="/nonexistent/clip")
     with pytest.raises(ValueError, match="args.mode"):
         CLIPScoreReward(tiny=True, mode="softmax")
-    with pytest.raises(ValueError, match="args.dtype"):
+    with pytest.raises(ValueError, match=r"reward 'PickScoreReward': args.dtype='fp8' is not valid; use one of fp32, bf16, fp16"):
         PickScoreReward(tiny=True, dtype="fp8")
+    with pytest.raises(ValueError, match=r"reward 'PickScoreReward': args.device='cuda:0x' is not a device"):
+        PickScoreReward(tiny=True, device="cuda:0x")

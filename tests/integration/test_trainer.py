@@ -165,6 +165,31 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path / "a_file" / "run"))
 
 
+@pytest.mark.parametrize("override,match", [
+    ("algorithm.advantage=group_zscor", r"^algorithm.advantage: unknown advantage estimator 'group_zscor'\. "
+                                        r"Did you mean 'group_zscore'\?"),
+    ("model.family=januss", r"^model.family: unknown policy 'januss'\. Did you mean 'janus'\?"),
+    ("run.device=gpu", r"^run.device='gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+])
+def test_bad_names_fail_before_anything_runs_or_is_written(tmp_path, override, match):
+    # checked when the trainer starts, not where first used (the advantage estimator: after a whole rollout)
+    with pytest.raises((KeyError, ValueError), match=match):
+        GRPOTrainer(cfg_for("janus", tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()
+    # the command prints it as one line, no traceback
+    p = subprocess.run([sys.executable, "-m", "imagerl.cli", "train", *FAMILY_OVERRIDES["janus"], *COMMON,
+                        f"run.output_dir={tmp_path}/run", override], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().startswith("imagerl: ") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch has no GPU")
+def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"^run.device='cuda:1': (this torch is built without CUDA|no GPU is visible); "
+                                         r"use run.device=auto \(CPU here\) or run.device=cpu"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "run.device=cuda:1"))
+
+
 def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
     # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it

@@ -268,11 +268,3 @@ def _full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if _is_dtensor(p) else p
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

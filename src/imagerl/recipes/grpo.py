@@ -41,9 +41,11 @@ from ..checkpoint import (
 )
 from ..config import Config, to_dict, to_yaml
 from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
+from ..devices import resolve_device
 from ..ema import WeightEMA
-from ..policies import POLICIES  # noqa: F401  (registers policy names)
-from ..policies.base import Policy, resolve_device
+from ..policies import POLICIES
+from ..policies.base import Policy
+from ..registry import ADVANTAGES
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
@@ -117,6 +119,10 @@ class GRPOTrainer:
         self.cfg = cfg
         self._run_lock = ""  # (set when this trainer writes into run.output_dir)
         self.device = resolve_device(cfg.run.device)
+        # Names the config resolves through registries are looked up now, not when first used: an unknown
+        # algorithm.advantage would otherwise surface after the first rollout (minutes into a GPU run).
+        ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
+        policy_cls = POLICIES.get(cfg.model.family, field="model.family")
         self.dist = dist.init(cfg.dist.backend, self.device)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
@@ -143,7 +149,7 @@ class GRPOTrainer:
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
         self.scorer = ScoringRunner(self.rewards)
-        self.policy: Policy = POLICIES.get(cfg.model.family)(cfg, self.device)
+        self.policy: Policy = policy_cls(cfg, self.device)
         if cfg.model.trained_dtype == "fp32":
             # fp32 master weights for what trains, while frozen parts (text encoders, VAE, VQ) stay in model.dtype;
             # autocast (run.dtype, checked at config time) computes in bf16 all the same. Before sharding and the

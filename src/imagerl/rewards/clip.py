@@ -34,12 +34,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..devices import resolve_device, resolve_dtype
 from ..types import RewardInput, RewardOutput
 from .base import Reward
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -163,12 +163,6 @@ def load_clip(model: str, processor: str | None = None, revision: str | None = N
     return ClipBundle(m.eval(), tok, pp)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class CLIPFamilyReward(Reward):
     """Shared loading and batched, no-grad scoring; subclasses choose the checkpoint and `transform`.
 
@@ -191,12 +185,10 @@ class CLIPFamilyReward(Reward):
                  device: str = "auto", dtype: str = "fp32", batch_size: int = 32, revision: str | None = None,
                  seed: int = 0) -> None:
         super().__init__(name)
-        if dtype not in _DTYPES:
-            raise ValueError(f"reward '{self.name}': args.dtype must be one of {sorted(_DTYPES)}, got '{dtype}'")
         if int(batch_size) < 1:
             raise ValueError(f"reward '{self.name}': args.batch_size must be >= 1, got {batch_size}")
-        self.device = resolve_device(device)
-        self.dtype = _DTYPES[dtype]
+        self.device = resolve_device(device, field=f"reward '{self.name}': args.device")
+        self.dtype = resolve_dtype(dtype, field=f"reward '{self.name}': args.dtype")
         self.batch_size = int(batch_size)
         if tiny:
             bundle = build_tiny_clip(seed=seed)

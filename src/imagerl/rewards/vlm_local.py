@@ -413,19 +413,15 @@ class LocalVLMBackend:
         revision: str = "",
         trust_remote_code: bool = False,
     ) -> None:
-        import torch
-
         if not tiny and not model:
             raise ValueError(
                 "backend.model is empty: give a local Qwen2.5-VL directory or hub id (e.g. Qwen/Qwen2.5-VL-7B-Instruct), "
                 "or set tiny: true for a tiny random-weight judge"
             )
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"backend.dtype='{dtype}' is not valid; use one of {sorted(dtypes)}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        from ..devices import resolve_device, resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype, field="backend.dtype")
+        self.device = resolve_device(device, field="backend.device")
         self.max_image_pixels = int(max_image_pixels)
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -443,11 +439,11 @@ class LocalVLMBackend:
             self.tokenizer = AutoTokenizer.from_pretrained(model, **kw)
             ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
             self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model, **ip_kw, **kw)
-            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=dtypes[dtype], **kw).eval()
+            self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model, dtype=torch_dtype, **kw).eval()
             self.served_name = served_name or model
         self.model.to(self.device)
         if tiny and dtype != "fp32":
-            self.model.to(dtypes[dtype])
+            self.model.to(torch_dtype)
         self.merge = int(getattr(self.model.config.vision_config, "spatial_merge_size", 2)) ** 2
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")

@@ -39,7 +39,8 @@ from torch import nn
 from ...config import Config
 from ...tiny import build_tokenizer
 from ...types import LogProbOutput, PromptBatch, Rollout
-from ..base import Policy, fsdp_units, resolve_dtype, sum_sharded_gradients
+from ...devices import resolve_dtype
+from ..base import Policy, fsdp_units, sum_sharded_gradients
 from .sampling import (
     FastLlamaDecoder,
     SamplingParams,

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import resolve_dtype
+from ...devices import resolve_dtype
 from . import sde as sde_math
 from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 

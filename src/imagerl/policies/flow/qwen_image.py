@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import resolve_dtype
+from ...devices import resolve_dtype
 from . import sde as sde_math
 from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 from .flux import (

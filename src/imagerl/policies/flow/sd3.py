@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ...config import Config
-from ..base import resolve_dtype
+from ...devices import resolve_dtype
 from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 
 TINY_PRESETS: dict[str, dict[str, Any]] = {
