@@ -42,7 +42,7 @@ class ConfigError(ValueError):
 class RunConfig:
     output_dir: str = "runs/demo"  # metrics.jsonl, samples/, checkpoints/, reward_curve.png, config.yaml; rerun = resume
     seed: int = 0  # seeds weights init, prompt order and every sampling stream (per step and rank)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA when torch sees a GPU)
     dtype: str = "fp32"  # compute dtype under autocast: fp32 | bf16 | fp16 (fp16: eval only, no loss scaling)
     name: str = ""  # run name for loggers; defaults to the output dir's name
     resume: bool = True  # resume from the last checkpoint in output_dir/checkpoints if one exists

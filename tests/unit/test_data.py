@@ -41,6 +41,9 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "x.docx").write_text("x")
     with pytest.raises(DataError, match="unknown extension"):
         load_rows(str(tmp_path / "x.docx"))
+    with pytest.raises(DataError, match=r"^data.datasets\[2\].path: unknown built-in dataset 'builtin:color'\. "
+                                        r"Did you mean 'builtin:colors'\? Available: builtin:color_shapes, builtin:colors"):
+        load_rows("builtin:color", field_name="data.datasets[2].path")
 
 
 def test_sampler_seeded_epochs_and_resume():

@@ -59,7 +59,7 @@ def load_image(path: Path, size: int, field: str) -> torch.Tensor:
 @lru_cache(maxsize=8)
 def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, Any], ...]:
     if path.startswith("builtin:"):
-        rows = builtin_dataset(path.split(":", 1)[1])
+        rows = builtin_dataset(path.split(":", 1)[1], "data.sft_datasets[].path")
         return tuple((r["prompt"], ("draw", r["color"], r["shape"], r["position"])) for r in rows)
     rows = load_rows(path, prompt_field, "data.sft_datasets[].path")
     base = Path(path).parent

@@ -14,6 +14,7 @@ checkpoints so a resumed run sees the same prompts.
 
 from __future__ import annotations
 
+import difflib
 import csv
 import json
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class PromptDataset:
         return len(self.rows)
 
 
-def builtin_dataset(name: str) -> list[dict[str, Any]]:
+def builtin_dataset(name: str, field_name: str = "data.datasets[0].path") -> list[dict[str, Any]]:
     if name == "color_shapes":
         return [
             {"prompt": f"a {c} {s} on the {p}", "color": c, "shape": s, "position": p}
@@ -53,12 +54,16 @@ def builtin_dataset(name: str) -> list[dict[str, Any]]:
             {"prompt": f"a {c} square on the {p}", "color": c, "shape": "square", "position": p}
             for c in ("red", "green", "blue", "yellow") for p in ("left", "right")
         ]
-    raise DataError(f"unknown built-in dataset 'builtin:{name}'. Available: builtin:color_shapes, builtin:colors")
+    known = ["color_shapes", "colors"]
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean 'builtin:{close[0]}'?" if close else ""
+    raise DataError(f"{field_name}: unknown built-in dataset 'builtin:{name}'.{hint} "
+                    f"Available: {', '.join('builtin:' + k for k in known)}")
 
 
 def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.datasets[0].path") -> list[dict[str, Any]]:
     if path.startswith("builtin:"):
-        return builtin_dataset(path.split(":", 1)[1])
+        return builtin_dataset(path.split(":", 1)[1], field_name)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{field_name}: prompt file '{path}' does not exist (cwd: {Path.cwd()}). Fix the path.")
