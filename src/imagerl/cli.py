@@ -12,11 +12,25 @@ import sys
 from pathlib import Path
 
 
+_command = ""  # the running subcommand, for messages
+
+
+def _make_dir(path: Path, what: str) -> Path:
+    """mkdir -p for an output directory the user chose, failing as one line that names the option."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"imagerl: {what}={path}: cannot write there ({e.strerror or e}); give a writable directory") from None
+    return path
+
+
 def _split(args: list[str]) -> tuple[str | None, list[str]]:
     """First positional that is not key=value is the config path; the rest are overrides."""
     config = None
     overrides = []
     for a in args:
+        if a.startswith("-") and not os.path.exists(a):  # (the command took its own options out already)
+            raise SystemExit(f"imagerl: unknown option '{a}': `imagerl {_command or '<command>'} --help` lists the options")
         if "=" in a and not os.path.exists(a):
             overrides.append(a)
         elif config is None:
@@ -138,8 +152,7 @@ def cmd_eval(args: list[str]) -> int:
     from .logging import make_sample_grid
 
     metrics, ro, total = trainer.eval_rollout()
-    out = Path(cfg.run.output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
     tag = _weights_tag(cfg, trainer, ck)
     grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=len(ro),
                             title=f"eval of {tag} (deterministic sampling)")
@@ -193,8 +206,7 @@ def cmd_sample(args: list[str]) -> int:
     from .types import PromptBatch, RewardInput
 
     tag = _weights_tag(cfg, trainer, ck)
-    out = Path(dest) if dest else Path(cfg.run.output_dir) / "sample" / tag
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_dir(Path(dest), "--out") if dest else _make_dir(Path(cfg.run.output_dir) / "sample" / tag, "run.output_dir")
     chunk = max(1, cfg.data.prompts_per_step)
     lines = []
     for c, start in enumerate(range(0, len(rows), chunk)):
@@ -238,7 +250,7 @@ def _num(x) -> float | None:
 def cmd_export(args: list[str]) -> int:
     dest, args = _take_flag(args, "--to")
     cfg, trainer, ck = _trained_policy(args)
-    target = Path(dest) if dest else Path(cfg.run.output_dir) / "export"
+    target = _make_dir(Path(dest), "--to") if dest else _make_dir(Path(cfg.run.output_dir) / "export", "run.output_dir")
     with trainer.eval_weights():  # the EMA of the weights when the run kept one
         trainer.policy.save_pretrained(str(target))
     trainer.close()
@@ -293,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
               "key=value: any config key (e.g. train.steps=10 model.tiny=true); `imagerl print-config [CONFIG]` shows\n"
               "them all with their values, docs/config.md describes them.")
         return 0
+    global _command
+    _command = argv[0]
     return COMMANDS[argv[0]][0](argv[1:])
 
 

@@ -44,6 +44,14 @@ def test_train_eval_export(tmp_path, capsys):
     # reading the checkpoint with other model settings: one line naming what changed, not a traceback
     with pytest.raises(SystemExit, match=r"^imagerl: TrainingError: .*written with model.lora.enabled=False \(now True\)"):
         main(["eval", f"run.output_dir={run}", "model.lora.enabled=true"])
+    # a mistyped option, or an output directory that cannot be made: one line naming it, before any work
+    with pytest.raises(SystemExit, match=r"^imagerl: unknown option '--nn': `imagerl sample --help` lists the options$"):
+        main(["sample", f"run.output_dir={run}", "--prompt", "x", "--nn", "2"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"^imagerl: --out=.*a_file/s: cannot write there \(.*\); give a writable"):
+        main(["sample", f"run.output_dir={run}", "--prompt", "x", "--out", str(tmp_path / "a_file" / "s")])
+    with pytest.raises(SystemExit, match=r"^imagerl: --to=.*a_file/e: cannot write there"):
+        main(["export", f"run.output_dir={run}", "--to", str(tmp_path / "a_file" / "e")])
     assert main(["export", f"run.output_dir={run}", "--to", str(tmp_path / "exp")]) == 0
     from transformers import JanusForConditionalGeneration
 
