@@ -427,7 +427,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _get(cfg: Config, dotted: str) -> Any:
+def get_field(cfg: Config, dotted: str) -> Any:
     node: Any = cfg
     for p in dotted.split("."):
         node = getattr(node, p)
@@ -437,14 +437,14 @@ def _get(cfg: Config, dotted: str) -> Any:
 def validate(cfg: Config) -> None:
     """Cross-field checks; each error names the field and the fix."""
     for key, choices in _CHOICES.items():
-        v = _get(cfg, key)
+        v = get_field(cfg, key)
         if v not in choices:
             close = difflib.get_close_matches(str(v), choices, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{key}='{v}' is not valid.{hint} Choose one of: {', '.join(choices)}")
 
     def positive(key: str, allow_zero: bool = False) -> None:
-        v = _get(cfg, key)
+        v = get_field(cfg, key)
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}")
 

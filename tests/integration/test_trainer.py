@@ -190,6 +190,24 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path, "run.device=cuda:1"))
 
 
+def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path, capsys):
+    # one YAML may carry AR and flow settings: those the family never reads get a note, not silence
+    GRPOTrainer(cfg_for("janus", tmp_path / "a", "logging.console=true", "algorithm.timestep_fraction=0.5",
+                        "rollout.top_k=5")).close()
+    out = capsys.readouterr().out
+    assert "note: model.family=janus does not use algorithm.timestep_fraction=0.5 (left as set" in out
+    assert "top_k" not in out  # (janus reads it)
+    GRPOTrainer(cfg_for("sd3", tmp_path / "b", "logging.console=true", "rollout.top_k=5")).close()
+    assert "note: model.family=sd3 does not use rollout.top_k=5 (" in capsys.readouterr().out
+    GRPOTrainer(cfg_for("sd3", tmp_path / "c", "logging.console=true")).close()
+    assert "note:" not in capsys.readouterr().out
+    # a KL estimator the family has no outputs for fails at start (it used to fail at the first KL term)
+    with pytest.raises(ValueError, match=r"^algorithm.kl_estimator=mean does not apply to model.family=janus .*"
+                                         r"use one of k1, k2, k3$"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "d", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1"))
+    GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
+
+
 def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
     # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it

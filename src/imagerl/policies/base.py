@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, get_field
 from ..types import LogProbOutput, PromptBatch, Rollout
 
 
@@ -27,6 +27,11 @@ class Policy(nn.Module):
 
     #: default LoRA target modules of the family (used when model.lora.target_modules is empty)
     default_lora_targets: tuple[str, ...] = ()
+    #: config keys this family's sampler and log-prob never read (e.g. top_k for a flow model, the SDE settings
+    #: for an AR one). One YAML may carry both kinds; a changed one gets a note at start instead of doing nothing.
+    unused_settings: tuple[str, ...] = ()
+    #: algorithm.kl_estimator values the family's log-prob outputs support
+    kl_estimators: tuple[str, ...] = ("k1", "k2", "k3")
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()
@@ -143,7 +148,20 @@ class Policy(nn.Module):
 
     def check_training_config(self) -> None:
         """Raise ValueError, naming the field and the fix, when the config samples nothing this policy can train
-        on (the trainer calls it before training; evaluation and sampling do not)."""
+        on (the trainer calls it before training; evaluation and sampling do not). Subclasses extend it."""
+        a = self.cfg.algorithm
+        if a.kl_coef > 0 and a.kl_estimator not in self.kl_estimators:
+            raise ValueError(
+                f"algorithm.kl_estimator={a.kl_estimator} does not apply to model.family={self.cfg.model.family} "
+                f"(it has no {'velocity predictions' if a.kl_estimator == 'velocity' else 'Gaussian transitions'}); "
+                f"use one of {', '.join(self.kl_estimators)}"
+            )
+
+    def unused_changes(self) -> list[str]:
+        """The `unused_settings` this config sets to something other than the schema default, as 'key=value'."""
+        default = Config()
+        return [f"{k}={get_field(self.cfg, k)}" for k in self.unused_settings
+                if get_field(self.cfg, k) != get_field(default, k)]
 
     # ---- reference policy -----------------------------------------------------------------------
     def uses_lora(self) -> bool:

@@ -204,6 +204,10 @@ class GRPOTrainer:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
         if self._resume_note:
             self.logger.print(self._resume_note)
+        unused = self.policy.unused_changes() if training else []
+        if unused:
+            self.logger.print(f"note: model.family={cfg.model.family} does not use {', '.join(unused)} (left as set; "
+                              "they apply to other policy families)")
 
     # ------------------------------------------------------------------------------------------------
     def _check_update_precision(self) -> None:

@@ -120,6 +120,8 @@ class FlowPolicy(Policy):
     """Base class of flow-matching policy adapters; subclasses implement the hooks in the module docstring."""
 
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    unused_settings = ("rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.cuda_graph")
+    kl_estimators = ("k1", "k2", "k3", "mean", "velocity")
     #: static timestep shift of the family (SD3: 3.0), used when rollout.timestep_shift is 0
     default_shift: float = 3.0
     #: output resolution when model.image_size is 0
@@ -132,6 +134,7 @@ class FlowPolicy(Policy):
         sde_math.get_step_fn(cfg.rollout.sde)  # fail early on a bad rollout.sde
 
     def check_training_config(self) -> None:
+        super().check_training_config()
         # GRPO scores the Gaussian transitions of the SDE steps; an ODE rollout (or no noise) has none, so every
         # step would be masked out and training would run at loss 0, changing nothing
         ro = self.cfg.rollout
