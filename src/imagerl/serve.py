@@ -7,10 +7,34 @@ satisfied with `model.tiny=true` before the user's overrides, so a reward-only Y
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import sys
 
 log = logging.getLogger(__name__)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail now, naming the setting, when (host, port) cannot be bound: a port already in use or a host that is
+    not an address of this machine. uvicorn would only find out after the rewards have loaded. Bound the way
+    uvicorn binds (SO_REUSEADDR), then released; port 0 (any free port) always passes."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"server.host={host}: not a host name or address here ({e.strerror}); "
+                         "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"server.port={port}: {host}:{port} is already in use (another reward server or "
+                                 "program); stop it or choose another server.port") from None
+            raise ValueError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror or e}); "
+                             "use 127.0.0.1 or 0.0.0.0, and a port above 1023 unless running as root") from None
 
 
 def main(config_path: str, overrides: list[str] | None = None) -> int:
@@ -21,6 +45,7 @@ def main(config_path: str, overrides: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(config_path, ["model.tiny=true", *(overrides or [])])
+        _check_address(cfg.server.host, cfg.server.port)  # before loading the rewards (a VLM judge takes minutes)
         server = build_server(cfg)
     except (ConfigError, ValueError) as e:
         print(f"imagerl serve-reward: {e}", file=sys.stderr)

@@ -531,3 +531,24 @@ def test_serve_reward_cli_bad_config_exits_with_message(tmp_path, capsys):
     assert main(str(cfg), []) == 2
     err = capsys.readouterr().err
     assert "brightness" in err  # the closest valid name
+
+
+def test_serve_reward_busy_port_or_bad_host_fails_before_loading_rewards(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import imagerl.rewards.server as server_mod
+    from imagerl.serve import main
+
+    built = []
+    monkeypatch.setattr(server_mod, "build_server", lambda cfg: built.append(cfg))  # (must not be reached)
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("rewards:\n  - type: brightness\n")
+    with socket.socket() as busy:  # a real listener on a loopback port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(str(cfg), [f"server.port={port}"]) == 2
+    assert f"server.port={port}: 127.0.0.1:{port} is already in use" in capsys.readouterr().err
+    assert main(str(cfg), ["server.host=no-such-host.invalid"]) == 2
+    assert "server.host=no-such-host.invalid: not a host name or address here" in capsys.readouterr().err
+    assert built == []
