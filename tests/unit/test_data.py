@@ -23,6 +23,19 @@ def test_txt_jsonl_csv_parquet(tmp_path):
     assert load_rows(str(tmp_path / "p.parquet"))[1] == {"prompt": "p2", "k": 2}
 
 
+def test_bom_whitespace_and_missing_prompts(tmp_path, caplog):
+    # a BOM (Windows editors) is not part of the first prompt; a null or empty prompt is skipped with a warning
+    # naming where, never trained on as the text 'None'
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red square on the left\r\nsecond\r\n".encode("utf-8"))
+    assert [r["prompt"] for r in load_rows(str(tmp_path / "bom.txt"))] == ["a red square on the left", "second"]
+    (tmp_path / "bom.csv").write_bytes("\ufeffprompt,color\nx,red\n".encode("utf-8"))
+    assert load_rows(str(tmp_path / "bom.csv")) == [{"prompt": "x", "color": "red"}]
+    (tmp_path / "mix.jsonl").write_text('{"prompt": "a", "k": 1}\n{"prompt": null}\n\n{"prompt": " b "}\n{"prompt": ""}\n')
+    with caplog.at_level("WARNING"):
+        assert load_rows(str(tmp_path / "mix.jsonl")) == [{"prompt": "a", "k": 1}, {"prompt": "b"}]
+    assert "mix.jsonl: skipped 2 of 4 rows whose 'prompt' is empty or null (the first at line 2)" in caplog.text
+
+
 def test_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_rows(str(tmp_path / "missing.txt"))
@@ -41,6 +54,9 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "x.docx").write_text("x")
     with pytest.raises(DataError, match="unknown extension"):
         load_rows(str(tmp_path / "x.docx"))
+    (tmp_path / "blank.csv").write_text('prompt,x\n,1\n"  ",2\n')
+    with pytest.raises(DataError, match=r"every one of the 2 rows of '.*blank.csv' has an empty or null 'prompt'"):
+        load_rows(str(tmp_path / "blank.csv"))
     with pytest.raises(DataError, match=r"^data.datasets\[2\].path: unknown built-in dataset 'builtin:color'\. "
                                         r"Did you mean 'builtin:colors'\? Available: builtin:color_shapes, builtin:colors"):
         load_rows("builtin:color", field_name="data.datasets[2].path")

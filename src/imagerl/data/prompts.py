@@ -14,9 +14,10 @@ checkpoints so a resumed run sees the same prompts.
 
 from __future__ import annotations
 
-import difflib
 import csv
+import difflib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 
 from ..tiny import COLORS, POSITIONS, SHAPES
 from ..types import PromptBatch
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -74,13 +77,13 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
     try:
         if suffix == ".txt":
             rows = []
-            for line in p.read_text(encoding="utf-8").splitlines():
+            for line in p.read_text(encoding="utf-8-sig").splitlines():  # (-sig: drops a BOM, as Notepad writes)
                 line = line.strip()
                 if line and not line.startswith("#"):
                     rows.append({"prompt": line})
         elif suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+            for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -89,16 +92,16 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
                     raise DataError(f"{field_name}: {path} line {i} is not valid JSON: {e.msg}") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{field_name}: {path} line {i} must be a JSON object with a '{prompt_field}' field")
-                rows.append(_take_prompt(obj, prompt_field, f"{path} line {i}", field_name))
+                rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name))
         elif suffix == ".csv":
-            with p.open(newline="", encoding="utf-8") as f:
-                rows = [_take_prompt(dict(r), prompt_field, f"{path} row {i}", field_name)
+            with p.open(newline="", encoding="utf-8-sig") as f:
+                rows = [_take_prompt(dict(r), prompt_field, f"row {i}", path, field_name)
                         for i, r in enumerate(csv.DictReader(f), 2)]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(p).to_pylist()
-            rows = [_take_prompt(r, prompt_field, f"{path} row {i}", field_name) for i, r in enumerate(table)]
+            rows = [_take_prompt(r, prompt_field, f"row {i}", path, field_name) for i, r in enumerate(table, 1)]
         else:
             raise DataError(f"{field_name}: '{path}' has unknown extension '{suffix}'; use .txt, .jsonl, .csv or .parquet")
     except UnicodeDecodeError as e:
@@ -107,19 +110,33 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
         raise
     except Exception as e:  # pyarrow / csv errors on corrupt files
         raise DataError(f"{field_name}: cannot read {path}: {e}") from e
-    if not rows:
+    kept = [r for r in rows if "prompt" in r]
+    if len(kept) < len(rows):
+        first = next(r["_where"] for r in rows if "prompt" not in r)
+        log.warning("%s: %s: skipped %d of %d rows whose '%s' is empty or null (the first at %s)",
+                    field_name, path, len(rows) - len(kept), len(rows), prompt_field, first)
+    if rows and not kept:
+        raise DataError(f"{field_name}: every one of the {len(rows)} rows of '{path}' has an empty or null "
+                        f"'{prompt_field}'; fill them in, or point prompt_field: at the column that holds the prompts")
+    if not kept:
         raise DataError(f"{field_name}: prompt file '{path}' is empty (no prompts found). Add prompts or fix the path.")
-    return rows
+    return kept
 
 
-def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, field_name: str) -> dict[str, Any]:
+def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, field_name: str) -> dict[str, Any]:
+    """The row with its prompt under 'prompt' (other fields kept as metadata for rewards). A row whose prompt is
+    empty or null (a missing caption) comes back as {"_where": where}, to be skipped by the caller rather than
+    trained on as the text 'None'."""
     if prompt_field not in obj:
         raise DataError(
-            f"{field_name}: {where} has no '{prompt_field}' field (fields: {', '.join(map(str, obj))}). "
+            f"{field_name}: {path} {where} has no '{prompt_field}' field (fields: {', '.join(map(str, obj))}). "
             f"Set prompt_field: <name> on the dataset."
         )
+    text = obj[prompt_field]
+    if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
+        return {"_where": where}
     out = {k: v for k, v in obj.items() if k != prompt_field}
-    out["prompt"] = str(obj[prompt_field])
+    out["prompt"] = str(text).strip()
     return out
 
 
