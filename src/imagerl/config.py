@@ -45,7 +45,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA when torch sees a GPU)
     dtype: str = "fp32"  # compute dtype under autocast: fp32 | bf16 | fp16 (fp16: eval only, no loss scaling)
     name: str = ""  # run name for loggers; defaults to the output dir's name
-    resume: bool = True  # resume from the last checkpoint in output_dir/checkpoints if one exists
+    resume: bool = True  # resume from the last checkpoint in output_dir/checkpoints if one exists; false: start anew (refused where output_dir holds a run)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
 

@@ -208,6 +208,21 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
     GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
 
 
+def test_finished_run_and_resume_false_on_an_existing_run(tmp_path, capsys):
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "checkpoint.every=1")).train()
+    before = (tmp_path / "metrics.jsonl").read_text()
+    # rerunning a finished run says so instead of a silent "Done"
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "logging.console=true")).close()
+    assert "nothing to train: the run is at step 2 and train.steps=2; raise train.steps" in capsys.readouterr().out
+    # starting anew in the same directory would truncate its metrics and mix its checkpoints with the new run's
+    with pytest.raises(TrainingError, match=r"already holds a run \(checkpoints up to step_000002\) and run.resume=false "
+                                            r"would overwrite it: give a new run.output_dir"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "run.resume=false"))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    GRPOTrainer(cfg_for("janus", tmp_path / "new", "train.steps=1", "run.resume=false")).train()  # a new dir is fine
+
+
 def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
     # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it

@@ -144,6 +144,7 @@ class GRPOTrainer:
                 self._run_lock = lock_run_dir(self.out)
             except RunDirInUse as e:
                 raise TrainingError(str(e)) from None
+            self._refuse_overwrite()
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
@@ -202,6 +203,9 @@ class GRPOTrainer:
             self.logger.print(f"{self.dist.world} processes: dist.strategy={engine}, {torch.distributed.get_backend()}")
         if self.start_step and training:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
+            if self.start_step >= cfg.train.steps:
+                self.logger.print(f"nothing to train: the run is at step {self.start_step} and train.steps={cfg.train.steps}; "
+                                  "raise train.steps to train further")
         if self._resume_note:
             self.logger.print(self._resume_note)
         unused = self.policy.unused_changes() if training else []
@@ -210,6 +214,20 @@ class GRPOTrainer:
                               "they apply to other policy families)")
 
     # ------------------------------------------------------------------------------------------------
+    def _refuse_overwrite(self) -> None:
+        """run.resume=false into a directory that holds a run would truncate its metrics.jsonl and leave its
+        checkpoints beside the new run's, so that a later resume could continue from the old run's weights."""
+        if self.cfg.run.resume:
+            return
+        ck = latest_checkpoint(self.ckpt_dir)
+        metrics = self.out / "metrics.jsonl"
+        if ck is not None or (metrics.exists() and metrics.stat().st_size > 0):
+            what = f"checkpoints up to {ck.name}" if ck is not None else "a metrics.jsonl"
+            raise TrainingError(
+                f"run.output_dir={self.cfg.run.output_dir} already holds a run ({what}) and run.resume=false would "
+                "overwrite it: give a new run.output_dir, delete the old run, or drop run.resume=false to continue it"
+            )
+
     def _check_update_precision(self) -> None:
         """AdamW on bf16/fp16 weights loses every update smaller than half the weight's rounding step: at
         optim.lr=1e-6 (the Janus-Pro recipe) nearly no bf16 weight ever changes, and training silently does
