@@ -52,10 +52,10 @@ class RunConfig:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
+    enabled: bool = False  # train peft LoRA adapters on the family's modules instead of the weights themselves
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # scale alpha / r on the adapter's output
+    dropout: float = 0.0  # dropout on the adapter's input
     target_modules: list[str] = field(default_factory=list)  # empty = the family's default
 
 
@@ -70,10 +70,10 @@ class ModelConfig:
     trained_dtype: str = ""  # "" = model.dtype | fp32: the trained parameters in fp32 inside a bf16 model (run.dtype=bf16)
     lora: LoraConfig = field(default_factory=LoraConfig)
     trainable: list[str] = field(default_factory=list)  # full fine-tune: name substrings to train (empty = family default)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute the trained transformer's activations in backward (memory for time)
     reference: str = "auto"  # auto | lora_disabled | frozen_copy | none   (auto: lora_disabled with LoRA)
-    revision: str = ""
-    trust_remote_code: bool = False
+    revision: str = ""  # hub branch, tag or commit of model.path ("" = the default branch)
+    trust_remote_code: bool = False  # let transformers run code shipped with the checkpoint (only for ones you trust)
     image_size: int = 0  # output resolution (0 = the family's default)
 
 
@@ -92,7 +92,7 @@ class DatasetConfig:
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig(path="builtin:color_shapes")])
     prompts_per_step: int = 4  # B: distinct prompts per step (over all ranks)
-    eval_datasets: list[DatasetConfig] = field(default_factory=list)
+    eval_datasets: list[DatasetConfig] = field(default_factory=list)  # prompts of train.eval_every and imagerl eval ([] = datasets)
     sft_datasets: list[DatasetConfig] = field(default_factory=list)  # prompt+image pairs for the auxiliary SFT loss
 
 
@@ -101,13 +101,13 @@ class RolloutConfig:
     group_size: int = 8  # G samples per prompt
     micro_batch_size: int = 0  # samples per rollout forward (0 = all at once)
     # autoregressive token sampling
-    temperature: float = 1.0
+    temperature: float = 1.0  # AR: softmax temperature of sampling (log-probs are of the same distribution); > 0
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     cfg_scale: float = 5.0  # classifier-free guidance (AR: logits mix; flow: velocity mix). 1 = off
     cuda_graph: bool = False  # AR: replay the fixed-shape decode step as one CUDA graph (CPU: same step, eager)
     # flow-matching sampling
-    num_steps: int = 10
+    num_steps: int = 10  # flow: denoising steps of a training rollout
     sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode
     noise_level: float = 0.7  # a (Flow-GRPO), eta (CPS/Dance)
     sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
@@ -122,32 +122,32 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "grpo"
+    name: str = "grpo"  # the policy-gradient objective (GRPO: clipped surrogate on group advantages, optional KL)
     advantage: str = "group_zscore"  # group_zscore | global_std | mean_only (Dr.GRPO) | gdpo
-    adv_eps: float = 1e-4
+    adv_eps: float = 1e-4  # added to the std in the advantage's denominator (a group of equal rewards gets 0)
     adv_clip: float = 0.0  # 0 = no clipping of advantages
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    clip_eps_low: float = 0.2  # ratio clipped below at 1 - clip_eps_low
+    clip_eps_high: float = 0.2  # and above at 1 + clip_eps_high (DAPO's clip-higher: e.g. 0.28)
     dual_clip: float = 0.0  # c > 1 enables dual-clip for negative advantages (0 = off)
     loss_agg: str = "token_mean"  # token_mean | seq_mean
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"  # AR: k1 | k2 | k3 ; flow: mean | velocity
-    inner_epochs: int = 1
+    kl_coef: float = 0.0  # weight of the KL penalty to the reference policy (0 = off, no reference forward)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (per token / per transition); flow also: mean | velocity
+    inner_epochs: int = 1  # passes over each step's rollout (each a full gradient step; ratio 1 only in the first)
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
     timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration
     sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
-    sft_batch_size: int = 2
+    sft_batch_size: int = 2  # prompt+image pairs per step for the SFT term
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = 1e-5  # AdamW learning rate after warm-up
+    weight_decay: float = 0.0  # AdamW (decoupled) weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
+    eps: float = 1e-8  # AdamW denominator epsilon
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
     schedule: str = "constant"  # constant | cosine | linear
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio at train.steps
     grad_clip: float = 1.0  # max grad norm (0 = off)
     ema_decay: float = 0.0  # EMA of the trained weights, used by eval, sample and export (0 = off; Flow-GRPO: 0.9)
     ema_every: int = 1  # optimizer steps between EMA updates (Flow-GRPO: 8)
@@ -155,38 +155,38 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 100  # training steps (one rollout, scoring and update each); a rerun continues up to it
     eval_every: int = 0  # 0 = never
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 50  # steps between checkpoints (0 = only at the end)
-    keep_last: int = 2
-    save_final: bool = True
+    keep_last: int = 2  # checkpoints kept, oldest removed first (0 = keep all)
+    save_final: bool = True  # also write one at the last step when it is not a multiple of every
 
 
 @dataclass
 class LoggingConfig:
-    console: bool = True
-    progress_bar: bool = True
-    log_every: int = 1
+    console: bool = True  # per-step progress on stdout (metrics.jsonl is written either way)
+    progress_bar: bool = True  # a live rich bar on a terminal; plain lines when not a terminal or false
+    log_every: int = 1  # steps between the plain per-step lines (no bar)
     sample_every: int = 10  # steps between sample grids (0 = never)
-    samples_per_grid: int = 16
-    tensorboard: bool = False
-    wandb: bool = False
+    samples_per_grid: int = 16  # images (with prompt and reward captions) per grid
+    tensorboard: bool = False  # also write TensorBoard events under output_dir/tb
+    wandb: bool = False  # also log to Weights & Biases (pip install wandb)
     wandb_project: str = "imagerl"
     wandb_mode: str = "offline"  # offline | online
-    swanlab: bool = False
+    swanlab: bool = False  # also log to SwanLab (pip install swanlab)
     swanlab_project: str = "imagerl"
-    swanlab_mode: str = "offline"
+    swanlab_mode: str = "offline"  # offline | online | local | cloud
 
 
 @dataclass
 class RewardSpec:
     type: str = "color_position"  # registry name or package.module:Class
     name: str = ""  # metric name; defaults to type
-    weight: float = 1.0
+    weight: float = 1.0  # in the weighted total reward (negative: a penalty)
     args: dict[str, Any] = field(default_factory=dict)  # the reward's own parameters (validated by it)
 
 

@@ -208,6 +208,17 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
     GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
 
 
+@pytest.mark.parametrize("steps,every,saved", [(4, 2, [2, 4]), (3, 2, [2, 3]), (2, 0, [2])])
+def test_each_step_is_checkpointed_once(tmp_path, monkeypatch, steps, every, saved):
+    # the final save is skipped when the periodic one just wrote the last step (it rewrote all the weights)
+    calls = []
+    real_save = GRPOTrainer.save
+    monkeypatch.setattr(GRPOTrainer, "save", lambda self, step: calls.append(step) or real_save(self, step))
+    GRPOTrainer(cfg_for("janus", tmp_path, f"train.steps={steps}", f"checkpoint.every={every}")).train()
+    assert calls == saved
+    assert (tmp_path / "checkpoints" / f"step_{steps:06d}").is_dir()
+
+
 def test_finished_run_and_resume_false_on_an_existing_run(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "checkpoint.every=1")).train()
     before = (tmp_path / "metrics.jsonl").read_text()

@@ -571,7 +571,9 @@ class GRPOTrainer:
                     self.logger.log_samples(step, res.rollout.images, res.rollout.prompts, res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids)
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     self.save(step)
-            if cfg.checkpoint.save_final and self.start_step < cfg.train.steps:
+            # (not again when the periodic save just wrote the last step: a second full write of the weights)
+            periodic_last = bool(cfg.checkpoint.every) and cfg.train.steps % cfg.checkpoint.every == 0
+            if cfg.checkpoint.save_final and self.start_step < cfg.train.steps and not periodic_last:
                 self.save(cfg.train.steps)
         finally:
             paths = self.logger.finish()
