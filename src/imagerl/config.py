@@ -284,6 +284,39 @@ def _read_file(path: Path) -> Any:
     raise ConfigError(f"{path}: unknown config format '{suffix}'. Use .yaml, .json or .jsonnet")
 
 
+def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping, merged over the files its top-level `base:` names (one, or a list merged in
+    order; each a path relative to this file, or a bundled recipe name). So a user's YAML can say
+    `base: janus_pro_t2i_grpo` and hold only what it changes. Mappings merge key by key; a list (rewards,
+    data.datasets) is replaced as a whole, since merging list items by position would silently mix two lists."""
+    data = _read_file(path)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base must name a config file or bundled recipe, or be a list of them (got {bases!r})")
+    here = path.resolve()
+    merged: dict[str, Any] = {}
+    for b in bases:
+        rel = Path(b).expanduser()
+        rel = rel if rel.is_absolute() else path.parent / rel
+        try:
+            base_path = resolve_config_path(rel if rel.exists() else b)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: base '{b}': {e}") from None
+        if base_path.resolve() in (*chain, here):
+            loop = " -> ".join(str(p) for p in (*chain, here, base_path.resolve()))
+            raise ConfigError(f"{path}: base '{b}' leads back to a file that includes it ({loop}); remove one of the base: lines")
+        merged = deep_merge(merged, _read_with_bases(base_path, (*chain, here)))
+    return deep_merge(merged, data)
+
+
 def _valid_keys(node: Any) -> list[str]:
     if dataclasses.is_dataclass(node):
         return [f.name for f in dataclasses.fields(node)]
@@ -378,12 +411,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
     """Read a recipe (or the demo), apply overrides, validate, and return a typed `Config`."""
     overrides = list(overrides or [])
     user: dict[str, Any] = {}
-    cfg_path = resolve_config_path(path)
-    data = _read_file(cfg_path)
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{cfg_path}: the top level must be a mapping of sections (run:, model:, ...)")
+    data = _read_with_bases(resolve_config_path(path))
     user = deep_merge(user, data)
     user = deep_merge(user, _parse_overrides(overrides))
     user = _listify_indexed(user, [])

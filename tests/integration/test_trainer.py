@@ -135,6 +135,18 @@ def test_non_finite_gradient_is_a_clear_error(tmp_path, strategy):
     assert "gradient norm is" in p.stderr and "lower optim.lr" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.dist
+def test_prompts_not_divisible_by_processes_fail_at_start(tmp_path):
+    # every rank refuses before loading the model (the check used to run inside the first step)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29589",
+                        "-m", "imagerl.cli", "train", *FAMILY_OVERRIDES["janus"], *COMMON, "data.prompts_per_step=3",
+                        f"run.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode != 0
+    assert "data.prompts_per_step=3 must be divisible by the number of processes (2)" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "config.yaml").exists()
+
+
 def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
     # resuming must not crash deep inside torch.distributed.checkpoint: a damaged checkpoint (its optimizer/
     # directory gone) and an unknown layout each name the checkpoint and what to do

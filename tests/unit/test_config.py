@@ -35,6 +35,39 @@ def test_jsonnet_with_env_ext_vars(tmp_path, monkeypatch):
     assert load_config(p).train.steps == 7
 
 
+def test_base_recipes_chain_and_lists_replace(tmp_path):
+    # a user's YAML holds only what it changes over a bundled recipe, through a shared file of its own
+    (tmp_path / "shared").mkdir()
+    write(tmp_path / "shared", "common.yaml", "base: janus_pro_t2i_grpo\nmodel: {tiny: true, tiny_size: test}\n"
+                                              "optim: {lr: 3.0e-6}\n")
+    p = write(tmp_path, "mine.yaml", "base: shared/common.yaml\noptim: {warmup_steps: 7}\n"
+                                     "rewards:\n  - type: brightness\n")
+    cfg, recipe = load_config(p), load_config("janus_pro_t2i_grpo", ["model.tiny=true"])
+    assert cfg.model.tiny and cfg.model.tiny_size == "test"  # from common.yaml
+    assert cfg.optim.lr == 3e-6 and cfg.optim.warmup_steps == 7  # mappings merge key by key
+    assert cfg.rollout.cfg_scale == recipe.rollout.cfg_scale == 5.0 and cfg.algorithm.kl_coef == recipe.algorithm.kl_coef
+    assert [r.type for r in cfg.rewards] == ["brightness"]  # a list is replaced, not merged by position
+    assert load_config(p, ["optim.lr=1e-4"]).optim.lr == 1e-4  # overrides still come last
+    # several bases merge in order
+    write(tmp_path, "b1.yaml", "train: {steps: 5}\noptim: {lr: 0.5}\n")
+    write(tmp_path, "b2.yaml", "train: {steps: 6}\n")
+    cfg2 = load_config(write(tmp_path, "two.yaml", "base: [b1.yaml, b2.yaml]\nmodel: {tiny: true}\n"))
+    assert (cfg2.train.steps, cfg2.optim.lr) == (6, 0.5)
+
+
+def test_base_errors_name_the_file(tmp_path):
+    p = write(tmp_path, "a.yaml", "base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: base 'nope.yaml': config file 'nope.yaml' does not exist.*demo"):
+        load_config(p)
+    write(tmp_path, "x.yaml", "base: y.yaml\n")
+    write(tmp_path, "y.yaml", "base: x.yaml\n")
+    with pytest.raises(ConfigError, match=r"y.yaml: base 'x.yaml' leads back to a file that includes it \(.*x.yaml -> "
+                                          r".*y.yaml -> .*x.yaml\)"):
+        load_config(tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match=r"base must name a config file or bundled recipe, or be a list of them"):
+        load_config(write(tmp_path, "bad.yaml", "base: {a: 1}\n"))
+
+
 def test_unknown_key_suggests_closest(tmp_path):
     p = write(tmp_path, "c.yaml", "model: {tiny: true}\ntrain:\n  stpes: 3\n")
     with pytest.raises(ConfigError, match=r"train\.stpes.*Did you mean 'train\.steps'"):

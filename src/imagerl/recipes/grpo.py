@@ -124,6 +124,9 @@ class GRPOTrainer:
         ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
         policy_cls = POLICIES.get(cfg.model.family, field="model.family")
         self.dist = dist.init(cfg.dist.backend, self.device)
+        if training and cfg.data.prompts_per_step % self.dist.world:  # (every rank raises: none waits on the others)
+            raise TrainingError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
+                                f"processes ({self.dist.world}): each takes an equal share of the prompts")
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.deterministic:
