@@ -523,6 +523,9 @@ def validate(cfg: Config) -> None:
             f"model.trained_dtype=fp32 inside a model.dtype={cfg.model.dtype} model needs run.dtype={cfg.model.dtype}: "
             "autocast is what lets the fp32 trained layers take the low-precision activations of the frozen ones"
         )
+    if not 0 <= cfg.scoring.max_abstain_fraction <= 1:
+        raise ConfigError(f"scoring.max_abstain_fraction={cfg.scoring.max_abstain_fraction} must be in [0, 1] "
+                          "(the share of samples that may abstain before the step fails; 1 = never fail)")
     if not 0 <= cfg.optim.ema_decay < 1:
         raise ConfigError(f"optim.ema_decay={cfg.optim.ema_decay} must be in [0, 1) (0 turns the EMA off; e.g. 0.9)")
     if cfg.optim.ema_every < 1:

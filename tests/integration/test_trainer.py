@@ -195,6 +195,18 @@ def test_bad_names_fail_before_anything_runs_or_is_written(tmp_path, override, m
         main(["train", *FAMILY_OVERRIDES["janus"], *COMMON, f"run.output_dir={tmp_path}/run", override])
 
 
+def test_reward_weight_mistakes_fail_at_start(tmp_path):
+    # a per-dataset weight for a reward name that does not exist would be ignored; all-zero weights train nothing
+    with pytest.raises(TrainingError, match=r"^data.datasets\[0\].reward_weights: no reward is named 'colour_position'\. "
+                                            r"Did you mean 'color_position'\? The rewards are: color_position"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "a", "data.datasets.0.reward_weights.colour_position=2"))
+    with pytest.raises(TrainingError, match=r"^every reward has weight 0 \(rewards\[\].weight\)"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "b", "rewards.0.weight=0"))
+    # a zero global weight with a dataset that weights it is fine
+    GRPOTrainer(cfg_for("janus", tmp_path / "c", "rewards.0.weight=0",
+                        "data.datasets.0.reward_weights.color_position=1")).close()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where torch has no GPU")
 def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"^run.device='cuda:1': (this torch is built without CUDA|no GPU is visible); "

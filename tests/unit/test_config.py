@@ -100,6 +100,8 @@ def test_cross_field_errors():
         load_config(None, ["algorithm.sft_weight=0.1"])
     with pytest.raises(ConfigError, match=r"dist\.zero_stage=3.*dist\.strategy=fsdp2"):
         load_config(None, ["dist.strategy=deepspeed", "dist.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"scoring.max_abstain_fraction=1.5 must be in \[0, 1\]"):
+        load_config(None, ["scoring.max_abstain_fraction=1.5"])
 
 
 def test_deepspeed_config_keeps_the_keys_the_loop_owns():

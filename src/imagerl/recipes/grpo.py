@@ -16,6 +16,7 @@ Checkpoints also carry the global RNG states for user code that uses them.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import math
 import random
 import time
@@ -152,6 +153,7 @@ class GRPOTrainer:
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         self.rewards = RewardSet(cfg.rewards)
+        self._check_reward_weights()
         self.scorer = ScoringRunner(self.rewards)
         self.policy: Policy = policy_cls(cfg, self.device)
         if cfg.model.trained_dtype == "fp32":
@@ -217,6 +219,24 @@ class GRPOTrainer:
                               "they apply to other policy families)")
 
     # ------------------------------------------------------------------------------------------------
+    def _check_reward_weights(self) -> None:
+        """Per-dataset reward_weights name rewards by their metric names (rewards[].name, else the type): a name
+        that matches none would be ignored silently. And some weight must be non-zero, or the total reward is
+        constant and every advantage 0."""
+        names = self.rewards.names
+        for section, specs in (("data.datasets", self.cfg.data.datasets), ("data.eval_datasets", self.cfg.data.eval_datasets)):
+            for i, d in enumerate(specs):
+                for key in d.reward_weights:
+                    if key not in names:
+                        close = difflib.get_close_matches(key, names, n=1)
+                        hint = f" Did you mean '{close[0]}'?" if close else ""
+                        raise TrainingError(f"{section}[{i}].reward_weights: no reward is named '{key}'.{hint} "
+                                            f"The rewards are: {', '.join(names)} (rewards[].name, else the type)")
+        dataset_weights = [w for d in self.cfg.data.datasets for w in d.reward_weights.values()]
+        if not any(self.rewards.weights) and not any(dataset_weights):
+            raise TrainingError("every reward has weight 0 (rewards[].weight): the total reward is constant, so every "
+                                "advantage is 0 and nothing trains; give at least one reward a non-zero weight")
+
     def _refuse_overwrite(self) -> None:
         """run.resume=false into a directory that holds a run would truncate its metrics.jsonl and leave its
         checkpoints beside the new run's, so that a later resume could continue from the old run's weights."""
