@@ -249,15 +249,19 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     if path is None:
         path = DEMO_CONFIG
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
+    # a bundled recipe by name, also when a directory of that name is here (e.g. a run's output_dir: flux_grpo/)
     for d in CONFIG_DIRS:
         for cand in (p.name, f"{p.name}.yaml"):
-            if (d / cand).exists():
+            if (d / cand).is_file():
                 return d / cand
     names = sorted({q.stem for d in CONFIG_DIRS if d.exists() for q in d.glob("*.yaml")})
+    what = "is a directory, not a config file" if p.is_dir() else "does not exist"
+    if (p / "config.yaml").is_file():
+        what += f" (a run's directory: give {p / 'config.yaml'}, or run.output_dir={path} to eval / sample / export it)"
     raise ConfigError(
-        f"config file '{path}' does not exist. Give a path to a .yaml/.jsonnet file, or a bundled recipe: "
+        f"config file '{path}' {what}. Give a path to a .yaml/.jsonnet file, or a bundled recipe: "
         f"{', '.join(names)}"
     )
 

@@ -214,6 +214,17 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path, "run.device=cuda:1"))
 
 
+def test_start_banner_says_what_trains_on_what(tmp_path, capsys):
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "logging.console=true", "model.lora.enabled=true", "model.lora.r=4",
+                            "train.steps=3"))
+    n = sum(p.numel() for p in t.params)
+    t.close()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("janus "))
+    size = f"{n / 1e3:.1f}K" if n < 1e6 else f"{n / 1e6:.1f}M"
+    assert line == (f"janus (tiny test): {size} trained parameters, LoRA r=4 | data: colors (8 prompts) | rewards: "
+                    f"color_position x1 | 2 prompts x 4 samples per step, steps 1..3 -> {tmp_path}")
+
+
 def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path, capsys):
     # one YAML may carry AR and flow settings: those the family never reads get a note, not silence
     GRPOTrainer(cfg_for("janus", tmp_path / "a", "logging.console=true", "algorithm.timestep_fraction=0.5",

@@ -55,6 +55,18 @@ def test_base_recipes_chain_and_lists_replace(tmp_path):
     assert (cfg2.train.steps, cfg2.optim.lr) == (6, 0.5)
 
 
+def test_bundled_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch):
+    # `imagerl train flux_grpo` in a folder that holds a run directory named flux_grpo/
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "flux_grpo").mkdir()
+    assert load_config("flux_grpo", ["model.tiny=true"]).model.family == "flux"
+    (tmp_path / "myrun").mkdir()
+    (tmp_path / "myrun" / "config.yaml").write_text("model: {tiny: true}\n")
+    with pytest.raises(ConfigError, match=r"'myrun' is a directory, not a config file \(a run's directory: give "
+                                          r"myrun/config.yaml, or run.output_dir=myrun"):
+        load_config("myrun")
+
+
 def test_base_errors_name_the_file(tmp_path):
     p = write(tmp_path, "a.yaml", "base: nope.yaml\n")
     with pytest.raises(ConfigError, match=r"a.yaml: base 'nope.yaml': config file 'nope.yaml' does not exist.*demo"):

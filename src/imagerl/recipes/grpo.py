@@ -203,6 +203,8 @@ class GRPOTrainer:
 
         self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
                                 is_main=self.dist.is_main and training)
+        if training and self.start_step < cfg.train.steps:
+            self.logger.print(self._banner())
         if self.dist.enabled and training:  # (so a launcher that silently starts one process is noticed)
             engine = "fsdp2" if self.fsdp else "deepspeed" if self.zero is not None else "ddp"
             self.logger.print(f"{self.dist.world} processes: dist.strategy={engine}, {torch.distributed.get_backend()}")
@@ -217,6 +219,20 @@ class GRPOTrainer:
         if unused:
             self.logger.print(f"note: model.family={cfg.model.family} does not use {', '.join(unused)} (left as set; "
                               "they apply to other policy families)")
+
+    # ------------------------------------------------------------------------------------------------
+    def _banner(self) -> str:
+        """One line at the start of training: what trains on what, against what, for how long."""
+        cfg, m = self.cfg, self.cfg.model
+        n = sum(p.numel() for p in self.params)
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else str(n)
+        how = f"LoRA r={m.lora.r}" if m.lora.enabled else "full fine-tune"
+        model = f"tiny {m.tiny_size}" if m.tiny else m.path
+        data = ", ".join(f"{d.name} ({len(d)} prompts)" for d in self.datasets)
+        rewards = ", ".join(f"{nm} x{w:g}" for nm, w in zip(self.rewards.names, self.rewards.weights))
+        return (f"{m.family} ({model}): {size} trained parameters, {how} | data: {data} | rewards: {rewards} | "
+                f"{cfg.data.prompts_per_step} prompts x {cfg.rollout.group_size} samples per step, steps "
+                f"{self.start_step + 1}..{cfg.train.steps} -> {cfg.run.output_dir}")
 
     # ------------------------------------------------------------------------------------------------
     def _check_reward_weights(self) -> None:
