@@ -53,6 +53,7 @@ def render() -> str:
         "Values can read environment variables: `${oc.env:NAME}` or `${oc.env:NAME,default}`.",
         "A top-level `base:` names configs to start from (a bundled recipe or a path relative to the file; a list merges",
         "in order): mappings merge key by key, lists (`rewards`, `data.datasets`) are replaced whole.",
+        "At the top level of a file, dotted keys work as in overrides (`train.steps: 5`).",
         "The `rollout` section serves every family: Janus reads temperature / top_k / top_p / cuda_graph, flow models",
         "read the SDE settings (num_steps, sde, noise_level, sde_window*, shared_noise, timestep_shift, cfg_in_training,",
         "eval_num_steps, algorithm.timestep_fraction). A training run that changes one its family does not read prints",

@@ -288,6 +288,21 @@ def _read_file(path: Path) -> Any:
     raise ConfigError(f"{path}: unknown config format '{suffix}'. Use .yaml, .json or .jsonnet")
 
 
+def _expand_dotted_root(data: dict[str, Any]) -> dict[str, Any]:
+    """`train.steps: 5` at the top of a file means what the override train.steps=5 means. Only the file's own top
+    level is expanded: deeper mappings (a reward's args, tiny_overrides) may have keys with dots of their own."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(k, str) and "." in k:
+            nested: Any = v
+            for part in reversed(k.split(".")):
+                nested = {part: nested}
+            out = deep_merge(out, nested)
+        else:
+            out = deep_merge(out, {k: v})
+    return out
+
+
 def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A config file's mapping, merged over the files its top-level `base:` names (one, or a list merged in
     order; each a path relative to this file, or a bundled recipe name). So a user's YAML can say
@@ -298,6 +313,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (run:, model:, ...)")
+    data = _expand_dotted_root(data)
     bases = data.pop("base", None)
     if bases is None:
         return data

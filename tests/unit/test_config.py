@@ -67,6 +67,16 @@ def test_bundled_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch):
         load_config("myrun")
 
 
+def test_dotted_keys_at_the_top_of_a_file(tmp_path):
+    # written like the overrides; deeper mappings keep dotted keys as they are (a reward's own args)
+    p = write(tmp_path, "d.yaml", "base: demo\ntrain.steps: 5\nrewards.0.weight: 3\noptim:\n  lr: 0.5\n"
+                                  "optim.warmup_steps: 4\nmodel.tiny_overrides: {a.b: 1}\n")
+    cfg = load_config(p)
+    assert (cfg.train.steps, cfg.rewards[0].weight, cfg.rewards[0].type) == (5, 3.0, "color_position")
+    assert (cfg.optim.lr, cfg.optim.warmup_steps) == (0.5, 4)
+    assert cfg.model.tiny_overrides == {"a.b": 1}
+
+
 def test_base_errors_name_the_file(tmp_path):
     p = write(tmp_path, "a.yaml", "base: nope.yaml\n")
     with pytest.raises(ConfigError, match=r"a.yaml: base 'nope.yaml': config file 'nope.yaml' does not exist.*demo"):
