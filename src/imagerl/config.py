@@ -452,7 +452,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         raise ConfigError(f"unknown config key: {e}") from e
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", "") or "?"
-        raise ConfigError(f"config key '{key}': {e}") from e
+        msg = str(e).splitlines()[0]  # (omegaconf appends full_key / reference_type / object_type lines)
+        if "Environment variable" in msg:
+            msg += "; export it before the command, or give a default: ${oc.env:NAME,default}"
+        elif "Interpolation key" in msg:
+            msg += "; ${a.b} refers to another config key (e.g. ${model.family}), ${oc.env:NAME} to an env var"
+        raise ConfigError(f"config key '{key}': {msg}") from e
     validate(cfg)
     return cfg
 

@@ -29,6 +29,18 @@ def test_env_var_in_value(tmp_path, monkeypatch):
     assert load_config(p2).run.output_dir == "fallback"
 
 
+def test_missing_env_var_or_key_in_a_value_is_one_line_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.delenv("IMAGERL_NOPE", raising=False)
+    p = write(tmp_path, "e.yaml", "model: {tiny: true}\nrun:\n  output_dir: ${oc.env:IMAGERL_NOPE}/x\n")
+    with pytest.raises(ConfigError, match=r"^config key 'run.output_dir': .*'IMAGERL_NOPE' not found.*; export it before "
+                                          r"the command, or give a default: \$\{oc.env:NAME,default\}$"):
+        load_config(p)
+    p = write(tmp_path, "k.yaml", "model: {tiny: true}\nrun:\n  output_dir: runs/${model.famly}\n")
+    with pytest.raises(ConfigError, match=r"^config key 'run.output_dir': Interpolation key 'model.famly' not found; "):
+        load_config(p)
+    assert load_config(p, ["run.output_dir=runs/${model.family}"]).run.output_dir == "runs/janus"
+
+
 def test_jsonnet_with_env_ext_vars(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPS", "7")
     p = write(tmp_path, "c.jsonnet", "{ model: { tiny: true }, train: { steps: std.parseInt(std.extVar('STEPS')) } }")
