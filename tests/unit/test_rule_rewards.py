@@ -53,6 +53,14 @@ def test_bad_reward_args_are_named():
         build_reward({"type": "colour_position"})
 
 
+def test_reward_arg_types_are_checked_by_the_constructor_annotations():
+    with pytest.raises(ValueError, match=r"^rewards\[3\].args.tolerance='abc' must be a float \(ColorPositionReward\)$"):
+        build_reward({"type": "color_position", "args": {"tolerance": "abc"}}, 3)
+    with pytest.raises(ValueError, match=r"^rewards\[0\].args.tolerance=True must be a float"):
+        build_reward({"type": "color_position", "args": {"tolerance": True}})
+    assert build_reward({"type": "color_position", "args": {"tolerance": 1}}).tolerance == 1  # an int is a float
+
+
 def test_reward_set_weights_and_per_dataset_overrides():
     rs = RewardSet([{"type": "brightness", "weight": 2.0}, {"type": "brightness", "name": "dark", "weight": 1.0, "args": {"target": "dark"}}])
     assert rs.names == ["brightness", "dark"]

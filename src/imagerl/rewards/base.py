@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import difflib
 import inspect
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +102,30 @@ def check_kwargs(cls: Any, args: dict[str, Any], field: str) -> None:
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]
     if missing:
         raise ValueError(f"{field}: {cls.__name__} needs argument(s) {', '.join(missing)}; add them under args:")
+    _check_arg_types(cls, args, field)
+
+
+def _check_arg_types(cls: Any, args: dict[str, Any], field: str) -> None:
+    """Numbers and switches by the constructor's annotations: `tolerance: abc` would otherwise fail inside the
+    reward as "'<' not supported between 'int' and 'str'". Only int / float / bool (optionally None) are checked;
+    an int is a valid float. Annotations that cannot be resolved are not checked."""
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001  (forward references of a user's class: leave its arguments alone)
+        return
+    for k, v in args.items():
+        hint = hints.get(k)
+        options = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+        if v is None and type(None) in options:
+            continue
+        options.discard(type(None))
+        if not options or not options <= {int, float, bool}:
+            continue
+        ok = (isinstance(v, bool) and bool in options) or (
+            not isinstance(v, bool) and ((isinstance(v, int) and options & {int, float}) or (isinstance(v, float) and float in options)))
+        if not ok:
+            want = " or ".join(sorted(t.__name__ for t in options))
+            raise ValueError(f"{field}.{k}={v!r} must be {'a' if want != 'int' else 'an'} {want} ({cls.__name__})")
 
 
 @dataclass
