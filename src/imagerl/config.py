@@ -504,9 +504,22 @@ def validate(cfg: Config) -> None:
     for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs",
               "algorithm.micro_batch_size", "rollout.num_steps"):
         positive(k)
+    for k in ("logging.samples_per_grid", "algorithm.sft_batch_size"):
+        positive(k)
     for k in ("checkpoint.every", "checkpoint.keep_last", "logging.sample_every", "optim.warmup_steps",
-              "optim.lr", "algorithm.kl_coef", "rollout.temperature"):
+              "optim.lr", "algorithm.kl_coef", "rollout.temperature", "optim.grad_clip", "optim.weight_decay",
+              "algorithm.adv_clip", "algorithm.adv_eps", "run.threads", "model.image_size", "rollout.micro_batch_size",
+              "rollout.eval_num_steps", "rollout.sde_window", "rollout.noise_level", "rollout.eval_cfg_scale",
+              "train.eval_every", "logging.log_every"):
         positive(k, allow_zero=True)
+    if cfg.optim.eps <= 0:
+        raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0 (AdamW divides by sqrt(v) + eps; e.g. 1e-8)")
+    if len(cfg.optim.betas) == 2 and not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas={cfg.optim.betas}: both must be in [0, 1), e.g. [0.9, 0.999]")
+    for section in ("datasets", "eval_datasets", "sft_datasets"):
+        for i, d in enumerate(getattr(cfg.data, section)):
+            if d.limit < 0:
+                raise ConfigError(f"data.{section}[{i}].limit={d.limit} must be >= 0 (0 = every row)")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if not 0 < cfg.algorithm.timestep_fraction <= 1:

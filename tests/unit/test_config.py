@@ -138,6 +138,20 @@ def test_cross_field_errors():
         load_config(None, ["scoring.max_abstain_fraction=1.5"])
 
 
+@pytest.mark.parametrize("override,match", [
+    ("logging.samples_per_grid=0", r"logging.samples_per_grid=0 must be > 0"),
+    ("optim.grad_clip=-1", r"optim.grad_clip=-1.0 must be >= 0"),  # (was: clipping silently off)
+    ("optim.betas=[0.9,1.5]", r"optim.betas=\[0.9, 1.5\]: both must be in \[0, 1\)"),
+    ("optim.eps=0", r"optim.eps=0.0 must be > 0"),  # (was: NaN gradient norm at the first step)
+    ("data.datasets.0.limit=-1", r"data.datasets\[0\].limit=-1 must be >= 0"),  # (was: the last row dropped)
+    ("run.threads=-1", r"run.threads=-1 must be >= 0"),  # (was: a RuntimeError traceback from torch)
+    ("algorithm.adv_clip=-0.5", r"algorithm.adv_clip=-0.5 must be >= 0"),
+])
+def test_out_of_range_numbers_fail_at_load(override, match):
+    with pytest.raises(ConfigError, match="^" + match):
+        load_config(None, [override])
+
+
 def test_deepspeed_config_keeps_the_keys_the_loop_owns():
     from imagerl.zero import deepspeed_config
 
