@@ -70,6 +70,16 @@ def cmd_train(args: list[str]) -> int:
         result = train(cfg)
     except _user_errors() as e:
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
+    except KeyboardInterrupt:
+        # Ctrl-C (or torchrun passing it on): say what is kept and how to go on, not a traceback
+        from .checkpoint import latest_checkpoint
+
+        ck = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
+        if int(os.environ.get("RANK", "0")) == 0:
+            kept = (f"the last checkpoint is {ck}; run the same command to resume from it (the steps after it are "
+                    "redone, with the same numbers)") if ck else "no checkpoint was written yet; the run starts over"
+            print(f"\nimagerl: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.get("paths") or {}
         out = cfg.run.output_dir
@@ -307,7 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global _command
     _command = argv[0]
-    return COMMANDS[argv[0]][0](argv[1:])
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except KeyboardInterrupt:
+        print(f"\nimagerl {argv[0]}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""A run killed with SIGKILL (no clean shutdown) and started again with the same command reproduces the
+"""A run killed with SIGKILL (no clean shutdown) or stopped with Ctrl-C, and started again with the same command reproduces the
 numbers of an uninterrupted run: atomic checkpoints + per-step seeding + metrics.jsonl truncation."""
 
 import json
@@ -24,21 +24,34 @@ def train(out, wait=True):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         return None
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    train(tmp_path / "a")
-    proc = train(tmp_path / "b", wait=False)
-    marker = tmp_path / "b" / "checkpoints" / "step_000002" / "COMPLETE"
+def interrupt_after_first_checkpoint(out, sig):
+    proc = train(out, wait=False)
+    marker = out / "checkpoints" / "step_000002" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.exists():
         assert proc.poll() is None, "training exited before the first checkpoint"
         assert time.time() < deadline, "no checkpoint within the time limit"
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    done = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if l.strip().endswith("}")]
-    assert max(done) < 8, "the run finished before it was killed: nothing was tested"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    done = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip().endswith("}")]
+    assert max(done) < 8, "the run finished before it was stopped: nothing was tested"
+    return proc.returncode, err
+
+
+def test_sigkill_or_ctrl_c_then_rerun_equals_uninterrupted(tmp_path):
+    train(tmp_path / "a")
+    rc, _ = interrupt_after_first_checkpoint(tmp_path / "b", signal.SIGKILL)
+    assert rc == -signal.SIGKILL
     train(tmp_path / "b")  # the same command again resumes from the last complete checkpoint
     assert metrics(tmp_path / "b") == metrics(tmp_path / "a")
+    # Ctrl-C: exit status 130 and one line saying what is kept, no traceback; then the same resume
+    rc, err = interrupt_after_first_checkpoint(tmp_path / "c", signal.SIGINT)
+    assert rc == 130 and "Traceback" not in err, err[-2000:]
+    assert f"imagerl: interrupted; the last checkpoint is {tmp_path / 'c'}/checkpoints/step_0000" in err
+    assert "run the same command to resume from it" in err
+    train(tmp_path / "c")
+    assert metrics(tmp_path / "c") == metrics(tmp_path / "a")
