@@ -1,5 +1,5 @@
-"""A run killed with SIGKILL (no clean shutdown) or stopped with Ctrl-C, and started again with the same command reproduces the
-numbers of an uninterrupted run: atomic checkpoints + per-step seeding + metrics.jsonl truncation."""
+"""A run killed with SIGKILL (no clean shutdown) or stopped with Ctrl-C, and started again with the same command,
+reproduces the numbers of an uninterrupted run: atomic checkpoints + per-step seeding + metrics.jsonl truncation."""
 
 import json
 import os
