@@ -161,17 +161,23 @@ def cmd_eval(args: list[str]) -> int:
     cfg, trainer, ck = _trained_policy(args)
     from .logging import make_sample_grid
 
+    from . import dist
+
+    # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints
     metrics, ro, total = trainer.eval_rollout()
+    trainer.close()
+    dist.shutdown(trainer.dist)
+    if not trainer.dist.is_main:
+        return 0
     out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
     tag = _weights_tag(cfg, trainer, ck)
-    grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=len(ro),
+    grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
                             title=f"eval of {tag} (deterministic sampling)")
     grid.save(out / f"{tag}.png")
     (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), **metrics}, indent=1))
-    trainer.close()
     for k, v in metrics.items():
-        print(f"{k}: {v:.4f}")
-    print(f"samples: {out / f'{tag}.png'}\nmetrics: {out / f'{tag}.json'}")
+        print(f"{k}: {v:.0f}" if k == "eval/prompts" else f"{k}: {v:.4f}")
+    print(f"samples: {out / f'{tag}.png'} (the first {min(len(ro), 64)} images)\nmetrics: {out / f'{tag}.json'}")
     return 0
 
 

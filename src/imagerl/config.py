@@ -156,7 +156,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # training steps (one rollout, scoring and update each); a rerun continues up to it
-    eval_every: int = 0  # 0 = never
+    eval_every: int = 0  # steps between evaluations (0 = never; `imagerl eval` evaluates a checkpoint any time)
+    eval_prompts: int = 0  # prompts per evaluation: 0 = all of data.eval_datasets, or prompts_per_step of the training data without one
 
 
 @dataclass
@@ -510,7 +511,7 @@ def validate(cfg: Config) -> None:
               "optim.lr", "algorithm.kl_coef", "rollout.temperature", "optim.grad_clip", "optim.weight_decay",
               "algorithm.adv_clip", "algorithm.adv_eps", "run.threads", "model.image_size", "rollout.micro_batch_size",
               "rollout.eval_num_steps", "rollout.sde_window", "rollout.noise_level", "rollout.eval_cfg_scale",
-              "train.eval_every", "logging.log_every"):
+              "train.eval_every", "train.eval_prompts", "logging.log_every"):
         positive(k, allow_zero=True)
     if cfg.optim.eps <= 0:
         raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0 (AdamW divides by sqrt(v) + eps; e.g. 1e-8)")

@@ -335,6 +335,27 @@ def train_fp32_inside_bf16(family, out, frozen_of):
     return m
 
 
+def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_path):
+    # 5 prompts in rounds of data.prompts_per_step=2 (the last one padded): the mean is over exactly those 5
+    # prompts' samples, each seeded by its own index, whatever the batching
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.eval_prompts=5", "data.datasets.0.path=builtin:color_shapes"),
+                    training=False)
+    metrics, ro, _ = t.eval_rollout()
+    assert metrics["eval/prompts"] == 5 and len(ro) == 2 * 4  # (the first round's rollout: 2 prompts x G=4)
+    from imagerl.recipes.grpo import EVAL, seeded_generator
+    from imagerl.types import PromptBatch, RewardInput
+
+    rows = t.datasets[0].rows[:5]
+    totals = []
+    for i, r in enumerate(rows):
+        one = t.sample(PromptBatch(prompts=[r["prompt"]], metadata=[{k: v for k, v in r.items() if k != "prompt"}]), 4,
+                       seeded_generator(t.cfg.run.seed, 0, 0, EVAL), eval_mode=True, group_id_offset=i)
+        totals.append(t.scorer.score(RewardInput.from_rollout(one)).weighted_total())
+    t.close()
+    assert metrics["eval/reward/mean"] == pytest.approx(float(torch.cat(totals).mean()), abs=1e-6)
+    assert metrics["eval/reward/color_position/mean"] == metrics["eval/reward/mean"]
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2"))
@@ -377,7 +398,8 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
     if variant == "ema":  # each rank averages its shards; the step-2 evaluation runs on the average
-        extra += ["optim.ema_decay=0.9", "train.eval_every=2"]
+        # 3 eval prompts in rounds of 2 split over the ranks: the padding and the reduction are checked too
+        extra += ["optim.ema_decay=0.9", "train.eval_every=2", "train.eval_prompts=3"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
         extra += ["algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",

@@ -573,24 +573,56 @@ class GRPOTrainer:
         return StepResult(ro, table, adv, m)
 
     def eval_rollout(self) -> tuple[dict[str, float], Rollout, torch.Tensor]:
-        """Deterministic evaluation (flow: ODE with the eval steps/CFG) on the first prompts_per_step prompts
-        of data.eval_datasets (or the training data) -> (metrics, rollout, total reward per sample [N])."""
-        specs = self.cfg.data.eval_datasets or self.cfg.data.datasets
-        ds = load_datasets(specs, "data.eval_datasets")
-        rows = [r for d in ds for r in d.rows][: self.cfg.data.prompts_per_step]
-        batch = PromptBatch(prompts=[r["prompt"] for r in rows], metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in rows])
-        ro = self.sample(batch, self.cfg.rollout.group_size, seeded_generator(self.cfg.run.seed, 0, 0, EVAL), eval_mode=True)
-        t = self.scorer.score(RewardInput.from_rollout(ro))
-        tot = t.weighted_total(self.cfg.scoring.fallback)
-        return reward_summary("eval/reward/", tot, t.scores, t.names), ro, tot
+        """Deterministic evaluation (flow: ODE with the eval steps/CFG) -> (metrics, the first round's rollout on
+        this rank, its total reward per sample [N]).
 
-    def sample(self, batch: PromptBatch, n: int, gen: torch.Generator, eval_mode: bool = False) -> Rollout:
+        The prompts: train.eval_prompts of data.eval_datasets (0 = all of them), or without an eval set the first
+        data.prompts_per_step of the training data. They are sampled in rounds of data.prompts_per_step split over
+        the processes like a training step (the last round padded with repeats whose scores are dropped), so
+        every rank runs the same forwards (FSDP2 / ZeRO collectives) and memory stays that of a training rollout.
+        Each prompt's samples are seeded by its global index, so the numbers do not depend on the process count;
+        the means are sums and counts reduced over the ranks."""
+        cfg = self.cfg
+        ds = load_datasets(cfg.data.eval_datasets or cfg.data.datasets, "data.eval_datasets")
+        rows = [r for d in ds for r in d.rows]
+        limit = cfg.train.eval_prompts or (len(rows) if cfg.data.eval_datasets else cfg.data.prompts_per_step)
+        rows = rows[:limit]
+        B, G = cfg.data.prompts_per_step, cfg.rollout.group_size
+        R = len(self.rewards.names)
+        sums, counts = torch.zeros(R + 1, dtype=torch.float64), torch.zeros(R + 1, dtype=torch.float64)
+        first: tuple[Rollout, torch.Tensor] | None = None
+        for k, start in enumerate(range(0, len(rows), B)):
+            real = rows[start:start + B]
+            part = real + [rows[i % len(rows)] for i in range(B - len(real))]
+            batch = PromptBatch(prompts=[r["prompt"] for r in part],
+                                metadata=[{kk: v for kk, v in r.items() if kk != "prompt"} for r in part])
+            local, _, lo = slice_for_rank(batch, [{}] * B, self.dist.rank, self.dist.world)
+            ro = self.sample(local, G, seeded_generator(cfg.run.seed, 0, 0, EVAL), eval_mode=True,
+                             group_id_offset=start + lo)
+            t = self.scorer.score(RewardInput.from_rollout(ro))
+            tot = t.weighted_total(cfg.scoring.fallback)
+            if first is None:
+                first = (ro, tot)
+            keep = (lo + torch.arange(len(ro)) // G) < len(real)  # (not the padding prompts)
+            vals = torch.cat([tot[:, None].double(), t.scores.double()], 1)[keep]
+            ok = ~torch.isnan(vals)
+            sums += torch.where(ok, vals, torch.zeros_like(vals)).sum(0)
+            counts += ok.sum(0)
+        sums, counts = dist.all_reduce_sum(sums, self.dist), dist.all_reduce_sum(counts, self.dist)
+        means = [float(s / c) if c > 0 else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
+        metrics = {"eval/reward/mean": means[0], "eval/prompts": float(len(rows))}
+        metrics.update({f"eval/reward/{n}/mean": m for n, m in zip(self.rewards.names, means[1:])})
+        assert first is not None
+        return metrics, first[0], first[1]
+
+    def sample(self, batch: PromptBatch, n: int, gen: torch.Generator, eval_mode: bool = False,
+               group_id_offset: int = 0) -> Rollout:
         """n images per prompt from the evaluated weights (`eval_weights`), without gradients: the training
         sampler (rollout.* settings), or with `eval_mode` the deterministic evaluation one (flow: ODE with the
         eval steps/CFG)."""
         self.policy.eval()
         with torch.no_grad(), self.autocast(), self.eval_weights():
-            return self.policy.rollout(batch, n, gen, eval_mode=eval_mode)
+            return self.policy.rollout(batch, n, gen, group_id_offset=group_id_offset, eval_mode=eval_mode)
 
     def eval_weights(self) -> contextlib.AbstractContextManager:
         """The weights to evaluate, sample and export: the EMA when optim.ema_decay > 0, else the trained ones."""
