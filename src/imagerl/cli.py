@@ -222,7 +222,11 @@ def cmd_sample(args: list[str]) -> int:
     from .types import PromptBatch, RewardInput
 
     tag = _weights_tag(cfg, trainer, ck)
-    out = _make_dir(Path(dest), "--out") if dest else _make_dir(Path(cfg.run.output_dir) / "sample" / tag, "run.output_dir")
+    # under torchrun every process samples the same prompts (FSDP2 ranks must run the same forwards); rank 0 writes
+    write = trainer.dist.is_main
+    out = Path(dest) if dest else Path(cfg.run.output_dir) / "sample" / tag
+    if write:
+        _make_dir(out, "--out" if dest else "run.output_dir")
     chunk = max(1, cfg.data.prompts_per_step)
     lines = []
     for c, start in enumerate(range(0, len(rows), chunk)):
@@ -240,17 +244,24 @@ def cmd_sample(args: list[str]) -> int:
         for i in range(len(ro)):
             p_idx, j = start + i // n, i % n
             name = f"{p_idx:04d}_{j}.png"
-            to_pil(ro.images[i]).save(out / name)
+            if write:
+                to_pil(ro.images[i]).save(out / name)
             line = {"file": name, "prompt": ro.prompts[i], "sample": j, "checkpoint": str(ck) if ck else "base",
                     "ema": trainer.ema is not None, "seed": seed, "deterministic": deterministic}
             if scores is not None:
                 line["reward"] = _num(total[i])
                 line["rewards"] = {nm: _num(scores[i, k]) for k, nm in enumerate(names)}
             lines.append(line)
-        grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
-                                title=f"{tag}: {'deterministic' if deterministic else f'seed {seed}'}")
-        grid.save(out / f"grid_{c:03d}.png")
+        if write:
+            grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
+                                    title=f"{tag}: {'deterministic' if deterministic else f'seed {seed}'}")
+            grid.save(out / f"grid_{c:03d}.png")
     trainer.close()
+    from . import dist
+
+    dist.shutdown(trainer.dist)
+    if not write:
+        return 0
     (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     print(f"{len(lines)} images ({len(rows)} prompt{'s' if len(rows) != 1 else ''} x {n}) from {tag} in {out}/ "
           "(samples.jsonl, grid_*.png)")
@@ -265,6 +276,11 @@ def _num(x) -> float | None:
 
 def cmd_export(args: list[str]) -> int:
     dest, args = _take_flag(args, "--to")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(1)  # (rank 0 says why)
+        raise SystemExit("imagerl export: run it as one process, without torchrun / accelerate launch: checkpoints hold "
+                         "whole weights (gathered when written), so one process reads and exports them")
     cfg, trainer, ck = _trained_policy(args)
     target = _make_dir(Path(dest), "--to") if dest else _make_dir(Path(cfg.run.output_dir) / "export", "run.output_dir")
     with trainer.eval_weights():  # the EMA of the weights when the run kept one

@@ -64,3 +64,15 @@ def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
         main(["eval", f"run.output_dir={tmp_path / 'empty'}"])
     with pytest.raises(SystemExit, match="no checkpoint in .*sample the initial weights with --base"):
         main(["sample", f"run.output_dir={tmp_path / 'empty'}", "--prompt", "a red square"])
+
+
+def test_export_under_a_launcher_says_to_run_one_process(tmp_path, monkeypatch):
+    # checkpoints hold whole weights: export is a one-process job, and rank 0 of a launch says so
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit, match=r"^imagerl export: run it as one process, without torchrun"):
+        main(["export", f"run.output_dir={tmp_path}"])
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        main(["export", f"run.output_dir={tmp_path}"])
+    assert e.value.code == 1
