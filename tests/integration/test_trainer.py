@@ -336,24 +336,34 @@ def train_fp32_inside_bf16(family, out, frozen_of):
 
 
 def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_path):
-    # 5 prompts in rounds of data.prompts_per_step=2 (the last one padded): the mean is over exactly those 5
-    # prompts' samples, each seeded by its own index, whatever the batching
-    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.eval_prompts=5", "data.datasets.0.path=builtin:color_shapes"),
-                    training=False)
+    # two eval sets, 2 + 3 prompts, in rounds of data.prompts_per_step=2 (the last one padded): the means are over
+    # exactly those prompts' samples, each seeded by its own index whatever the batching, overall and per set
+    (tmp_path / "e1.txt").write_text("a red square on the left\na blue square on the right\n")
+    (tmp_path / "e2.txt").write_text("a green square on the left\na yellow square on the right\n"
+                                     "a red square on the right\n")
+    sets = f"data.eval_datasets=[{{path: {tmp_path}/e1.txt}}, {{path: {tmp_path}/e2.txt}}]"
+    t = GRPOTrainer(cfg_for("janus", tmp_path, sets), training=False)
     metrics, ro, _ = t.eval_rollout()
     assert metrics["eval/prompts"] == 5 and len(ro) == 2 * 4  # (the first round's rollout: 2 prompts x G=4)
     from imagerl.recipes.grpo import EVAL, seeded_generator
     from imagerl.types import PromptBatch, RewardInput
 
-    rows = t.datasets[0].rows[:5]
+    prompts = (tmp_path / "e1.txt").read_text().split("\n")[:2] + (tmp_path / "e2.txt").read_text().split("\n")[:3]
     totals = []
-    for i, r in enumerate(rows):
-        one = t.sample(PromptBatch(prompts=[r["prompt"]], metadata=[{k: v for k, v in r.items() if k != "prompt"}]), 4,
-                       seeded_generator(t.cfg.run.seed, 0, 0, EVAL), eval_mode=True, group_id_offset=i)
+    for i, p in enumerate(prompts):
+        one = t.sample(PromptBatch(prompts=[p], metadata=[{}]), 4, seeded_generator(t.cfg.run.seed, 0, 0, EVAL),
+                       eval_mode=True, group_id_offset=i)
         totals.append(t.scorer.score(RewardInput.from_rollout(one)).weighted_total())
     t.close()
     assert metrics["eval/reward/mean"] == pytest.approx(float(torch.cat(totals).mean()), abs=1e-6)
-    assert metrics["eval/reward/color_position/mean"] == metrics["eval/reward/mean"]
+    assert metrics["eval/e1/reward/mean"] == pytest.approx(float(torch.cat(totals[:2]).mean()), abs=1e-6)
+    assert metrics["eval/e2/reward/color_position/mean"] == pytest.approx(float(torch.cat(totals[2:]).mean()), abs=1e-6)
+    # train.eval_prompts caps the count (here: the first set and one prompt of the second)
+    t = GRPOTrainer(cfg_for("janus", tmp_path, sets, "train.eval_prompts=3"), training=False)
+    capped = t.eval_rollout()[0]
+    t.close()
+    assert capped["eval/prompts"] == 3
+    assert capped["eval/e2/reward/mean"] == pytest.approx(float(totals[2].mean()), abs=1e-6)
 
 
 def test_kl_and_multiple_epochs_run(tmp_path):

@@ -581,15 +581,18 @@ class GRPOTrainer:
         the processes like a training step (the last round padded with repeats whose scores are dropped), so
         every rank runs the same forwards (FSDP2 / ZeRO collectives) and memory stays that of a training rollout.
         Each prompt's samples are seeded by its global index, so the numbers do not depend on the process count;
-        the means are sums and counts reduced over the ranks."""
+        the means are sums and counts reduced over the ranks. With several eval datasets each also gets its own
+        means (eval/<dataset>/reward/...)."""
         cfg = self.cfg
         ds = load_datasets(cfg.data.eval_datasets or cfg.data.datasets, "data.eval_datasets")
         rows = [r for d in ds for r in d.rows]
+        row_ds = torch.tensor([i for i, d in enumerate(ds) for _ in d.rows])
         limit = cfg.train.eval_prompts or (len(rows) if cfg.data.eval_datasets else cfg.data.prompts_per_step)
-        rows = rows[:limit]
+        rows, row_ds = rows[:limit], row_ds[:limit]
         B, G = cfg.data.prompts_per_step, cfg.rollout.group_size
         R = len(self.rewards.names)
-        sums, counts = torch.zeros(R + 1, dtype=torch.float64), torch.zeros(R + 1, dtype=torch.float64)
+        # [datasets, total + rewards]: NaN-aware sums and counts
+        sums, counts = torch.zeros(len(ds), R + 1, dtype=torch.float64), torch.zeros(len(ds), R + 1, dtype=torch.float64)
         first: tuple[Rollout, torch.Tensor] | None = None
         for k, start in enumerate(range(0, len(rows), B)):
             real = rows[start:start + B]
@@ -603,15 +606,26 @@ class GRPOTrainer:
             tot = t.weighted_total(cfg.scoring.fallback)
             if first is None:
                 first = (ro, tot)
-            keep = (lo + torch.arange(len(ro)) // G) < len(real)  # (not the padding prompts)
+            prompt = lo + torch.arange(len(ro)) // G  # index in this round of each sample's prompt
+            keep = prompt < len(real)  # (not the padding prompts)
             vals = torch.cat([tot[:, None].double(), t.scores.double()], 1)[keep]
             ok = ~torch.isnan(vals)
-            sums += torch.where(ok, vals, torch.zeros_like(vals)).sum(0)
-            counts += ok.sum(0)
+            which = row_ds[start + prompt[keep]]
+            sums.index_add_(0, which, torch.where(ok, vals, torch.zeros_like(vals)))
+            counts.index_add_(0, which, ok.double())
         sums, counts = dist.all_reduce_sum(sums, self.dist), dist.all_reduce_sum(counts, self.dist)
-        means = [float(s / c) if c > 0 else math.nan for s, c in zip(sums.tolist(), counts.tolist())]
-        metrics = {"eval/reward/mean": means[0], "eval/prompts": float(len(rows))}
-        metrics.update({f"eval/reward/{n}/mean": m for n, m in zip(self.rewards.names, means[1:])})
+
+        def means(s: torch.Tensor, c: torch.Tensor, prefix: str) -> dict[str, float]:
+            m = [float(a / b) if b > 0 else math.nan for a, b in zip(s.tolist(), c.tolist())]
+            return {f"{prefix}mean": m[0], **{f"{prefix}{n}/mean": x for n, x in zip(self.rewards.names, m[1:])}}
+
+        metrics = {**means(sums.sum(0), counts.sum(0), "eval/reward/"), "eval/prompts": float(len(rows))}
+        if len(ds) > 1:
+            names = [d.name if [e.name for e in ds].count(d.name) == 1 else f"{d.name}_{i}" for i, d in enumerate(ds)]
+            evaluated = torch.bincount(row_ds, minlength=len(ds))  # (eval_prompts may stop before the last ones)
+            for i, name in enumerate(names):
+                if evaluated[i] > 0:
+                    metrics.update(means(sums[i], counts[i], f"eval/{name}/reward/"))
         assert first is not None
         return metrics, first[0], first[1]
 
