@@ -195,6 +195,19 @@ def test_bad_names_fail_before_anything_runs_or_is_written(tmp_path, override, m
         main(["train", *FAMILY_OVERRIDES["janus"], *COMMON, f"run.output_dir={tmp_path}/run", override])
 
 
+def test_eval_and_sft_files_are_read_at_start(tmp_path, monkeypatch):
+    # not at the first evaluation (train.eval_every steps in) or the first SFT term
+    from imagerl.data.prompts import DataError
+
+    monkeypatch.setattr(GRPOTrainer, "step", lambda *a, **k: pytest.fail("a step ran before the data was checked"))
+    with pytest.raises(DataError, match=r"^data.eval_datasets\[0\].path: prompt file '.*nope.txt' does not exist"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "a", f"data.eval_datasets=[{{path: {tmp_path}/nope.txt}}]",
+                            "train.eval_every=50"))
+    with pytest.raises(DataError, match=r"^data.sft_datasets\[\].path: prompt file '.*nope.jsonl' does not exist"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "b", f"data.sft_datasets=[{{path: {tmp_path}/nope.jsonl}}]",
+                            "algorithm.sft_weight=0.1"))
+
+
 def test_reward_weight_mistakes_fail_at_start(tmp_path):
     # a per-dataset weight for a reward name that does not exist would be ignored; all-zero weights train nothing
     with pytest.raises(TrainingError, match=r"^data.datasets\[0\].reward_weights: no reward is named 'colour_position'\. "

@@ -72,6 +72,14 @@ def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, An
     return tuple(out)
 
 
+def check_sft_datasets(specs: list[Any]) -> None:
+    """Read every SFT file once (cached for sft_batch): a missing file, column or image fails at start."""
+    if not specs:
+        raise DataError("algorithm.sft_weight > 0 but data.sft_datasets is empty")
+    for s in specs:
+        _rows(s.path, s.prompt_field, s.image_field)
+
+
 def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64) -> dict[str, Any]:
     """Draw `n` prompt+image pairs (mixture by dataset weight) -> {"prompts": [n], "images": [n,3,size,size]}."""
     if not specs:
@@ -91,4 +99,4 @@ def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64) ->
     return {"prompts": prompts, "images": torch.stack(images)}
 
 
-__all__ = ["draw_shape", "sft_batch", "load_image", "COLORS", "SHAPES", "POSITIONS"]
+__all__ = ["check_sft_datasets", "draw_shape", "sft_batch", "load_image", "COLORS", "SHAPES", "POSITIONS"]

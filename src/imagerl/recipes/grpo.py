@@ -41,6 +41,7 @@ from ..checkpoint import (
     unlock_run_dir,
 )
 from ..config import Config, to_dict, to_yaml
+from ..data.pairs import check_sft_datasets
 from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
 from ..devices import resolve_device
 from ..ema import WeightEMA
@@ -152,6 +153,10 @@ class GRPOTrainer:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
+        # read now, so that a bad eval or SFT file fails at start, not at the first evaluation (steps or hours in)
+        self.eval_sets = load_datasets(cfg.data.eval_datasets, "data.eval_datasets") if cfg.data.eval_datasets else []
+        if training and cfg.algorithm.sft_weight > 0:
+            check_sft_datasets(cfg.data.sft_datasets)
         self.rewards = RewardSet(cfg.rewards)
         self._check_reward_weights()
         self.scorer = ScoringRunner(self.rewards)
@@ -584,7 +589,7 @@ class GRPOTrainer:
         the means are sums and counts reduced over the ranks. With several eval datasets each also gets its own
         means (eval/<dataset>/reward/...)."""
         cfg = self.cfg
-        ds = load_datasets(cfg.data.eval_datasets or cfg.data.datasets, "data.eval_datasets")
+        ds = self.eval_sets or self.datasets
         rows = [r for d in ds for r in d.rows]
         row_ds = torch.tensor([i for i, d in enumerate(ds) for _ in d.rows])
         limit = cfg.train.eval_prompts or (len(rows) if cfg.data.eval_datasets else cfg.data.prompts_per_step)
