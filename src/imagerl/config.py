@@ -21,6 +21,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from .registry import did_you_mean
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEMO_CONFIG = "demo.yaml"
 # Recipes ship inside the package (src/imagerl/configs, package data of the wheel); the repository's configs/
@@ -493,9 +495,8 @@ def validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         v = get_field(cfg, key)
         if v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{key}='{v}' is not valid.{hint} Choose one of: {', '.join(choices)}")
+            raise ConfigError(f"{key}='{v}' is not valid.{did_you_mean(str(v), list(choices))} "
+                              f"Choose one of: {', '.join(choices)}")
 
     def positive(key: str, allow_zero: bool = False) -> None:
         v = get_field(cfg, key)

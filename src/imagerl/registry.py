@@ -13,6 +13,13 @@ from typing import Any, Callable, Generic, TypeVar
 T = TypeVar("T")
 
 
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """' Did you mean 'x'?' for the closest of `choices` to a mistyped `name` ('' when none is close); `prefix` is
+    shown before the suggestion (e.g. 'builtin:'). The one wording of that hint in every error message."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 class RegistryError(KeyError):
     def __str__(self) -> str:  # KeyError quotes its message; we want plain text
         return str(self.args[0])
@@ -58,8 +65,7 @@ class Registry(Generic[T]):
             return obj
         if ":" in name:
             return import_object(name, field=field)
-        close = difflib.get_close_matches(name, self.names(), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(name, self.names())
         raise RegistryError(
             f"{field}: unknown {self.kind} '{name}'.{hint} Valid names: {', '.join(self.names())}; "
             f"or give your own as 'package.module:ClassName'."

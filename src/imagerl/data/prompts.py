@@ -15,7 +15,6 @@ checkpoints so a resumed run sees the same prompts.
 from __future__ import annotations
 
 import csv
-import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..registry import did_you_mean
 from ..tiny import COLORS, POSITIONS, SHAPES
 from ..types import PromptBatch
 
@@ -58,9 +58,7 @@ def builtin_dataset(name: str, field_name: str = "data.datasets[0].path") -> lis
             for c in ("red", "green", "blue", "yellow") for p in ("left", "right")
         ]
     known = ["color_shapes", "colors"]
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean 'builtin:{close[0]}'?" if close else ""
-    raise DataError(f"{field_name}: unknown built-in dataset 'builtin:{name}'.{hint} "
+    raise DataError(f"{field_name}: unknown built-in dataset 'builtin:{name}'.{did_you_mean(name, known, 'builtin:')} "
                     f"Available: {', '.join('builtin:' + k for k in known)}")
 
 

@@ -16,7 +16,6 @@ Checkpoints also carry the global RNG states for user code that uses them.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import math
 import random
 import time
@@ -47,7 +46,7 @@ from ..devices import resolve_device
 from ..ema import WeightEMA
 from ..policies import POLICIES
 from ..policies.base import Policy
-from ..registry import ADVANTAGES
+from ..registry import ADVANTAGES, did_you_mean
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable
 from ..rewards.runner import ChunkScorer, ScoringRunner
@@ -249,9 +248,8 @@ class GRPOTrainer:
             for i, d in enumerate(specs):
                 for key in d.reward_weights:
                     if key not in names:
-                        close = difflib.get_close_matches(key, names, n=1)
-                        hint = f" Did you mean '{close[0]}'?" if close else ""
-                        raise TrainingError(f"{section}[{i}].reward_weights: no reward is named '{key}'.{hint} "
+                        raise TrainingError(f"{section}[{i}].reward_weights: no reward is named '{key}'."
+                                            f"{did_you_mean(key, names)} "
                                             f"The rewards are: {', '.join(names)} (rewards[].name, else the type)")
         dataset_weights = [w for d in self.cfg.data.datasets for w in d.reward_weights.values()]
         if not any(self.rewards.weights) and not any(dataset_weights):

@@ -13,7 +13,6 @@ signature at start so a typo fails with the closest valid name.
 from __future__ import annotations
 
 import asyncio
-import difflib
 import inspect
 import types
 import typing
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..registry import REWARDS
+from ..registry import REWARDS, did_you_mean
 from ..types import RewardInput, RewardOutput
 
 
@@ -95,8 +94,7 @@ def check_kwargs(cls: Any, args: dict[str, Any], field: str) -> None:
     valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     for k in args:
         if k not in valid:
-            close = difflib.get_close_matches(k, valid, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(k, valid)
             raise ValueError(f"{field}.{k}: unknown argument for {cls.__name__}.{hint} Valid: {', '.join(valid) or '(none)'}")
     missing = [p.name for p in params if p.default is inspect.Parameter.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in args]

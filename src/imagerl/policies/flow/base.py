@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import Config
+from ...registry import did_you_mean
 from ...types import LogProbOutput, PromptBatch, Rollout
 from ..base import Policy, sum_sharded_gradients
 from . import sde as sde_math
@@ -430,10 +431,7 @@ def tiny_preset(presets: dict[str, dict[str, Any]], size: str, overrides: dict[s
     out = dict(presets[size])
     for k, v in (overrides or {}).items():
         if k not in out:
-            import difflib
-
-            close = difflib.get_close_matches(k, list(out), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(k, list(out))
             raise ValueError(f"model.tiny_overrides.{k} is not a {family} tiny knob.{hint} Valid: {', '.join(out)}")
         out[k] = v
     return out
