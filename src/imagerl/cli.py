@@ -161,12 +161,9 @@ def cmd_eval(args: list[str]) -> int:
     cfg, trainer, ck = _trained_policy(args)
     from .logging import make_sample_grid
 
-    from . import dist
-
     # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints
     metrics, ro, total = trainer.eval_rollout()
     trainer.close()
-    dist.shutdown(trainer.dist)
     if not trainer.dist.is_main:
         return 0
     out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
@@ -257,9 +254,6 @@ def cmd_sample(args: list[str]) -> int:
                                     title=f"{tag}: {'deterministic' if deterministic else f'seed {seed}'}")
             grid.save(out / f"grid_{c:03d}.png")
     trainer.close()
-    from . import dist
-
-    dist.shutdown(trainer.dist)
     if not write:
         return 0
     (out / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))

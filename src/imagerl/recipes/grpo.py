@@ -670,10 +670,12 @@ class GRPOTrainer:
 
 
     def close(self) -> None:
-        """Stop the scoring thread, release reward servers/sessions and the run directory."""
+        """Stop the scoring thread, release reward servers/sessions and the run directory, and end the process
+        group this trainer started (under torchrun; train, eval and sample all end here)."""
         self.scorer.close()
         self.rewards.close()
         unlock_run_dir(self._run_lock)
+        dist.shutdown(self.dist)
 
 
 def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -689,8 +691,4 @@ def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, 
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    trainer = GRPOTrainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        dist.shutdown(trainer.dist)
+    return GRPOTrainer(cfg).train()  # (train() closes the trainer, and with it the process group, however it ends)
