@@ -48,7 +48,7 @@ from ..policies import POLICIES
 from ..policies.base import Policy
 from ..registry import ADVANTAGES, did_you_mean
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
-from ..rewards.base import RewardSet, ScoreTable
+from ..rewards.base import RewardSet, ScoreTable, unique_names
 from ..rewards.runner import ChunkScorer, ScoringRunner
 from ..types import PromptBatch, RewardInput, Rollout
 from ..zero import ZERO_KEY
@@ -624,7 +624,7 @@ class GRPOTrainer:
 
         metrics = {**means(sums.sum(0), counts.sum(0), "eval/reward/"), "eval/prompts": float(len(rows))}
         if len(ds) > 1:
-            names = [d.name if [e.name for e in ds].count(d.name) == 1 else f"{d.name}_{i}" for i, d in enumerate(ds)]
+            names = unique_names([d.name for d in ds])
             evaluated = torch.bincount(row_ds, minlength=len(ds))  # (eval_prompts may stop before the last ones)
             for i, name in enumerate(names):
                 if evaluated[i] > 0:

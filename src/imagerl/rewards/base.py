@@ -149,7 +149,7 @@ class RewardSet:
     def __init__(self, specs: list[Any]):
         self.rewards: list[Reward] = [build_reward(s, i) for i, s in enumerate(specs)]
         self.weights = [float(s.get("weight", 1.0) if isinstance(s, dict) else s.weight) for s in specs]
-        self.names = _unique([r.name for r in self.rewards])
+        self.names = unique_names([r.name for r in self.rewards])
         for r, n in zip(self.rewards, self.names):
             r.name = n
 
@@ -204,7 +204,8 @@ def run_sync(coro: Any) -> Any:
         return ex.submit(asyncio.run, coro).result()
 
 
-def _unique(names: list[str]) -> list[str]:
+def unique_names(names: list[str]) -> list[str]:
+    """Metric names made distinct: a repeated name gets _1, _2, ... (rewards, and the trainer's eval sets)."""
     seen: dict[str, int] = {}
     out = []
     for n in names:
