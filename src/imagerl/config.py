@@ -504,9 +504,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}")
 
     for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs",
-              "algorithm.micro_batch_size", "rollout.num_steps"):
-        positive(k)
-    for k in ("logging.samples_per_grid", "algorithm.sft_batch_size"):
+              "algorithm.micro_batch_size", "rollout.num_steps", "logging.samples_per_grid", "algorithm.sft_batch_size"):
         positive(k)
     for k in ("checkpoint.every", "checkpoint.keep_last", "logging.sample_every", "optim.warmup_steps",
               "optim.lr", "algorithm.kl_coef", "rollout.temperature", "optim.grad_clip", "optim.weight_decay",

@@ -73,9 +73,8 @@ def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, An
 
 
 def check_sft_datasets(specs: list[Any]) -> None:
-    """Read every SFT file once (cached for sft_batch): a missing file, column or image fails at start."""
-    if not specs:
-        raise DataError("algorithm.sft_weight > 0 but data.sft_datasets is empty")
+    """Read every SFT file once (cached for sft_batch): a missing file, column or image fails at start. (An empty
+    list with sft_weight > 0 is a config error already.)"""
     for s in specs:
         _rows(s.path, s.prompt_field, s.image_field)
 
