@@ -178,7 +178,7 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE) [--n 4] "
+SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE) [--n 4 | --images 4] "
                 "[--seed 0] [--out DIR] [--base] [--deterministic] [--no-score] [--no-ema]")
 
 
@@ -190,6 +190,12 @@ def cmd_sample(args: list[str]) -> int:
     texts, args = _take_all(args, "--prompt")
     prompt_file, args = _take_flag(args, "--prompts")
     n_s, args = _take_flag(args, "--n")
+    # --images is the same option under a name torchrun lets through: torchrun's own argparse reads every argument,
+    # also those after the script, and stops at `--n` as an ambiguous prefix of its --nnodes/--nproc-per-node
+    images_s, args = _take_flag(args, "--images")
+    if n_s is not None and images_s is not None:
+        raise SystemExit("imagerl sample: --n and --images are the same option (images per prompt); give one")
+    n_s = n_s if n_s is not None else images_s
     seed_s, args = _take_flag(args, "--seed")
     dest, args = _take_flag(args, "--out")
     base, args = _take_switch(args, "--base")

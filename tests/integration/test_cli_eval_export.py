@@ -37,6 +37,17 @@ def test_train_eval_export(tmp_path, capsys):
                  "--no-score"]) == 0
     base = [json.loads(x) for x in (run / "sample" / "base" / "samples.jsonl").read_text().splitlines()]
     assert len(base) == 2 and base[0]["checkpoint"] == "base" and "reward" not in base[0]
+    # --images: --n under a name torchrun's parser lets through (it stops at `--n`, a prefix of its --nnodes)
+    from torch.distributed.run import get_args_parser
+
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["-m", "imagerl.cli", "sample", "--n", "2"])
+    get_args_parser().parse_args(["-m", "imagerl.cli", "sample", "--images", "2"])
+    assert main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "p.txt"), "--images", "3", "--base",
+                 "--no-score", "--out", str(tmp_path / "s3")]) == 0
+    assert len((tmp_path / "s3" / "samples.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(SystemExit, match=r"--n and --images are the same option"):
+        main(["sample", f"run.output_dir={run}", "--prompt", "x", "--n", "2", "--images", "2"])
     with pytest.raises(SystemExit, match=r"--prompt TEXT \(repeatable\) or --prompts FILE"):
         main(["sample", f"run.output_dir={run}"])
     with pytest.raises(SystemExit, match=r"--prompts: prompt file .*does not exist"):
