@@ -147,7 +147,7 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW (decoupled) weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
     eps: float = 1e-8  # AdamW denominator epsilon
-    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
+    warmup_steps: int = 0  # training steps of linear warm-up from lr / warmup_steps to lr (inner epochs share a step's lr)
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio at train.steps
     grad_clip: float = 1.0  # max grad norm (0 = off)

@@ -381,9 +381,12 @@ def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_
 
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
-                            "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2"))
+                            "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2",
+                            "optim.warmup_steps=2"))
     t.train()
     m = metrics(tmp_path)
+    # the logged lr is the one the step's updates used: warm-up over training steps, both epochs at 1/2 then 2/2
+    assert [r["lr"] for r in m] == pytest.approx([0.5e-3, 1e-3])
     assert m[1]["kl"] > 0  # the policy moved away from the frozen reference after the first update
     assert "eval/reward/mean" in m[1] and "eval/reward/mean" not in m[0]  # deterministic eval every 2 steps
     assert 0 <= m[1]["eval/reward/mean"] <= 1

@@ -69,9 +69,14 @@ EMA_DIR = "ema"  # checkpoint subdirectory: the weights' EMA (DCP format)
 
 
 def lr_lambda(cfg: Config):
+    """The LR multiplier as a function of the optimizer steps taken so far (what LambdaLR counts). The schedule
+    itself is over *training* steps, the unit of train.steps and optim.warmup_steps: every inner epoch of a step
+    uses that step's rate, so a cosine or linear decay ends at train.steps whatever algorithm.inner_epochs is."""
     warm, total, kind, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio
+    per_step = max(1, cfg.algorithm.inner_epochs)
 
-    def f(i: int) -> float:  # i = optimizer steps taken so far
+    def f(i: int) -> float:
+        i //= per_step  # training steps done before this optimizer step (0 = the first step)
         if warm and i < warm:
             return (i + 1) / warm
         if kind == "constant":
@@ -559,6 +564,7 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         adv, g_scores, g_total = self.advantages(ro, table)
         self._check_abstains(g_scores, table)
+        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's updates use (the scheduler moves on after)
         train_stats = self.train_on(ro, adv, step)
         t3 = time.perf_counter()
         m = reward_summary("reward/", g_total, g_scores, table.names)
@@ -571,7 +577,7 @@ class GRPOTrainer:
             if isinstance(v, (int, float)):
                 m[f"reward/{k}"] = float(v)
         m.update(train_stats)
-        m["lr"] = float(self.scheduler.get_last_lr()[0])
+        m["lr"] = lr
         m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t_roll, t_rew, t3 - t2, t3 - t0
         return StepResult(ro, table, adv, m)
 
