@@ -164,7 +164,13 @@ def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     so the sum over ranks equals the single-process gradient exactly (no division by world size)."""
     if not info.enabled:
         return
-    grads = [p.grad for p in params if p.grad is not None]
+    # A rank may have run no backward at all (every row of its slice abstained, so the loop skipped its chunks):
+    # it still joins the all-reduce with zeros, or its next collective would pair with this one (a size mismatch
+    # under gloo, a hang or garbage under NCCL) and it would miss the other ranks' gradients.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads]).to(info.comm_device)
