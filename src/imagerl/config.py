@@ -138,7 +138,7 @@ class AlgorithmConfig:
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
     timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration
     sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
-    sft_batch_size: int = 2  # prompt+image pairs per step for the SFT term
+    sft_batch_size: int = 2  # prompt+image pairs per optimizer step for the SFT term, over all processes (split evenly)
 
 
 @dataclass

@@ -430,6 +430,8 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         extra += ["optim.ema_decay=0.9", "train.eval_every=2", "train.eval_prompts=3"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
         extra += ["algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
+    if family == "sd3" and variant == "full+kl":  # with the auxiliary SFT loss: its pairs are split over the ranks
+        extra += ["algorithm.sft_weight=0.3", "algorithm.sft_batch_size=4", "data.sft_datasets=[{path: builtin:color_shapes}]"]
     args = ["train", *FAMILY_OVERRIDES[family], *COMMON, *extra, "train.steps=2", "checkpoint.every=0",
             "checkpoint.save_final=true", "run.threads=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -455,7 +457,7 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
         for k in ("reward/mean", "reward/std", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
-                  "ratio/min", "clip_frac", *(["eval/reward/mean"] if "eval/reward/mean" in ra else [])):
+                  "ratio/min", "clip_frac", *(k for k in ("eval/reward/mean", "loss/sft") if k in ra)):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
     if variant == "ema":
         assert "eval/reward/mean" in b[1]

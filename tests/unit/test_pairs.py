@@ -19,6 +19,16 @@ def test_builtin_pairs_draw_the_prompt():
     assert torch.allclose(red_left[:, 16, 28], torch.full((3,), 0.5))  # grey canvas on the right
 
 
+def test_slices_of_one_draw_are_the_whole_draw():
+    # each process keeps its slice of the same n draws: the slices put together are the one-process batch
+    specs = [DatasetConfig(path="builtin:colors"), DatasetConfig(path="builtin:color_shapes", weight=2.0)]
+    whole = sft_batch(specs, 6, torch.Generator().manual_seed(3), size=16)
+    parts = [sft_batch(specs, 6, torch.Generator().manual_seed(3), size=16, keep=range(r * 3, r * 3 + 3)) for r in (0, 1)]
+    assert parts[0]["prompts"] + parts[1]["prompts"] == whole["prompts"]
+    assert torch.equal(torch.cat([p["images"] for p in parts]), whole["images"])
+    assert len(set(whole["prompts"])) > 1
+
+
 def test_image_files_and_errors(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")

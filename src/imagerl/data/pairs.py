@@ -79,16 +79,22 @@ def check_sft_datasets(specs: list[Any]) -> None:
         _rows(s.path, s.prompt_field, s.image_field)
 
 
-def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64) -> dict[str, Any]:
-    """Draw `n` prompt+image pairs (mixture by dataset weight) -> {"prompts": [n], "images": [n,3,size,size]}."""
+def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64,
+              keep: range | None = None) -> dict[str, Any]:
+    """Draw `n` prompt+image pairs (mixture by dataset weight) -> {"prompts": [k], "images": [k,3,size,size]} of the
+    draws whose index is in `keep` (default: all n). All n are drawn whatever `keep` is, so that processes that
+    keep different slices of the same stream share one batch; only the kept images are read."""
     if not specs:
         raise DataError("algorithm.sft_weight > 0 but data.sft_datasets is empty")
     w = torch.tensor([s.weight for s in specs], dtype=torch.float64)
+    keep = range(n) if keep is None else keep
     prompts, images = [], []
-    for _ in range(n):
+    for i in range(n):
         d = int(torch.multinomial(w / w.sum(), 1, generator=gen)) if len(specs) > 1 else 0
         rows = _rows(specs[d].path, specs[d].prompt_field, specs[d].image_field)
         prompt, src = rows[int(torch.randint(len(rows), (1,), generator=gen))]
+        if i not in keep:
+            continue
         if src[0] == "draw":
             img = draw_shape(src[1], src[2], src[3], size)
         else:

@@ -98,8 +98,9 @@ class Policy(nn.Module):
         """
         raise NotImplementedError
 
-    def sft_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """Auxiliary supervised loss on a prompt+image batch (flow: flow-matching loss)."""
+    def sft_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
+        """Auxiliary supervised loss, the mean over a prompt+image batch (flow: flow-matching loss). The trainer
+        passes one generator per pair, so that a pair's noise does not depend on which process trains it."""
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary SFT loss")
 
     # ---- parameters -----------------------------------------------------------------------------

@@ -133,6 +133,9 @@ class GRPOTrainer:
         if training and cfg.data.prompts_per_step % self.dist.world:  # (every rank raises: none waits on the others)
             raise TrainingError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
                                 f"processes ({self.dist.world}): each takes an equal share of the prompts")
+        if training and cfg.algorithm.sft_weight > 0 and cfg.algorithm.sft_batch_size % self.dist.world:
+            raise TrainingError(f"algorithm.sft_batch_size={cfg.algorithm.sft_batch_size} must be divisible by the number "
+                                f"of processes ({self.dist.world}): each takes an equal share of the SFT pairs")
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         if cfg.run.deterministic:
@@ -468,7 +471,7 @@ class GRPOTrainer:
             grpo_scale = 1.0 - a.sft_weight
             if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
                 self.optimizer.zero_grad(set_to_none=True)
-            acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0}
+            acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0, "sft": 0.0}
             rmax, rmin = -math.inf, math.inf
             adv_dev = adv.adv.to(eff.device)
             for idx, sub, chunks in plan:
@@ -501,9 +504,8 @@ class GRPOTrainer:
                     rmax, rmin = max(rmax, float(r.max())), min(rmin, float(r.min()))
                     if epoch == 0:
                         first_dev = max(first_dev, float((r - 1).abs().max()))
-            sft_loss = torch.tensor(0.0)
-            if a.sft_weight > 0:
-                sft_loss = self._sft_step(step, epoch)
+            if a.sft_weight > 0:  # this rank's share of the mean over the step's pairs (summed over ranks below)
+                acc["sft"] = self._sft_step(step, epoch)
             if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
                 gn = torch.tensor(self.zero.step())
             else:
@@ -528,8 +530,8 @@ class GRPOTrainer:
             cnt = max(acc["cnt"], 1.0)
             stats["loss/policy"].append(acc["pg"])
             stats["loss/kl"].append(acc["kl"])
-            stats["loss/sft"].append(float(sft_loss))
-            stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * float(sft_loss))
+            stats["loss/sft"].append(acc["sft"])
+            stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * acc["sft"])
             stats["kl"].append(acc["kl_raw"])
             stats["clip_frac"].append(acc["clip"] / cnt)
             stats["ratio/mean"].append(acc["rsum"] / cnt)
@@ -540,16 +542,23 @@ class GRPOTrainer:
         out["ratio/first_epoch_max_dev"] = first_dev
         return out
 
-    def _sft_step(self, step: int, epoch: int) -> torch.Tensor:
+    def _sft_step(self, step: int, epoch: int) -> float:
+        """Backward of sft_weight x the SFT loss's share of this rank -> that share (the ranks' shares sum to the
+        mean over the step's algorithm.sft_batch_size pairs). The pairs are drawn the same on every rank and split
+        in equal slices, and each pair's noise comes from its own stream, so K processes train on the same pairs
+        and noise as one process, and the gradients, summed over ranks, are the one-process mean's."""
         from ..data.pairs import sft_batch  # prompt+image pairs for the auxiliary loss
 
-        a = self.cfg.algorithm
-        gen = seeded_generator(self.cfg.run.seed, step * 97 + epoch, self.dist.rank, SFT)
-        batch = sft_batch(self.cfg.data.sft_datasets, a.sft_batch_size, gen, size=int(getattr(self.policy, "image_size", 64)))
+        a, seed, world = self.cfg.algorithm, self.cfg.run.seed, self.dist.world
+        per = a.sft_batch_size // world  # (divisibility checked at start)
+        mine = range(self.dist.rank * per, (self.dist.rank + 1) * per)
+        key = step * 97 + epoch
+        batch = sft_batch(self.cfg.data.sft_datasets, a.sft_batch_size, seeded_generator(seed, key, 0, SFT),
+                          size=int(getattr(self.policy, "image_size", 64)), keep=mine)
         with self.autocast():
-            loss = self.policy.sft_loss(batch, gen)
-        self._backward(a.sft_weight * loss)
-        return loss.detach()
+            loss = self.policy.sft_loss(batch, [seeded_generator(seed, key, 1 + i, SFT) for i in mine])
+        self._backward(a.sft_weight * loss / world)
+        return float(loss.detach()) / world
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.zero is not None:

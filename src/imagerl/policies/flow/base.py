@@ -398,10 +398,12 @@ class FlowPolicy(Policy):
             out.mean, out.std, out.velocity = torch.stack(means, 1), torch.stack(stds, 1), torch.stack(vels, 1)
         return out
 
-    def sft_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    def sft_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:
         """Flow-matching loss ||v_theta(x_sigma, sigma) - (eps - x0)||^2 on {prompts: [n], images: [n,3,H,W]}.
 
-        Images are resized to the policy's resolution; sigma ~ U(0, 1) per sample; no CFG (conditional)."""
+        Images are resized to the policy's resolution; sigma ~ U(0, 1) per sample; no CFG (conditional). With a
+        list of n generators, pair i draws its sigma and noise from generator i (the trainer's per-pair streams,
+        which make the noise independent of how the pairs are split over processes)."""
         prompts, images = batch.get("prompts"), batch.get("images")
         if prompts is None or images is None:
             raise ValueError("sft_loss needs a batch {'prompts': [n strings], 'images': tensor [n,3,H,W] in [0,1]}")
@@ -416,8 +418,14 @@ class FlowPolicy(Policy):
             x0 = self.encode_images(images).float()
             cond = self.encode_prompts(list(prompts))
         n = x0.shape[0]
-        sigma = torch.rand((n,), generator=generator, device=generator.device).to(self.device)
-        eps = self._randn(tuple(x0.shape), generator)
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != n:
+                raise ValueError(f"sft_loss: {len(generator)} generators for {n} pairs; give one per pair or one in all")
+            sigma = torch.cat([torch.rand((1,), generator=g, device=g.device) for g in generator]).to(self.device)
+            eps = torch.cat([self._randn((1, *x0.shape[1:]), g) for g in generator])
+        else:
+            sigma = torch.rand((n,), generator=generator, device=generator.device).to(self.device)
+            eps = self._randn(tuple(x0.shape), generator)
         s = sigma.reshape(n, *([1] * (x0.dim() - 1)))
         x_t = (1 - s) * x0 + s * eps
         v = self.transformer_forward(x_t, sigma, cond).float()
