@@ -115,6 +115,12 @@ def test_all_abstain_is_a_clear_error(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path / "o", "train.steps=1", f"data.datasets.0.path={tmp_path}/p.txt"))
     with pytest.raises(TrainingError, match=r"no reward.*color_position.*scoring.fallback"):
         t.train()
+    # half of the prompts name a colour: the step trains on those, and the abstains are logged as fractions
+    (tmp_path / "half.txt").write_text("a photo of a cat\na red square on the left\n")
+    GRPOTrainer(cfg_for("janus", tmp_path / "h", "train.steps=1", f"data.datasets.0.path={tmp_path}/half.txt")).train()
+    m = metrics(tmp_path / "h")[0]
+    assert m["reward/abstain"] == m["reward/color_position/abstain"] == 0.5
+    assert 0 <= m["reward/mean"] <= 1 and m["grad_norm"] > 0
 
 
 @pytest.mark.parametrize("strategy", ["none", pytest.param("deepspeed", marks=pytest.mark.dist)])

@@ -579,8 +579,9 @@ class GRPOTrainer:
         m = reward_summary("reward/", g_total, g_scores, table.names)
         ok = ~torch.isnan(g_total)
         m["reward/std"] = float(g_total[ok].std(unbiased=False)) if ok.sum() > 1 else 0.0
-        m.update({f"reward/{n}/abstain": float(torch.isnan(g_scores[:, j]).sum()) for j, n in enumerate(table.names)})
-        m["reward/abstain"] = float((~ok).sum())
+        # fractions of the step's samples: where each reward abstained, and where all did (no combined reward)
+        m.update({f"reward/{n}/abstain": float(torch.isnan(g_scores[:, j]).float().mean()) for j, n in enumerate(table.names)})
+        m["reward/abstain"] = float((~ok).float().mean())
         m["adv/abs_mean"] = float(adv.adv.abs().mean())
         for k, v in table.details.items():
             if isinstance(v, (int, float)):
