@@ -51,6 +51,18 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, family, extra):
         assert "eval/reward/mean" in b[3] and (tmp_path / "b" / "checkpoints" / "step_000004" / "ema").is_dir()
 
 
+def test_resume_takes_the_learning_rate_and_schedule_from_the_current_config(tmp_path):
+    # a finished 2-step cosine run (its rate has decayed), resumed with a doubled lr and 4 steps: steps 3 and 4 use
+    # 2e-3 * 0.5 * (1 + cos(pi * s / 4)) for s = 2, 3, not the checkpoint's rate
+    run = ["optim.schedule=cosine", "optim.warmup_steps=0", "checkpoint.every=2"]
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", *run)).train()
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=4", "optim.lr=2e-3", "optim.weight_decay=0.1", *run))
+    assert t.optimizer.param_groups[0]["weight_decay"] == 0.1
+    t.train()
+    lrs = [r["lr"] for r in metrics(tmp_path)]
+    assert lrs == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 2)), 1e-3, 1e-3 * (1 + math.cos(3 * math.pi / 4))])
+
+
 def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9"))

@@ -353,8 +353,20 @@ class GRPOTrainer:
             raise TrainingError(f"{ck} has no optimizer state this version can read (written by an older imagerl?); "
                                 "start a new run.output_dir")
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_optim_config()
         self.sampler.load_state_dict(state["state"]["sampler"])
         set_rng_state(state["rng"])
+
+    def _apply_optim_config(self) -> None:
+        """After a resume: the AdamW hyper-parameters and the rate come from this run's config, not the checkpoint's
+        (the optimizer and scheduler states carry the old run's lr, base lr, betas, eps and weight decay). The rate
+        is the schedule's value at the resumed optimizer step, so a changed optim.lr, or a longer train.steps
+        that stretches a decay which had reached its floor, applies from the first resumed step."""
+        o = self.cfg.optim
+        scale = lr_lambda(self.cfg)(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g.update(initial_lr=o.lr, lr=o.lr * scale, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
     def save(self, step: int) -> Path | None:
         path = None
@@ -573,7 +585,7 @@ class GRPOTrainer:
         t2 = time.perf_counter()
         adv, g_scores, g_total = self.advantages(ro, table)
         self._check_abstains(g_scores, table)
-        lr = float(self.scheduler.get_last_lr()[0])  # the rate this step's updates use (the scheduler moves on after)
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step's updates use (the scheduler moves on after)
         train_stats = self.train_on(ro, adv, step)
         t3 = time.perf_counter()
         m = reward_summary("reward/", g_total, g_scores, table.names)
