@@ -395,6 +395,15 @@ def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_
     t.close()
     assert capped["eval/prompts"] == 3
     assert capped["eval/e2/reward/mean"] == pytest.approx(float(totals[2].mean()), abs=1e-6)
+    # a set's reward_weights apply at evaluation as in training: e1 counts color_position only, e2 both rewards
+    weighted = (f"data.eval_datasets=[{{path: {tmp_path}/e1.txt, reward_weights: {{brightness: 0}}}}, "
+                f"{{path: {tmp_path}/e2.txt}}]")
+    t = GRPOTrainer(cfg_for("janus", tmp_path, weighted, "rewards=[{type: color_position}, {type: brightness}]"),
+                    training=False)
+    m = t.eval_rollout()[0]
+    t.close()
+    assert m["eval/e1/reward/mean"] == pytest.approx(m["eval/e1/reward/color_position/mean"], abs=1e-6)
+    assert abs(m["eval/e2/reward/mean"] - m["eval/e2/reward/color_position/mean"]) > 1e-3
 
 
 def test_kl_and_multiple_epochs_run(tmp_path):

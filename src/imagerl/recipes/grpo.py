@@ -630,10 +630,12 @@ class GRPOTrainer:
             part = real + [rows[i % len(rows)] for i in range(B - len(real))]
             batch = PromptBatch(prompts=[r["prompt"] for r in part],
                                 metadata=[{kk: v for kk, v in r.items() if kk != "prompt"} for r in part])
-            local, _, lo = slice_for_rank(batch, [{}] * B, self.dist.rank, self.dist.world)
+            # each prompt scored with its dataset's reward_weights, as in training
+            rw = [ds[int(row_ds[(start + i) % len(rows)])].reward_weights for i in range(B)]
+            local, lw, lo = slice_for_rank(batch, rw, self.dist.rank, self.dist.world)
             ro = self.sample(local, G, seeded_generator(cfg.run.seed, 0, 0, EVAL), eval_mode=True,
                              group_id_offset=start + lo)
-            t = self.scorer.score(RewardInput.from_rollout(ro))
+            t = self.scorer.score(RewardInput.from_rollout(ro), [w for w in lw for _ in range(G)])
             tot = t.weighted_total(cfg.scoring.fallback)
             if first is None:
                 first = (ro, tot)
