@@ -418,6 +418,8 @@ def test_kl_and_multiple_epochs_run(tmp_path):
     assert "eval/reward/mean" in m[1] and "eval/reward/mean" not in m[0]  # deterministic eval every 2 steps
     assert 0 <= m[1]["eval/reward/mean"] <= 1
     assert all(abs(r["ratio/first_epoch_max_dev"]) < 1e-5 for r in m)
+    # extremes over both epochs: the first epoch's ratios are 1, so max >= 1 >= min whatever the second did
+    assert all(r["ratio/max"] >= 1 - 1e-5 and r["ratio/min"] <= 1 + 1e-5 for r in m)
 
 
 # (rows marked slow add little over their neighbours: flow DDP is the sd3 rows' replicated part, ZeRO-1 is
@@ -483,7 +485,7 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     if variant.endswith("kl"):  # the reference really differs from the policy after the first update
         assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
-        for k in ("reward/mean", "reward/std", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
+        for k in ("reward/mean", "reward/std", "adv/abs_mean", "loss/policy", "loss", "kl", "grad_norm", "ratio/mean", "ratio/max",
                   "ratio/min", "clip_frac", *(k for k in ("eval/reward/mean", "loss/sft") if k in ra)):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
     if variant == "ema":

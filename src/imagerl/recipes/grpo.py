@@ -551,6 +551,7 @@ class GRPOTrainer:
             stats["ratio/min"].append(rmin if rmin < math.inf else 1.0)
             stats["grad_norm"].append(float(gn))
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
+        out["ratio/max"], out["ratio/min"] = max(stats["ratio/max"]), min(stats["ratio/min"])  # over all epochs
         out["ratio/first_epoch_max_dev"] = first_dev
         return out
 
@@ -594,10 +595,12 @@ class GRPOTrainer:
         # fractions of the step's samples: where each reward abstained, and where all did (no combined reward)
         m.update({f"reward/{n}/abstain": float(torch.isnan(g_scores[:, j]).float().mean()) for j, n in enumerate(table.names)})
         m["reward/abstain"] = float((~ok).float().mean())
-        m["adv/abs_mean"] = float(adv.adv.abs().mean())
-        for k, v in table.details.items():
-            if isinstance(v, (int, float)):
-                m[f"reward/{k}"] = float(v)
+        # the global batch's numbers, like every other metric: |advantage| over all ranks' samples, and the rewards'
+        # counters (failures, retries, gate passes, ...) summed over the ranks' tables
+        s_n = dist.all_reduce_sum(torch.tensor([float(adv.adv.abs().sum()), float(len(adv.adv))], dtype=torch.float64), self.dist)
+        m["adv/abs_mean"] = float(s_n[0] / s_n[1].clamp_min(1.0))
+        counters = {k: float(v) for k, v in table.details.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        m.update({f"reward/{k}": v for k, v in dist.sum_counters(counters, self.dist).items()})
         m.update(train_stats)
         m["lr"] = lr
         m["time/rollout"], m["time/reward"], m["time/train"], m["time/step"] = t_roll, t_rew, t3 - t2, t3 - t0
