@@ -87,6 +87,9 @@ def test_mixture_weights_and_reward_weights(tmp_path):
     assert 0.67 < frac_a < 0.83
     assert all((w == {"ocr": 2.0}) == p.startswith("a") for w, p in zip(rw, batch.prompts))
     assert set(batch.dataset_names) == {"a", "b"}
+    # neighbouring run seeds give unrelated mixture choices, not shifted copies of one stream
+    picks = {seed: [p[0] for p in PromptSampler(ds, seed=seed).next_batch(300)[0].prompts] for seed in (0, 1)}
+    assert all(picks[1][:100] != picks[0][k:k + 100] for k in range(200))
 
 
 def test_slice_for_rank():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..registry import did_you_mean
@@ -149,6 +150,12 @@ def load_datasets(specs: list[Any], section: str = "data.datasets") -> list[Prom
     return out
 
 
+def _mixed_seed(*keys: int) -> int:
+    """A 64-bit seed hashed from the keys (numpy's SeedSequence): neighbouring run seeds give unrelated streams.
+    (A linear mix such as seed * 31 + draws made seed 1's mixture choices seed 0's shifted by 31 draws.)"""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
+
+
 class PromptSampler:
     """Seeded mixture sampler with resumable state. `next_batch(B)` is identical on every rank."""
 
@@ -161,7 +168,7 @@ class PromptSampler:
     def _perm(self, d: int, epoch: int) -> torch.Tensor:
         cached = self._perm_cache.get(d)
         if cached is None or cached[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + d * 7919 + epoch)
+            g = torch.Generator().manual_seed(_mixed_seed(self.seed, 1, d, epoch))
             cached = (epoch, torch.randperm(len(self.datasets[d]), generator=g))
             self._perm_cache[d] = cached
         return cached[1]
@@ -169,7 +176,7 @@ class PromptSampler:
     def _pick_dataset(self) -> int:
         if len(self.datasets) == 1:
             return 0
-        g = torch.Generator().manual_seed(self.seed * 31 + 17 + self.state["draws"])
+        g = torch.Generator().manual_seed(_mixed_seed(self.seed, 2, self.state["draws"]))
         w = torch.tensor([d.weight for d in self.datasets], dtype=torch.float64)
         return int(torch.multinomial(w / w.sum(), 1, generator=g))
 
