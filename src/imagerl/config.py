@@ -136,7 +136,7 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"  # k1 | k2 | k3 (per token / per transition); flow also: mean | velocity
     inner_epochs: int = 1  # passes over each step's rollout (each a full gradient step; ratio 1 only in the first)
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
-    timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration
+    timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration (random, floor, >= 1)
     sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
     sft_batch_size: int = 2  # prompt+image pairs per optimizer step for the SFT term, over all processes (split evenly)
 

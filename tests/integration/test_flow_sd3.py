@@ -87,9 +87,12 @@ def test_unit_chunks_timestep_fraction():
     pol = make(algorithm__timestep_fraction=0.6, rollout__num_steps=10)
     ro = pol.rollout(batch(), 2, gen())
     chunks = pol.unit_chunks(ro, gen(3))
-    assert len(chunks) == 6 and all(c.numel() == 1 for c in chunks)  # round(0.6 * 10)
+    assert len(chunks) == 6 and all(c.numel() == 1 for c in chunks)  # 0.6 * 10
     assert len({int(c) for c in chunks}) == 6 and all(ro.mask[0, int(c)] for c in chunks)
     assert [int(c) for c in chunks] != [int(c) for c in pol.unit_chunks(ro, gen(4))]
+    # the floor, as Flow-GRPO's int(): its 0.99 of 10 steps trains 9 of them
+    pol.cfg.algorithm.timestep_fraction = 0.99
+    assert len(pol.unit_chunks(ro, gen(3))) == 9
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -183,3 +186,18 @@ def test_demo_flow_reward_goes_up(tmp_path):
     r = [json.loads(line)["reward/mean"] for line in open(tmp_path / "metrics.jsonl")]
     assert len(r) == 40
     assert sum(r[-10:]) / 10 > sum(r[:10]) / 10 + 0.1, r
+
+
+def test_sigma_schedule_is_the_sd3_pipelines():
+    """Sampling steps are the SD3 pipeline's default ones (what Flow-GRPO samples with): the model's scheduler
+    with no sigmas passed, at the configured shift; rollout.timestep_shift changes the shift of both."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift, over in ((3.0, {}), (5.0, {"rollout__timestep_shift": 5.0})):
+        pol = make(**over)
+        for n in (1, 10, 40):
+            sch = FlowMatchEulerDiscreteScheduler(shift=shift)
+            sch.set_timesteps(n)
+            torch.testing.assert_close(pol.sigma_schedule(n), sch.sigmas.float(), atol=1e-6, rtol=1e-5)
+        # the last sigma before 0 is small (0.009 at shift 3); the 1/T schedule's would be 0.25 (shift 3) or 0.36
+        assert float(pol.sigma_schedule(10)[-2]) < 0.03

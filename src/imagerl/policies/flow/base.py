@@ -10,7 +10,7 @@ per-timestep training without CFG):
   after every step, the sigmas, the per-step noise level and the guidance are stored in `replay`;
   `old_logp` is [N, T = num_steps], `mask` False on deterministic (ODE, or zero-std) steps.
   `eval_mode`: deterministic ODE with `eval_num_steps` / `eval_cfg_scale`.
-- `unit_chunks`: a random subset of round(timestep_fraction * #SDE steps) SDE steps (at least one), each
+- `unit_chunks`: a random subset of floor(timestep_fraction * #SDE steps) SDE steps (at least one), each
   its own chunk, so the trainer runs one forward (+ backward) per step with gradient accumulation.
 - `log_prob`: recomputes the transition density of the stored next latent at the selected steps with the
   rollout's own sigma, noise level and guidance. Only tensor rows of the micro-batch enter the forward,
@@ -369,11 +369,12 @@ class FlowPolicy(Policy):
 
     # ============================ training ======================================================
     def unit_chunks(self, rollout: Rollout, generator: torch.Generator) -> list[torch.Tensor]:
-        """round(timestep_fraction * #SDE steps) random SDE steps (>= 1), one chunk each; [] if none."""
+        """floor(timestep_fraction * #SDE steps) random SDE steps (>= 1), one chunk each; [] if none. (The floor is
+        Flow-GRPO's and DanceGRPO's int(): Flow-GRPO's 0.99 of 10 steps trains 9.)"""
         sde_steps = torch.nonzero(rollout.mask.any(0).cpu()).reshape(-1)
         if sde_steps.numel() == 0:
             return []
-        k = max(1, round(self.cfg.algorithm.timestep_fraction * sde_steps.numel()))
+        k = max(1, int(self.cfg.algorithm.timestep_fraction * sde_steps.numel() + 1e-9))  # (+eps: 0.6 * 10 is 5.999..)
         perm = torch.randperm(sde_steps.numel(), generator=generator, device=generator.device).cpu()[:k]
         return [sde_steps[j:j + 1] for j in perm.sort().values.tolist()]
 

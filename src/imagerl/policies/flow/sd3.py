@@ -25,6 +25,7 @@ import torch
 
 from ...config import Config
 from ...devices import resolve_dtype
+from . import sde as sde_math
 from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 
 TINY_PRESETS: dict[str, dict[str, Any]] = {
@@ -103,6 +104,11 @@ class SD3Policy(FlowPolicy):
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     default_shift = 3.0
     default_image_size = 512
+
+    def timestep_schedule_kwargs(self) -> dict[str, float]:
+        # the SD3 pipeline's default schedule (Flow-GRPO samples with it): down to the shifted 1/1000, not 1/T
+        kw = super().timestep_schedule_kwargs()
+        return {**kw, "sigma_end": sde_math.sd3_sigma_end(kw.get("shift"))}
     max_sequence_length = 256  # T5 tokens (SD3's pipeline default)
 
     def __init__(self, cfg: Config, device: torch.device):

@@ -87,19 +87,30 @@ def dynamic_shift_mu(
     return image_seq_len * m + (base_shift - m * base_seq_len)
 
 
-def sigma_schedule(num_steps: int, shift: float | None = None, mu: float | None = None) -> torch.Tensor:
+def sigma_schedule(num_steps: int, shift: float | None = None, mu: float | None = None,
+                   sigma_end: float | None = None) -> torch.Tensor:
     """[num_steps + 1] float32 sigmas from 1 down to 0 (last entry exactly 0).
 
-    Unshifted sigmas are linspace(1, 1/num_steps, num_steps) (as FLUX/Qwen-Image pipelines pass them); then
-    shifted. Departure: diffusers' SD3 default ends at a shifted 1/1000 instead of 1/num_steps; the two
-    differ only in the last step size and both end at 0.
+    Unshifted sigmas are linspace(1, sigma_end, num_steps), then shifted. sigma_end defaults to 1/num_steps, what
+    the FLUX and Qwen-Image pipelines pass; the SD3 pipeline passes no sigmas, and its scheduler interpolates down
+    to its shifted smallest training sigma instead (`sd3_sigma_end`): every sigma differs from the 1/num_steps
+    schedule, and its last step before 0 is much shorter (0.009 against 0.25 at 10 steps and shift 3).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps} must be >= 1")
-    base = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    end = 1.0 / num_steps if sigma_end is None else float(sigma_end)
+    base = torch.linspace(1.0, end, num_steps, dtype=torch.float64)
     if shift is not None or mu is not None:
         base = shift_sigmas(base, shift=shift, mu=mu)
     return torch.cat([base, base.new_zeros(1)]).float()
+
+
+def sd3_sigma_end(shift: float | None, num_train_timesteps: int = 1000) -> float:
+    """Where diffusers' FlowMatchEulerDiscreteScheduler (static shift, as configured for SD3 / SD3.5) ends its
+    interpolation when a pipeline passes no sigmas: its smallest training sigma 1/num_train_timesteps, shifted.
+    (set_timesteps then shifts the interpolated sigmas once more, which sigma_schedule does too.)"""
+    s = 1.0 / num_train_timesteps
+    return s if shift is None else float(shift) * s / (1 + (float(shift) - 1) * s)
 
 
 # ----------------------------------------------------------------------------------------------
