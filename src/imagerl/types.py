@@ -95,6 +95,7 @@ class LogProbOutput:
     mean: torch.Tensor | None = None  # [N, K, ...] flow transition means
     std: torch.Tensor | None = None  # [N, K] or broadcastable
     velocity: torch.Tensor | None = None  # [N, K, ...]
+    dt: torch.Tensor | None = None  # [N, K] flow: |sigma_next - sigma| of each transition
     logits: torch.Tensor | None = None  # [N, K, V] only when asked for (full-distribution KL)
 
 

@@ -115,6 +115,9 @@ def test_reference_context_is_the_initial_policy(family, lora):
     torch.testing.assert_close(ref.logp, ro.old_logp[:, units], atol=1e-5, rtol=0)  # = the rollout's policy
     torch.testing.assert_close(after.velocity, cur.velocity)  # leaving the context restores the policy
     assert ref.mean.shape == ref.velocity.shape and ref.std.shape[0] == len(ro)
+    sig = ro.replay["sigmas"]  # the step sizes mean_dt weights by
+    torch.testing.assert_close(ref.dt, (sig[:, units] - sig[:, units + 1]).float())
+    assert (ref.dt > 0).all()
 
 
 def test_building_bf16_policies_and_their_pipelines_prints_nothing():

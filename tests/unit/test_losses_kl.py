@@ -113,6 +113,25 @@ def test_gaussian_mean_kl_matches_torch_distributions():
     assert torch.allclose(got, want, atol=1e-6)
 
 
+def test_mean_dt_is_flow_grpo_codes_normalisation():
+    # Flow-GRPO's code: ||mu - mu_ref||^2 / (2 g^2) with g the diffusion coefficient, where the transition std is
+    # g * sqrt(dt): i.e. the exact Gaussian KL times dt
+    from imagerl.policies.flow import sde
+
+    torch.manual_seed(0)
+    x, v, v_ref = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    sig, sig_n = torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.45])
+    a, b = (sde.flow_grpo_step(x, u, sig, sig_n, 0.7, prev_sample=x) for u in (v, v_ref))
+    g2 = (0.7 ** 2) * sig / (1 - sig)
+    code = ((a.mean - b.mean) ** 2).flatten(1).mean(1) / (2 * g2)
+    cur = LogProbOutput(logp=torch.zeros(2, 1), mean=a.mean[:, None], std=a.std.reshape(2, 1), dt=(sig - sig_n)[:, None])
+    ref = LogProbOutput(logp=torch.zeros(2, 1), mean=b.mean[:, None], std=b.std.reshape(2, 1), dt=(sig - sig_n)[:, None])
+    torch.testing.assert_close(kl_per_unit("mean_dt", cur, ref)[:, 0], code, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(kl_per_unit("mean", cur, ref)[:, 0], code / (sig - sig_n), rtol=1e-5, atol=1e-7)
+    with pytest.raises(RuntimeError, match="flow policy"):
+        kl_per_unit("mean_dt", LogProbOutput(logp=torch.zeros(1, 1)), LogProbOutput(logp=torch.zeros(1, 1)))
+
+
 def test_velocity_kl():
     v, vr = torch.ones(1, 2, 3), torch.zeros(1, 2, 3)
     out = kl_per_unit("velocity", LogProbOutput(logp=torch.zeros(1, 2), velocity=v), LogProbOutput(logp=torch.zeros(1, 2), velocity=vr))

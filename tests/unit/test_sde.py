@@ -37,8 +37,8 @@ def test_flow_grpo_std_formula_and_sigma_cap():
     x, v, z = _xv(n=3)
     sig, sig_n = torch.tensor([0.8, 0.5, 1.0]), torch.tensor([0.6, 0.4, 0.9])
     st = sde.flow_grpo_step(x, v, sig, sig_n, 0.7, noise=z, sigma_cap=0.96)
-    s_for_g = torch.tensor([0.8, 0.5, 0.96])  # sigma == 1 uses the cap
-    want = 0.7 * torch.sqrt(s_for_g / (1 - s_for_g)) * torch.sqrt(sig - sig_n)
+    # sigma == 1 uses the cap in the denominator only (Flow-GRPO's code: sqrt(sigma / (1 - sigma_max)))
+    want = 0.7 * torch.sqrt(sig / (1 - torch.tensor([0.8, 0.5, 0.96]))) * torch.sqrt(sig - sig_n)
     torch.testing.assert_close(st.std, want)
     assert torch.isfinite(st.log_prob).all()
 

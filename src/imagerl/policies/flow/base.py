@@ -122,7 +122,7 @@ class FlowPolicy(Policy):
 
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     unused_settings = ("rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.cuda_graph")
-    kl_estimators = ("k1", "k2", "k3", "mean", "velocity")
+    kl_estimators = ("k1", "k2", "k3", "mean", "mean_dt", "velocity")
     #: static timestep shift of the family (SD3: 3.0), used when rollout.timestep_shift is 0
     default_shift: float = 3.0
     #: output resolution when model.image_size is 0
@@ -397,6 +397,7 @@ class FlowPolicy(Policy):
         out = LogProbOutput(logp=torch.stack(logps, 1))
         if need_kl_terms:
             out.mean, out.std, out.velocity = torch.stack(means, 1), torch.stack(stds, 1), torch.stack(vels, 1)
+            out.dt = (sig[:, units] - sig[:, units + 1]).abs().float()
         return out
 
     def sft_loss(self, batch: dict[str, Any], generator: torch.Generator | list[torch.Generator]) -> torch.Tensor:

@@ -16,8 +16,8 @@ Steps (each returns `SDEStep(prev_sample, mean, std, log_prob)`):
 - `flow_grpo_step`  Flow-GRPO (Liu et al. 2025, "Flow-GRPO: Training Flow Matching Models via Online RL"):
   the reverse-time SDE with the same marginals as the flow ODE, diffusion g = a * sqrt(sigma / (1 - sigma)),
   mean = x + (v + g^2 / (2 sigma) * (x + (1 - sigma) v)) dt, std = g * sqrt(|dt|).
-  At sigma = 1 the diffusion is infinite; like the paper's code we evaluate g at `sigma_cap` (the schedule's
-  second sigma) instead, passed in explicitly to stay stateless.
+  At sigma = 1 the diffusion is infinite; like the paper's code we put `sigma_cap` (the schedule's second
+  sigma, passed in explicitly to stay stateless) in the denominator there: g = a * sqrt(1 / (1 - sigma_cap)).
 - `dance_step`  DanceGRPO (Xue et al. 2025): the same reverse SDE with constant diffusion g = eta,
   mean = x + (v + eta^2 / (2 sigma) * eps_hat) dt, std = eta * sqrt(|dt|).
 - `cps_step`  Coefficients-Preserving Sampling (Wang & Yu 2025, "Coefficients-Preserving Sampling for
@@ -183,14 +183,14 @@ def flow_grpo_step(
 ) -> SDEStep:
     """Flow-GRPO SDE step (see module docstring). `noise_level` is the paper's a (0.7 for SD3.5-M).
 
-    `sigma_cap` replaces sigma inside sqrt(sigma / (1 - sigma)) where sigma == 1 (Flow-GRPO uses the
-    schedule's second sigma); without it sigma is clamped to 1 - 1e-3 there."""
+    `sigma_cap` replaces sigma in the denominator of sqrt(sigma / (1 - sigma)) where sigma == 1 (Flow-GRPO's
+    code: the schedule's second sigma; the numerator stays 1); without it 1 - 1e-3 is used there."""
     x32, v32 = x.float(), v.float()
     sig, sig_n = _bc(sigma, x32), _bc(sigma_next, x32)
     dt = sig_n - sig
     cap = _bc(sigma_cap, x32) if sigma_cap is not None else torch.full_like(sig, 1 - 1e-3)
     sig_for_g = torch.where(sig >= 1, cap, sig)
-    g = _bc(noise_level, x32) * torch.sqrt(sig_for_g / (1 - sig_for_g))
+    g = _bc(noise_level, x32) * torch.sqrt(sig / (1 - sig_for_g))
     mean = _reverse_sde(x32, v32, sig, dt, g)
     std_b = g * torch.sqrt(-dt)
     return _finish(x32, mean, std_b, noise, prev_sample)
