@@ -168,6 +168,7 @@ def viescore_judge(req: Request) -> ChatResult:
         assert len(req.images) == 2 and req.brightness(0) == pytest.approx(0.9, abs=2 / 255)  # source first
         return ChatResult(SC_EDIT[out_level])
     if "naturalness" in req.text:
+        assert "{{" not in req.text and "}}" not in req.text  # the judge sees single braces, as in its JSON example
         return ChatResult(PQ[out_level])
     if "follows the prompt" in req.text:
         return ChatResult('{"score": [6], "reasoning": "mostly"}')

@@ -271,7 +271,8 @@ class VIEScoreJudge(JudgeReward):
             return None if res is None else self._parsed(call, parsers.parse_score_list(res.text, expected_len=n_sc))
 
         async def pq(i: int) -> list[float] | None:
-            res = await self._ask(call, self.pq_template, [uris[i]])
+            # (a template with no placeholders still goes through format(): its literal braces are written {{ }})
+            res = await self._ask(call, self.pq_template.format(), [uris[i]])
             return None if res is None else self._parsed(call, parsers.parse_score_list(res.text, expected_len=2))
 
         async def one(i: int) -> float:
