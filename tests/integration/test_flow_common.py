@@ -138,3 +138,19 @@ def test_building_bf16_policies_and_their_pipelines_prints_nothing():
                        cwd=Path(__file__).parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stderr == "", p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_transformers_get_the_pipelines_timesteps(family):
+    """The timestep a bf16 transformer is conditioned on is its pipeline's: fp32 t = 1000 sigma for SD3, t rounded
+    to the latents' dtype then / 1000 for FLUX and Qwen-Image (the transformer multiplies by 1000 again)."""
+    pol = make(family, model__dtype="bf16")
+    seen = []
+    pol.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"]), with_kwargs=True)
+    sigma = torch.tensor([0.92308, 0.81818])
+    with torch.no_grad():
+        pol.transformer_forward(torch.randn(2, *pol.latent_shape()), sigma, pol.encode_prompts(SAME_LENGTH))
+    if family == "sd3":
+        assert seen[0].dtype == torch.float32 and torch.equal(seen[0], sigma * 1000)
+    else:
+        assert torch.equal(seen[0], (sigma * 1000).to(torch.bfloat16) / 1000)

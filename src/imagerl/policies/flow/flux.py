@@ -279,7 +279,7 @@ def flux_velocity(
         hidden_states=x_BLD,
         encoder_hidden_states=t5_BTD,
         pooled_projections=pooled_BP,
-        timestep=sigma_B.to(x_BLD.dtype),
+        timestep=(sigma_B * 1000).to(x_BLD.dtype) / 1000,  # the pipeline's rounding: t = 1000 sigma in the latents' dtype
         img_ids=img_ids,
         txt_ids=txt_ids,
         guidance=guidance_B,

@@ -259,7 +259,7 @@ def qwen_image_velocity(
         hidden_states=x_BLD,
         encoder_hidden_states=embeds_BTD,
         encoder_hidden_states_mask=mask_BT,
-        timestep=sigma_B.to(x_BLD.dtype),
+        timestep=(sigma_B * 1000).to(x_BLD.dtype) / 1000,  # the pipeline's rounding: t = 1000 sigma in the latents' dtype
         img_shapes=[[(1, h // 2, w // 2)]] * x_BLD.shape[0],
         return_dict=False,
     )[0]

@@ -168,10 +168,11 @@ class SD3Policy(FlowPolicy):
         return {"prompt_embeds": embeds, "pooled": pooled}  # [B, 77 + L_t5, D], [B, 2 * clip_proj]
 
     def transformer_forward(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the timestep stays fp32, as the SD3 pipeline passes it (in bf16 923.08 would become 924)
         dt = self.weight_dtype
         return self.transformer(
             hidden_states=latents.to(dt), encoder_hidden_states=cond["prompt_embeds"].to(dt),
-            pooled_projections=cond["pooled"].to(dt), timestep=(sigma * 1000).to(dt), return_dict=False,
+            pooled_projections=cond["pooled"].to(dt), timestep=(sigma * 1000).float(), return_dict=False,
         )[0]
 
     @torch.no_grad()
