@@ -67,6 +67,24 @@ def test_weighted_total_rescales_voting_weights():
     assert math.isnan(t[2].item())
 
 
+def test_partial_abstain_counts_as_the_group_mean_of_that_reward():
+    # weights [+1 quality, -1 penalty]; the penalty judge abstains on the middle sample: it counts as the group's
+    # mean penalty (0.2), so totals [0.4, 0.6, 0.8] and the middle sample sits at the group mean (advantage 0).
+    # (Dropping the penalty and rescaling would give it 0.8 * 2 = 1.6, the top advantage: a bonus for the abstain.)
+    r = [[0.8, 0.4], [0.8, NAN], [0.8, 0.0], [0.1, NAN], [0.3, NAN]]
+    out = adv("group_zscore", r, [0, 0, 0, 1, 1], weights=[1.0, -1.0])
+    z = 0.2 / math.sqrt(2 * 0.2**2 / 3)
+    assert torch.allclose(out.adv[:3], torch.tensor([-z, 0.0, z]), atol=1e-3)
+    assert out.total[:3].tolist() == pytest.approx([0.4, 0.6, 0.8])
+    # group 1 has no penalty score at all: the batch mean (0.2) for both, so only the quality differs
+    assert out.total[3:].tolist() == pytest.approx([-0.1, 0.1]) and out.valid.all()
+    # GDPO: the imputed entry's z-score within its group is 0
+    g = adv("gdpo", [[1, 0], [3, NAN], [2, 1]], [0, 0, 0], weights=[1.0, 1.0])
+    # z in the group: quality [1, 3, 2] -> [-1, 1, 0] / sqrt(2/3); penalty [0, 0.5 (imputed), 1] -> [-1, 0, 1] / sqrt(2/3)
+    comb = (torch.tensor([-1.0, 1.0, 0.0]) + torch.tensor([-1.0, 0.0, 1.0])) / math.sqrt(2 / 3)
+    assert torch.allclose(g.adv, (comb - comb.mean()) / comb.std(unbiased=False), atol=1e-3)
+
+
 def test_gdpo_table():
     # two rewards, two groups of two. Each reward z-scored in its group, then weighted sum, then batch z-score.
     r = [[1, 0], [3, 0], [0, 5], [2, 1]]

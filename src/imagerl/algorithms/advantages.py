@@ -11,8 +11,13 @@ on the *global* batch (all ranks gathered), so multi-process training equals sin
   normalised rewards are combined with their weights, the sum is z-scored over the batch, then clipped.
 
 Std is the population std (ddof=0), as numpy/Flow-GRPO compute it: a group {0, 1} gives advantages {-1, +1}.
-NaN rewards (abstains) are excluded from group statistics; a sample whose reward is NaN gets advantage 0 and
-`valid=False` so the loss skips it. Groups whose members all abstain contribute nothing.
+Abstains (NaN scores). A sample on which *every* reward abstained gets advantage 0 and `valid=False` (the loss
+skips it) and is left out of group statistics; groups whose members all abstain contribute nothing. Where only some
+rewards abstained on a sample, each of those counts as its group's mean of that reward (`impute_group_means`; the
+batch mean if the whole group abstained on it): the sample is neither raised nor lowered against its group by a
+reward that said nothing about it. (Dropping the reward and rescaling the others' weights instead would turn an
+abstaining *penalty*, a negative weight, into a bonus: with weights [+1, -1] the rows [.8, .4], [.8, NaN], [.8, 0]
+would total [0.4, 1.6, 0.8], rewarding the sample the penalty judge failed on.)
 """
 
 from __future__ import annotations
@@ -40,6 +45,24 @@ def weighted_total(rewards_NR: torch.Tensor, weights_NR: torch.Tensor) -> torch.
     voted = w.abs().sum(1)
     scale = weights_NR.abs().sum(1) / voted.clamp_min(1e-12)
     return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
+
+
+def impute_group_means(rewards_NR: torch.Tensor, group_ids_N: torch.Tensor) -> torch.Tensor:
+    """NaN entries of samples on which some other reward scored -> that reward's mean over the sample's group (over
+    the batch if the whole group abstained on it; 0 if the whole batch did). Rows with no score stay all-NaN."""
+    out = rewards_NR.clone()
+    missing = torch.isnan(rewards_NR)
+    if not missing.any():
+        return out
+    for j in range(rewards_NR.shape[1]):
+        col, nan = rewards_NR[:, j], missing[:, j]
+        if not nan.any():
+            continue
+        mean, _, cnt = group_stats(col, group_ids_N)
+        batch_mean = col[~nan].double().mean().to(col.dtype) if (~nan).any() else col.new_zeros(())
+        out[:, j] = torch.where(nan, torch.where(cnt > 0, mean, batch_mean), col)
+    out[missing.all(1)] = math.nan
+    return out
 
 
 def group_stats(x_N: torch.Tensor, group_ids_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,14 +94,14 @@ def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOut
 
 @ADVANTAGES.register("group_zscore")
 def group_zscore(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(rewards_NR, weights_NR)
+    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
     mean, std, _ = group_stats(r, group_ids_N)
     return _finish(_safe_div(r - mean, std + eps), r, clip)
 
 
 @ADVANTAGES.register("global_std")
 def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(rewards_NR, weights_NR)
+    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
     mean, _, _ = group_stats(r, group_ids_N)
     ok = ~torch.isnan(r)
     std = r[ok].double().std(unbiased=False).to(r.dtype) if ok.any() else torch.tensor(0.0)
@@ -87,21 +110,20 @@ def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: flo
 
 @ADVANTAGES.register("mean_only")
 def mean_only(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(rewards_NR, weights_NR)
+    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
     mean, _, _ = group_stats(r, group_ids_N)
     return _finish(r - mean, r, clip)
 
 
 @ADVANTAGES.register("gdpo")
 def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
+    rewards_NR = impute_group_means(rewards_NR, group_ids_N)  # (an imputed entry's group z-score is 0)
     cols = []
     for j in range(rewards_NR.shape[1]):
         x = rewards_NR[:, j]
         mean, std, _ = group_stats(x, group_ids_N)
         cols.append(_safe_div(x - mean, std + eps))
     z_NR = torch.stack(cols, 1) if cols else rewards_NR
-    # An abstaining reward drops out of the weighted sum for that sample (weights of the rewards that voted
-    # are rescaled), exactly like the scalar total used by the single-reward estimators.
     combined = weighted_total(z_NR, weights_NR)
     ok = ~torch.isnan(combined)
     if ok.sum() > 1:
