@@ -120,6 +120,26 @@ def test_remote_scores_equal_in_process_and_abstain_is_nan(server, rewards):
         remote.close()
 
 
+def test_remote_chunks_never_split_a_group(server, rewards):
+    # groups of 3 in requests of at most 4: [0, 3), [3, 6), [6, 9), so the group-relative reward sees whole groups
+    # and equals the in-process one (chunks cut every 4 samples would centre groups 1 and 2 on partial groups)
+    from imagerl.rewards.remote import group_chunks
+
+    assert group_chunks(torch.arange(9) // 3, 9, 4) == [(0, 3), (3, 6), (6, 9)]
+    assert group_chunks(torch.tensor([0, 0, 1, 1, 1, 1, 1, 2]), 8, 4) == [(0, 2), (2, 7), (7, 8)]  # 5 > 4: alone
+    assert group_chunks(None, 9, 4) == [(0, 4), (4, 8), (8, 9)]
+    _, url = server
+    inp = color_batch(9, seed=2)
+    inp.group_ids = torch.arange(9) // 3
+    remote = RemoteReward(name="remote", url=url, rewards=["group_brightness"], batch_size=4)
+    try:
+        out = remote(inp)
+        assert remote.stats()["requests"] == 3
+    finally:
+        remote.close()
+    torch.testing.assert_close(out.scores, rewards["group_brightness"](inp).scores, atol=1e-5, rtol=0)
+
+
 def test_several_names_combine_nan_aware_and_report_components(server, rewards):
     _, url = server
     inp = color_batch(6, seed=1)

@@ -1,6 +1,8 @@
 """`remote`: a training-side reward that asks our reward server (`imagerl serve-reward`) for scores.
 
-The batch is encoded as base64 PNG, split into `batch_size` chunks that are posted concurrently to
+The batch is encoded as base64 PNG, split into chunks of at most `batch_size` samples that never cut a group
+(group-relative rewards on the server, such as pairwise win rates, need whole groups; a group larger than
+`batch_size` goes in one request of its own), posted concurrently to
 ``/v1/score`` (spread over one or several server URLs, with the retries and fail-over of
 `http_client.HTTPPool`), and the scores come back per sample. `is_remote` is True and `score_async`
 is native, so the training loop can overlap scoring with the next rollout.
@@ -33,6 +35,26 @@ from .http_client import BackgroundLoop, HTTPPool, normalize_base_urls, read_api
 from .judges.backend import JudgeError
 
 
+
+def group_chunks(group_ids: torch.Tensor | None, n: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of at most `size` samples that never split a run of equal group ids (runs are packed
+    greedily; a run longer than `size` is a range of its own). Without group ids: plain chunks of `size`."""
+    if group_ids is None:
+        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    g = group_ids.reshape(-1).tolist()
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or g[i] != g[i - 1]:
+            runs.append((start, i))
+            start = i
+    out: list[tuple[int, int]] = []
+    for lo, hi in runs:
+        if out and hi - out[-1][0] <= size:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
 class RewardServerDownError(RewardError):
     """No reward server answered the start-up health check."""
 
@@ -46,7 +68,8 @@ class RemoteReward(Reward):
       weights: {name: weight} to combine several names into this reward's score (default 1 each).
       api_key_env: NAME of the env var holding the server's key ("" = no auth).
       timeout: seconds per request attempt; retries: retries per chunk on transient failures.
-      max_concurrency: chunks in flight at once; batch_size: samples per request.
+      max_concurrency: chunks in flight at once; batch_size: samples per request (whole groups; one larger group
+        is sent alone).
       health_check: check /health (and that the names are served) before the first batch.
     """
 
@@ -140,8 +163,7 @@ class RemoteReward(Reward):
         if inp.images.dim() != 4 or inp.images.shape[0] != len(inp) or inp.images.shape[1] != 3:
             raise ValueError(f"remote reward '{self.name}': images must be [N, 3, H, W] with N={len(inp)}, got {tuple(inp.images.shape)}")
         out = []
-        for lo in range(0, len(inp), self.batch_size):
-            hi = min(lo + self.batch_size, len(inp))
+        for lo, hi in group_chunks(inp.group_ids, len(inp), self.batch_size):
             body: dict[str, Any] = {
                 "images": [encode_png(inp.images[i]) for i in range(lo, hi)],
                 "prompts": list(inp.prompts[lo:hi]),
