@@ -135,6 +135,7 @@ class AlgorithmConfig:
     kl_coef: float = 0.0  # weight of the KL penalty to the reference policy (0 = off, no reference forward)
     kl_estimator: str = "k3"  # k1 | k2 | k3 (per token / per transition); flow also: mean | mean_dt | velocity
     inner_epochs: int = 1  # passes over each step's rollout (each a full gradient step; ratio 1 only in the first)
+    mini_batches: int = 1  # optimizer steps per inner epoch, each on 1/mini_batches of the step's groups (PPO mini-batches)
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
     timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration (random, floor, >= 1)
     sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
@@ -503,7 +504,7 @@ def validate(cfg: Config) -> None:
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}")
 
-    for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs",
+    for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs", "algorithm.mini_batches",
               "algorithm.micro_batch_size", "rollout.num_steps", "logging.samples_per_grid", "algorithm.sft_batch_size"):
         positive(k)
     for k in ("checkpoint.every", "checkpoint.keep_last", "logging.sample_every", "optim.warmup_steps",

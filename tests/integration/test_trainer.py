@@ -406,6 +406,23 @@ def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_
     assert abs(m["eval/e2/reward/mean"] - m["eval/e2/reward/color_position/mean"]) > 1e-3
 
 
+def test_mini_batches_take_several_optimizer_steps_per_rollout(tmp_path):
+    # 4 prompts in 2 updates of 2 groups each: the first update's ratios are 1, the second's are not (the policy
+    # moved), so the tiny clip range clips there; the LR schedule counts 2 optimizer steps per training step
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "data.prompts_per_step=4", "algorithm.mini_batches=2",
+                            "algorithm.inner_epochs=1",
+                            "algorithm.clip_eps_low=1e-4", "algorithm.clip_eps_high=1e-4", "optim.lr=1e-2",
+                            "optim.warmup_steps=0", "checkpoint.every=0"))
+    t.train()
+    assert t.scheduler.last_epoch == 4
+    t.close()
+    m = metrics(tmp_path)
+    assert all(r["ratio/first_epoch_max_dev"] < 1e-5 for r in m)
+    assert all(r["ratio/max"] - r["ratio/min"] > 1e-4 and r["clip_frac"] > 0 for r in m)
+    with pytest.raises(TrainingError, match=r"^algorithm.mini_batches=3 must divide the prompts of each process"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "b", "data.prompts_per_step=4", "algorithm.mini_batches=3"))
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2",
@@ -454,6 +471,9 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
                   "dist.deepspeed_extra.zero_force_ds_cpu_optimizer=false"]
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
+    if (family, strategy, variant) == ("janus", "ddp", ""):  # two optimizer steps per rollout, each on whole groups
+        extra += ["data.prompts_per_step=4", "algorithm.mini_batches=2", "algorithm.clip_eps_low=1e-3",
+                  "algorithm.clip_eps_high=1e-3"]
     if variant == "ema":  # each rank averages its shards; the step-2 evaluation runs on the average
         # 3 eval prompts in rounds of 2 split over the ranks: the padding and the reduction are checked too
         extra += ["optim.ema_decay=0.9", "train.eval_every=2", "train.eval_prompts=3"]

@@ -73,7 +73,7 @@ def lr_lambda(cfg: Config):
     itself is over *training* steps, the unit of train.steps and optim.warmup_steps: every inner epoch of a step
     uses that step's rate, so a cosine or linear decay ends at train.steps whatever algorithm.inner_epochs is."""
     warm, total, kind, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio
-    per_step = max(1, cfg.algorithm.inner_epochs)
+    per_step = max(1, cfg.algorithm.inner_epochs) * max(1, cfg.algorithm.mini_batches)  # optimizer steps per step
 
     def f(i: int) -> float:
         i //= per_step  # training steps done before this optimizer step (0 = the first step)
@@ -133,6 +133,11 @@ class GRPOTrainer:
         if training and cfg.data.prompts_per_step % self.dist.world:  # (every rank raises: none waits on the others)
             raise TrainingError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
                                 f"processes ({self.dist.world}): each takes an equal share of the prompts")
+        per_rank = cfg.data.prompts_per_step // self.dist.world
+        if training and per_rank % cfg.algorithm.mini_batches:
+            raise TrainingError(f"algorithm.mini_batches={cfg.algorithm.mini_batches} must divide the prompts of each process "
+                                f"(data.prompts_per_step / processes = {per_rank}): every update takes whole groups, an "
+                                "equal share from each process")
         if training and cfg.algorithm.sft_weight > 0 and cfg.algorithm.sft_batch_size % self.dist.world:
             raise TrainingError(f"algorithm.sft_batch_size={cfg.algorithm.sft_batch_size} must be divisible by the number "
                                 f"of processes ({self.dist.world}): each takes an equal share of the SFT pairs")
@@ -459,103 +464,114 @@ class GRPOTrainer:
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "loss/policy", "loss/kl", "loss/sft", "kl", "clip_frac", "ratio/mean", "ratio/max", "ratio/min", "grad_norm")}
         first_dev = 0.0
         self.policy.eval()  # no dropout: the recomputed distribution must be the sampling distribution
+        # algorithm.mini_batches optimizer steps per epoch: update j trains the groups whose (global) id is j modulo
+        # the count, shifted by the epoch; that depends on the group only, so K processes form the same updates as
+        # one (each holds an equal share of every update: the divisibility is checked at start)
+        n_upd = max(1, a.mini_batches)
+        update_of = (ro.group_ids.cpu().long() % n_upd) if n_upd > 1 else torch.zeros(n, dtype=torch.long)
         for epoch in range(a.inner_epochs):
-            order = torch.randperm(n, generator=gen) if a.inner_epochs > 1 else torch.arange(n)
-            # Plan every (micro-batch, unit chunk) first so loss weights use the counts of the whole global batch.
-            plan = []
-            sel = torch.zeros_like(ro.mask)
-            # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that
-            # depends on (seed, step, epoch) only, identically for every micro-batch and every rank, so the
-            # update does not depend on micro-batch size or process count.
-            units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
-            for lo in range(0, n, mb):
-                idx = order[lo: lo + mb]
-                sub = ro.select(idx)
-                chunks = self.policy.unit_chunks(sub, torch.Generator().manual_seed(units_seed))
-                for units in chunks:
-                    sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
-                plan.append((idx, sub, chunks))
-            eff = sel & ro.mask
-            valid = adv.valid.to(eff.device)
-            tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
-            tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
-            w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
-            grpo_scale = 1.0 - a.sft_weight
-            if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
-                self.optimizer.zero_grad(set_to_none=True)
-            acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0, "sft": 0.0}
-            rmax, rmin = -math.inf, math.inf
-            adv_dev = adv.adv.to(eff.device)
-            for idx, sub, chunks in plan:
-                idx_d = idx.to(eff.device)
-                adv_n = adv_dev[idx_d]
-                for units in chunks:
-                    w = w_NT[idx_d][:, units.to(eff.device)]
-                    if float(w.sum()) == 0.0 and not self.lockstep:
-                        continue
-                    with self.autocast():
-                        cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
-                    terms = clipped_surrogate(cur.logp, sub.old_logp[:, units], adv_n, a.clip_eps_low, a.clip_eps_high, a.dual_clip)
-                    loss_pg = (terms.loss * w).sum()
-                    loss = loss_pg
-                    if need_kl:
-                        with torch.no_grad(), self.policy.reference(), self.autocast():
-                            ref = self.policy.log_prob(sub, units, need_kl_terms=True)
-                        kl_u = kl_per_unit(a.kl_estimator, cur, ref)
-                        loss_kl = a.kl_coef * (kl_u * w).sum()
-                        loss = loss + loss_kl
-                        acc["kl"] += float(loss_kl.detach())
-                        acc["kl_raw"] += float((kl_u.detach() * w).sum())
-                    self._backward(loss * grpo_scale)
-                    m = w > 0
-                    r = terms.ratio.detach()[m]
-                    acc["pg"] += float(loss_pg.detach())
-                    acc["clip"] += float(terms.clipped[m].float().sum())
-                    acc["rsum"] += float(r.sum())
-                    acc["cnt"] += float(m.sum())
-                    rmax, rmin = max(rmax, float(r.max())), min(rmin, float(r.min()))
-                    if epoch == 0:
-                        first_dev = max(first_dev, float((r - 1).abs().max()))
-            if a.sft_weight > 0:  # this rank's share of the mean over the step's pairs (summed over ranks below)
-                acc["sft"] = self._sft_step(step, epoch)
-            if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
-                gn = torch.tensor(self.zero.step())
-            else:
-                if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
-                    dist.sum_gradients(self.params, self.dist)
-                gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-                if hasattr(gn, "full_tensor"):
-                    gn = gn.full_tensor()
-            if not torch.isfinite(gn):  # (DeepSpeed has skipped its update in that case; the others never ran it)
-                raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
-            if self.zero is None:
-                self.optimizer.step()
-            self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update(self.scheduler.last_epoch)  # (= optimizer steps so far, restored on resume)
-            # Logged numbers describe the global batch, so K processes log what one process would.
-            keys = sorted(acc)
-            tot = dist.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64), self.dist)
-            acc = dict(zip(keys, tot.tolist()))
-            ext = dist.all_reduce_max(torch.tensor([rmax, -rmin, first_dev], dtype=torch.float64), self.dist).tolist()
-            rmax, rmin, first_dev = ext[0], -ext[1], ext[2]
-            cnt = max(acc["cnt"], 1.0)
-            stats["loss/policy"].append(acc["pg"])
-            stats["loss/kl"].append(acc["kl"])
-            stats["loss/sft"].append(acc["sft"])
-            stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * acc["sft"])
-            stats["kl"].append(acc["kl_raw"])
-            stats["clip_frac"].append(acc["clip"] / cnt)
-            stats["ratio/mean"].append(acc["rsum"] / cnt)
-            stats["ratio/max"].append(rmax if rmax > -math.inf else 1.0)
-            stats["ratio/min"].append(rmin if rmin < math.inf else 1.0)
-            stats["grad_norm"].append(float(gn))
+            epoch_order = torch.randperm(n, generator=gen) if a.inner_epochs > 1 else torch.arange(n)
+            for j in range(n_upd):
+                order = epoch_order[((update_of[epoch_order] + epoch) % n_upd) == j]
+                first_update = epoch == 0 and j == 0  # the only update whose ratios are exactly 1
+                in_update = torch.zeros(n, dtype=torch.bool)
+                in_update[order] = True
+                # Plan every (micro-batch, unit chunk) first so loss weights use the counts of the update's whole
+                # global batch.
+                plan = []
+                sel = torch.zeros_like(ro.mask)
+                # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that
+                # depends on (seed, step, epoch) only, identically for every micro-batch and every rank, so the
+                # update does not depend on micro-batch size or process count.
+                units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
+                for lo in range(0, len(order), mb):
+                    idx = order[lo: lo + mb]
+                    sub = ro.select(idx)
+                    chunks = self.policy.unit_chunks(sub, torch.Generator().manual_seed(units_seed))
+                    for units in chunks:
+                        sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
+                    plan.append((idx, sub, chunks))
+                eff = sel & ro.mask
+                valid = adv.valid.to(eff.device) & in_update.to(eff.device)
+                tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
+                tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
+                w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
+                grpo_scale = 1.0 - a.sft_weight
+                if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
+                    self.optimizer.zero_grad(set_to_none=True)
+                acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0, "sft": 0.0}
+                rmax, rmin = -math.inf, math.inf
+                adv_dev = adv.adv.to(eff.device)
+                for idx, sub, chunks in plan:
+                    idx_d = idx.to(eff.device)
+                    adv_n = adv_dev[idx_d]
+                    for units in chunks:
+                        w = w_NT[idx_d][:, units.to(eff.device)]
+                        if float(w.sum()) == 0.0 and not self.lockstep:
+                            continue
+                        with self.autocast():
+                            cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
+                        terms = clipped_surrogate(cur.logp, sub.old_logp[:, units], adv_n, a.clip_eps_low, a.clip_eps_high, a.dual_clip)
+                        loss_pg = (terms.loss * w).sum()
+                        loss = loss_pg
+                        if need_kl:
+                            with torch.no_grad(), self.policy.reference(), self.autocast():
+                                ref = self.policy.log_prob(sub, units, need_kl_terms=True)
+                            kl_u = kl_per_unit(a.kl_estimator, cur, ref)
+                            loss_kl = a.kl_coef * (kl_u * w).sum()
+                            loss = loss + loss_kl
+                            acc["kl"] += float(loss_kl.detach())
+                            acc["kl_raw"] += float((kl_u.detach() * w).sum())
+                        self._backward(loss * grpo_scale)
+                        m = w > 0
+                        r = terms.ratio.detach()[m]
+                        acc["pg"] += float(loss_pg.detach())
+                        acc["clip"] += float(terms.clipped[m].float().sum())
+                        acc["rsum"] += float(r.sum())
+                        acc["cnt"] += float(m.sum())
+                        rmax, rmin = max(rmax, float(r.max())), min(rmin, float(r.min()))
+                        if first_update:
+                            first_dev = max(first_dev, float((r - 1).abs().max()))
+                if a.sft_weight > 0:  # this rank's share of the mean over the step's pairs (summed over ranks below)
+                    acc["sft"] = self._sft_step(step, epoch, j)
+                if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
+                    gn = torch.tensor(self.zero.step())
+                else:
+                    if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
+                        dist.sum_gradients(self.params, self.dist)
+                    gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                    if hasattr(gn, "full_tensor"):
+                        gn = gn.full_tensor()
+                if not torch.isfinite(gn):  # (DeepSpeed has skipped its update in that case; the others never ran it)
+                    raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
+                if self.zero is None:
+                    self.optimizer.step()
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.scheduler.last_epoch)  # (= optimizer steps so far, restored on resume)
+                # Logged numbers describe the global batch, so K processes log what one process would.
+                keys = sorted(acc)
+                tot = dist.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64), self.dist)
+                acc = dict(zip(keys, tot.tolist()))
+                ext = dist.all_reduce_max(torch.tensor([rmax, -rmin, first_dev], dtype=torch.float64), self.dist).tolist()
+                rmax, rmin, first_dev = ext[0], -ext[1], ext[2]
+                cnt = max(acc["cnt"], 1.0)
+                stats["loss/policy"].append(acc["pg"])
+                stats["loss/kl"].append(acc["kl"])
+                stats["loss/sft"].append(acc["sft"])
+                stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * acc["sft"])
+                stats["kl"].append(acc["kl_raw"])
+                stats["clip_frac"].append(acc["clip"] / cnt)
+                stats["ratio/mean"].append(acc["rsum"] / cnt)
+                stats["ratio/max"].append(rmax if rmax > -math.inf else 1.0)
+                stats["ratio/min"].append(rmin if rmin < math.inf else 1.0)
+                stats["grad_norm"].append(float(gn))
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        out["ratio/max"], out["ratio/min"] = max(stats["ratio/max"]), min(stats["ratio/min"])  # over all epochs
+        out["ratio/max"], out["ratio/min"] = max(stats["ratio/max"]), min(stats["ratio/min"])  # over all updates
         out["ratio/first_epoch_max_dev"] = first_dev
         return out
 
-    def _sft_step(self, step: int, epoch: int) -> float:
+    def _sft_step(self, step: int, epoch: int, update: int = 0) -> float:
         """Backward of sft_weight x the SFT loss's share of this rank -> that share (the ranks' shares sum to the
         mean over the step's algorithm.sft_batch_size pairs). The pairs are drawn the same on every rank and split
         in equal slices, and each pair's noise comes from its own stream, so K processes train on the same pairs
@@ -565,7 +581,7 @@ class GRPOTrainer:
         a, seed, world = self.cfg.algorithm, self.cfg.run.seed, self.dist.world
         per = a.sft_batch_size // world  # (divisibility checked at start)
         mine = range(self.dist.rank * per, (self.dist.rank + 1) * per)
-        key = step * 97 + epoch
+        key = step * 97 + epoch + 1_000_003 * update
         batch = sft_batch(self.cfg.data.sft_datasets, a.sft_batch_size, seeded_generator(seed, key, 0, SFT),
                           size=int(getattr(self.policy, "image_size", 64)), keep=mine)
         with self.autocast():
