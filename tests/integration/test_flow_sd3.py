@@ -201,3 +201,18 @@ def test_sigma_schedule_is_the_sd3_pipelines():
             torch.testing.assert_close(pol.sigma_schedule(n), sch.sigmas.float(), atol=1e-6, rtol=1e-5)
         # the last sigma before 0 is small (0.009 at shift 3); the 1/T schedule's would be 0.25 (shift 3) or 0.36
         assert float(pol.sigma_schedule(10)[-2]) < 0.03
+
+
+def test_sq_dist_log_prob_is_flow_grpo_cps_convention_and_keeps_ratio_one():
+    # algorithm.log_prob=sq_dist: -||x_next - mean||^2 (latent mean), the same in rollout and training
+    pol = make(rollout__sde="cps", rollout__num_steps=4, algorithm__log_prob="sq_dist")
+    ro = pol.rollout(batch(), 2, gen())
+    units = ro.mask[0].nonzero().reshape(-1)
+    with torch.no_grad():
+        out = pol.log_prob(ro.select(torch.tensor([3, 1])), units, need_kl_terms=True)
+    old = ro.old_logp[[3, 1]][:, units]
+    assert (torch.exp(out.logp - old) - 1).abs().max() < 1e-5
+    lat = ro.replay["latents"][[3, 1]]
+    want = -((lat[:, units + 1] - out.mean) ** 2).flatten(2).mean(-1)
+    torch.testing.assert_close(out.logp, want, atol=1e-6, rtol=1e-5)
+    assert (old < 0).all() and (old > -1).all()  # the squared distance of a sigma' sin(eta pi / 2)-wide step

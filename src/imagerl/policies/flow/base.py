@@ -342,7 +342,7 @@ class FlowPolicy(Policy):
                 v = self.predict_velocity(xr, sig, {k: c[rows] for k, c in cond_N.items()}, guidance)
                 st = fn(xr, v, s, s_n, lvl, noise=None if noise is None else noise[rows], sigma_cap=sigma_cap)
                 lat[rows, i + 1] = st.prev_sample
-                logp_NT[rows, i] = st.log_prob
+                logp_NT[rows, i] = self._unit_logp(st)
         images = torch.cat([self.decode(lat[a:a + mb, -1]) for a in range(0, N, mb)], 0).float().clamp(0, 1)
 
         def rep(x: Any) -> list[Any]:
@@ -378,6 +378,17 @@ class FlowPolicy(Policy):
         perm = torch.randperm(sde_steps.numel(), generator=generator, device=generator.device).cpu()[:k]
         return [sde_steps[j:j + 1] for j in perm.sort().values.tolist()]
 
+    def _unit_logp(self, st: sde_math.SDEStep) -> torch.Tensor:
+        """The per-step log-probability the ratio is built from ([N]): the transition's Gaussian log-density
+        (algorithm.log_prob=gaussian), or -||x_next - mean||^2 averaged over the latent (sq_dist: what Flow-GRPO's
+        code uses for CPS steps; no 1 / (2 std^2) factor, so at small stds the ratio moves far less per update
+        and a clip range tuned with it clips less). Rollout and training use the same one, so ratio 1 holds."""
+        if self.cfg.algorithm.log_prob != "sq_dist":
+            return st.log_prob
+        n = st.prev_sample.shape[0]
+        sq = -((st.prev_sample.float() - st.mean.float()) ** 2).reshape(n, -1).mean(1)
+        return torch.where(st.std.reshape(n) > 0, sq, torch.zeros_like(sq))
+
     def log_prob(self, rollout: Rollout, units: torch.Tensor, need_kl_terms: bool = False) -> LogProbOutput:
         rp = rollout.replay
         lat, sig, lvl, guid = rp["latents"], rp["sigmas"], rp["noise_level"], rp["guidance"]
@@ -389,7 +400,7 @@ class FlowPolicy(Policy):
             x, x_next = lat[:, k], lat[:, k + 1]
             v = self.predict_velocity(x, sig[:, k], rp["cond"], guidance)
             st = step_fn(x, v, sig[:, k], sig[:, k + 1], lvl[:, k], prev_sample=x_next, sigma_cap=cap)
-            logps.append(st.log_prob)
+            logps.append(self._unit_logp(st))
             if need_kl_terms:
                 means.append(st.mean)
                 stds.append(st.std)
