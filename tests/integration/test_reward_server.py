@@ -152,8 +152,13 @@ def test_several_names_combine_nan_aware_and_report_components(server, rewards):
     torch.testing.assert_close(out.details["brightness"], br, atol=1e-6, rtol=0)
     both = ~torch.isnan(cp)
     torch.testing.assert_close(out.scores[both], cp[both] + 2 * br[both], atol=1e-5, rtol=0)
-    # where color_position abstains, brightness alone is rescaled to the full weight (3), never a 0 stand-in
-    torch.testing.assert_close(out.scores[~both], 3 * br[~both], atol=1e-5, rtol=0)
+    # where color_position abstains, it counts as its group's mean (the batch's when the whole group abstained),
+    # never a 0 stand-in: the same rule as the top-level rewards
+    from imagerl.algorithms.advantages import impute_group_means
+
+    filled = impute_group_means(torch.stack([cp, br], 1), inp.group_ids)[:, 0]
+    assert (~both).any() and torch.isfinite(filled).all()
+    torch.testing.assert_close(out.scores[~both], filled[~both] + 2 * br[~both], atol=1e-5, rtol=0)
 
 
 def test_concurrent_clients_are_coalesced_without_mixing_groups(server, rewards):

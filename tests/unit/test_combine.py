@@ -70,8 +70,14 @@ def batch(rows: list[dict], groups: list[int] | None = None) -> RewardInput:
 def test_weighted_sum_table():
     s = torch.tensor([[1.0, 2.0], [NAN, 2.0], [NAN, NAN], [4.0, NAN]])
     w = torch.tensor([1.0, 3.0])
-    # skip: row1 = 3*2 rescaled by |w| total 4 / voted 3 = 8 ; row3 = 1*4 * 4/1 = 16
-    assert close(weighted_sum_scores(s, w, "skip"), [7.0, 8.0, NAN, 16.0])
+    # skip, no groups (one group): an abstaining child counts as its mean over the batch (child 0: 2.5, child 1: 2):
+    # row1 = 2.5 + 3*2 = 8.5, row3 = 4 + 3*2 = 10; row2 scored by nobody stays NaN
+    assert close(weighted_sum_scores(s, w, "skip"), [7.0, 8.5, NAN, 10.0])
+    # with groups {0, 1} and {2, 3}: child 0's mean in group 0 is 1, child 1's in group 1 is 2 (row 2 abstained)
+    assert close(weighted_sum_scores(s, w, "skip", torch.tensor([0, 0, 1, 1])), [7.0, 7.0, NAN, 10.0])
+    # a penalty (negative weight) that abstains is not a bonus: rows [.8, .4], [.8, NaN], [.8, 0] -> 0.4, 0.6, 0.8
+    pen = torch.tensor([[0.8, 0.4], [0.8, NAN], [0.8, 0.0]])
+    assert close(weighted_sum_scores(pen, torch.tensor([1.0, -1.0])), [0.4, 0.6, 0.8])
     assert close(weighted_sum_scores(s, w, "any"), [7.0, NAN, NAN, NAN])
     assert close(weighted_sum_scores(torch.tensor([[1.0, 2.0]]), torch.tensor([1.0, -1.0])), [-1.0])
     with pytest.raises(ValueError, match="nan_mode"):
@@ -119,7 +125,7 @@ def test_weighted_sum_reward_from_nested_specs():
     r = build_reward({"type": "weighted_sum", "name": "total",
                       "args": {"children": [child("a", 1.0), child("b", 3.0)]}})
     out = r(batch([{"a": 1, "b": 2}, {"b": 2}, {}]))
-    assert close(out.scores, [7.0, 8.0, NAN])
+    assert close(out.scores, [7.0, 7.0, NAN])  # row 1: a abstained, counts as its batch mean 1 -> 1 + 3 * 2
     assert out.details["a/score"][0] == 1.0 and math.isnan(out.details["a/score"][1])
     assert out.details["b/seen"] == 3  # children's details are kept under their names
     strict = build_reward({"type": "weighted_sum", "args": {"children": [child("a"), child("b")], "nan_mode": "any"}})

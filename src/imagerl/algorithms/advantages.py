@@ -38,13 +38,24 @@ class AdvantageOutput:
 
 
 def weighted_total(rewards_NR: torch.Tensor, weights_NR: torch.Tensor) -> torch.Tensor:
-    """sum_r w_r s_r with abstaining rewards removed and the voting weight rescaled -> [N] (NaN if all abstain)."""
+    """sum_r w_r s_r with abstaining rewards removed and the voting weight rescaled -> [N] (NaN if all abstain).
+    The building block of `combined_reward`, which fills partial abstains first (then nothing is rescaled)."""
     valid = ~torch.isnan(rewards_NR)
     w = torch.where(valid, weights_NR, torch.zeros_like(weights_NR))
     tot = (torch.nan_to_num(rewards_NR) * w).sum(1)
     voted = w.abs().sum(1)
     scale = weights_NR.abs().sum(1) / voted.clamp_min(1e-12)
     return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
+
+
+def combined_reward(rewards_NR: torch.Tensor, weights_NR: torch.Tensor,
+                    group_ids_N: torch.Tensor | None = None) -> torch.Tensor:
+    """The scalar reward of each sample -> [N]: the weighted sum over rewards, where a reward that abstained on a
+    sample others scored counts as its group's mean (`impute_group_means`; no group ids = the batch is one group);
+    NaN where every reward abstained. The one rule for the advantages, the logged totals and composite rewards."""
+    if group_ids_N is None:
+        group_ids_N = torch.zeros(rewards_NR.shape[0], dtype=torch.long)
+    return weighted_total(impute_group_means(rewards_NR, group_ids_N.cpu()), weights_NR)
 
 
 def impute_group_means(rewards_NR: torch.Tensor, group_ids_N: torch.Tensor) -> torch.Tensor:
@@ -94,14 +105,14 @@ def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOut
 
 @ADVANTAGES.register("group_zscore")
 def group_zscore(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
+    r = combined_reward(rewards_NR, weights_NR, group_ids_N)
     mean, std, _ = group_stats(r, group_ids_N)
     return _finish(_safe_div(r - mean, std + eps), r, clip)
 
 
 @ADVANTAGES.register("global_std")
 def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
+    r = combined_reward(rewards_NR, weights_NR, group_ids_N)
     mean, _, _ = group_stats(r, group_ids_N)
     ok = ~torch.isnan(r)
     std = r[ok].double().std(unbiased=False).to(r.dtype) if ok.any() else torch.tensor(0.0)
@@ -110,7 +121,7 @@ def global_std(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: flo
 
 @ADVANTAGES.register("mean_only")
 def mean_only(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    r = weighted_total(impute_group_means(rewards_NR, group_ids_N), weights_NR)
+    r = combined_reward(rewards_NR, weights_NR, group_ids_N)
     mean, _, _ = group_stats(r, group_ids_N)
     return _finish(r - mean, r, clip)
 

@@ -134,13 +134,15 @@ class ScoreTable:
     scores: torch.Tensor  # [N, R] float32, NaN = abstain
     weights: torch.Tensor  # [N, R] per-sample weights (per-dataset reward weights applied)
     details: dict[str, Any]
+    group_ids: torch.Tensor | None = None  # [N] the samples' groups (for abstains: see combined_reward)
 
     def weighted_total(self, fallback: float | None = None) -> torch.Tensor:
-        """Weighted sum over rewards -> [N] (abstains handled as in `algorithms.advantages.weighted_total`)."""
-        from ..algorithms.advantages import weighted_total
+        """Weighted sum over rewards -> [N], abstains handled as for the advantages
+        (`algorithms.advantages.combined_reward`)."""
+        from ..algorithms.advantages import combined_reward
 
         s = self.scores if fallback is None else torch.nan_to_num(self.scores, nan=fallback)
-        return weighted_total(s, self.weights)
+        return combined_reward(s, self.weights, self.group_ids)
 
 
 class RewardSet:
@@ -185,7 +187,7 @@ class RewardSet:
             for k, v in out.details.items():
                 details[f"{name}/{k}"] = v
         scores = torch.stack(cols, 1) if cols else torch.zeros(len(inp), 0)
-        return ScoreTable(self.names, scores, self.weight_matrix(len(inp), per_sample_weights), details)
+        return ScoreTable(self.names, scores, self.weight_matrix(len(inp), per_sample_weights), details, inp.group_ids)
 
     def close(self) -> None:
         for r in self.rewards:

@@ -11,9 +11,10 @@ Children are nested reward specs, exactly like top-level ``rewards[]`` entries::
 Each combination is a pure function over a [N, K] score table (one column per child) so that its NaN
 ("abstain") semantics can be read and tested on hand-computed tables:
 
-- `weighted_sum_scores`: ``nan_mode="skip"`` (default) leaves abstaining children out of a sample and
-  rescales the rest by total |weight| / |weight| that voted (the same rule as the top-level
-  `ScoreTable.weighted_total`); ``"any"`` abstains when any child abstains. All children abstain -> NaN.
+- `weighted_sum_scores`: ``nan_mode="skip"`` (default): a child that abstained on a sample others scored counts
+  as its mean over the sample's group (the batch's if the group has none; no group ids = one group), the rule of
+  the top-level total (`algorithms.advantages.combined_reward`), so an abstaining penalty is never a bonus;
+  ``"any"`` abstains when any child abstains. All children abstain -> NaN.
 - `gated_scores`: the value counts only where the gate reward is >= threshold, else ``below`` (0); a gate
   that abstains makes the sample abstain; a passed gate with an abstaining value abstains.
 - `product_scores`: prod_k s_k ** w_k (weights are exponents); any abstaining child -> NaN.
@@ -40,20 +41,18 @@ from .base import Reward, build_reward, run_sync
 # --------------------------------------------------------------------------------------------------
 
 
-def weighted_sum_scores(scores_NK: torch.Tensor, weights_K: torch.Tensor, nan_mode: str = "skip") -> torch.Tensor:
+def weighted_sum_scores(scores_NK: torch.Tensor, weights_K: torch.Tensor, nan_mode: str = "skip",
+                        group_ids_N: torch.Tensor | None = None) -> torch.Tensor:
     """sum_k w_k s_k per sample, with abstaining children handled per `nan_mode` ("skip" or "any")."""
+    from ..algorithms.advantages import combined_reward
+
     w_NK = weights_K.to(scores_NK).expand_as(scores_NK)
-    valid_NK = ~torch.isnan(scores_NK)
     if nan_mode == "any":
         total_N = (scores_NK * w_NK).sum(1)  # NaN propagates
         return total_N
     if nan_mode != "skip":
         raise ValueError(f"nan_mode must be 'skip' or 'any', got '{nan_mode}'")
-    w_valid_NK = torch.where(valid_NK, w_NK, torch.zeros_like(w_NK))
-    total_N = (torch.nan_to_num(scores_NK) * w_valid_NK).sum(1)
-    voted_N = w_valid_NK.abs().sum(1)
-    scale_N = w_NK.abs().sum(1) / voted_N.clamp_min(1e-12)
-    return torch.where(voted_N > 0, total_N * scale_N, torch.full_like(total_N, math.nan))
+    return combined_reward(scores_NK, w_NK, group_ids_N)
 
 
 def gated_scores(gate_N: torch.Tensor, value_N: torch.Tensor, threshold: float, below: float = 0.0) -> torch.Tensor:
@@ -186,8 +185,8 @@ def _child_specs(children: list[Any], name: str) -> list[tuple[str, Any]]:
 
 
 class WeightedSum(_Combination):
-    """``weighted_sum``: sum_k weight_k * child_k. ``nan_mode``: ``skip`` (default; abstaining children are
-    left out and the others rescaled) or ``any`` (any abstain -> NaN)."""
+    """``weighted_sum``: sum_k weight_k * child_k. ``nan_mode``: ``skip`` (default; an abstaining child counts as
+    its group's mean of that child) or ``any`` (any abstain -> NaN)."""
 
     def __init__(self, *, children: list[dict[str, Any]], name: str = "", nan_mode: str = "skip") -> None:
         if nan_mode not in ("skip", "any"):
@@ -196,7 +195,7 @@ class WeightedSum(_Combination):
         self.nan_mode = nan_mode
 
     def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return weighted_sum_scores(scores_NK, torch.tensor(self.child_weights), self.nan_mode), {}
+        return weighted_sum_scores(scores_NK, torch.tensor(self.child_weights), self.nan_mode, inp.group_ids), {}
 
 
 class Gated(_Combination):

@@ -14,8 +14,8 @@ health check, scoring raises with the command that starts one, because that is a
 would otherwise silently turn the whole run into abstains.
 
 Several reward names in one request share the image upload; their scores are combined into this
-reward's single column as a weighted sum with the same abstain handling as `ScoreTable`: rewards that
-abstain on a sample are left out and the others are rescaled to the full weight. Each component's
+reward's single column as a weighted sum with the same abstain handling as `ScoreTable`: a name that
+abstains on a sample counts as its group's mean there (`combined_reward`). Each component's
 per-sample scores are also reported in ``details`` (``<name>``) for logging.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import torch
 
+from ..algorithms.advantages import combined_reward
 from ..types import RewardInput, RewardOutput
 from .base import RewardError, Reward, run_sync
 from .http_client import BackgroundLoop, HTTPPool, normalize_base_urls, read_api_key
@@ -155,7 +156,7 @@ class RemoteReward(Reward):
             return RewardOutput(torch.zeros(0))
         # PNG encoding is CPU work: do it off the caller's loop so other tasks (the next rollout) proceed
         payloads = await asyncio.to_thread(self._encode, inp)
-        return await self._io.run(self._score(payloads, n))
+        return await self._io.run(self._score(payloads, n, inp.group_ids))
 
     def _encode(self, inp: RewardInput) -> list[tuple[int, int, dict[str, Any]]]:
         from .server import encode_png
@@ -180,7 +181,8 @@ class RemoteReward(Reward):
             out.append((lo, hi, body))
         return out
 
-    async def _score(self, payloads: list[tuple[int, int, dict[str, Any]]], n: int) -> RewardOutput:
+    async def _score(self, payloads: list[tuple[int, int, dict[str, Any]]], n: int,
+                     group_ids: torch.Tensor | None = None) -> RewardOutput:
         t0 = time.perf_counter()
         if self.health_check and not self._checked:
             await self._check()
@@ -209,8 +211,10 @@ class RemoteReward(Reward):
                 continue
             for nm in names:
                 comp[nm][lo:hi] = torch.tensor([math.nan if v is None else float(v) for v in res["scores"][nm]])
-        scores = combine_weighted(torch.stack([comp[nm] for nm in names], 1) if names else torch.full((n, 1), math.nan),
-                                  torch.tensor([float(self.weights.get(nm, 1.0)) for nm in names] or [1.0]))
+        # several names: combined like the top-level rewards (an abstaining name counts as its group's mean)
+        w = torch.tensor([float(self.weights.get(nm, 1.0)) for nm in names] or [1.0])
+        table = torch.stack([comp[nm] for nm in names], 1) if names else torch.full((n, 1), math.nan)
+        scores = combined_reward(table, w.expand_as(table), group_ids)
         details: dict[str, Any] = {
             "failed_samples": failed_samples,
             "failed_requests": failed_requests,
@@ -229,17 +233,6 @@ class RemoteReward(Reward):
 
     def close(self) -> None:
         self._io.close(self.pool.aclose)
-
-
-def combine_weighted(scores_NR: torch.Tensor, weights_R: torch.Tensor) -> torch.Tensor:
-    """NaN-aware weighted sum over rewards -> [N]: abstaining components are dropped and the rest
-    rescaled to the total |weight| (as `ScoreTable.weighted_total`); NaN where all abstain."""
-    valid = ~torch.isnan(scores_NR)
-    w = torch.where(valid, weights_R.expand_as(scores_NR), torch.zeros_like(scores_NR))
-    tot = (torch.nan_to_num(scores_NR) * w).sum(1)
-    voted = w.abs().sum(1)
-    scale = weights_R.abs().sum() / voted.clamp_min(1e-12)
-    return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
 
 
 def _parse_score(d: Any) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def concat_tables(tables: list[ScoreTable]) -> ScoreTable:
         scores=torch.cat([t.scores for t in tables], 0),
         weights=torch.cat([t.weights for t in tables], 0),
         details=details,
+        group_ids=None if any(t.group_ids is None for t in tables) else torch.cat([t.group_ids for t in tables], 0),
     )
 
 
