@@ -117,6 +117,9 @@ def test_parse_score_list_bad(text, n):
         ("评分：７", 7.0),  # full-width digit, the only number
         ("0", 0.0),
         ("10/10", 10.0),
+        ('{"score": "4/5"}', 8.0),  # a fraction on another scale is rescaled to the judge's 0..10
+        ("Score: 4/5", 8.0),
+        ("Rating: 3 out of 5", 6.0),
     ],
 )
 def test_parse_score_good(text, expected):
@@ -223,6 +226,16 @@ def test_yes_no_probability_skips_leading_tokens_and_ignores_others():
     assert r.p_yes == pytest.approx(0.75)  # renormalised over yes/no only; "Maybe" ignored
 
 
+def test_yes_no_probability_reads_the_generated_answer_token():
+    # "**" was generated first; its unlikely alternatives include Yes and No, which say nothing about the answer
+    lp = [{"**": -0.01, "Yes": -5.0, "No": -4.6}, {"Yes": -0.001, "No": -7.0}, {"**": -0.01}]
+    r = yes_no_probability(lp, "**Yes**")
+    assert r.source == "logprobs" and r.p_yes == pytest.approx(1 / (1 + math.exp(-7.0 + 0.001)), abs=1e-6)
+    # an answer that starts with another word ("Nice ... yes"): the text decides, a sampled "N" is not "no"
+    r = yes_no_probability([{"N": -0.5, "Yes": -1.0}, {"ice": -0.1}], "Nice, yes")
+    assert r.source == "text" and r.p_yes == 1.0
+
+
 def test_yes_no_probability_text_fallback_and_failure():
     assert yes_no_probability(None, "No.").p_yes == 0.0
     assert yes_no_probability(None, "No.").source == "text"
@@ -267,6 +280,11 @@ def test_yes_no_probability_robust_to_bad_values():
         ("Ａ", "A"),  # full-width letter
         ("答案：B", "B"),
         ("Only the second image shows a red square on the left.", "B"),
+        ("B is worse than A.", "A"),  # the leading letter is the loser here
+        ("A is worse: its text is garbled.", "B"),
+        ("Both are good, but A is better.", "A"),  # a bare letter with a verdict beats the tie word
+        ("A is better; B is worse.", "A"),
+        ("A more accurate rendering is in image 2.", "B"),  # article "A", then one image named
     ],
 )
 def test_parse_choice_good(text, expected):

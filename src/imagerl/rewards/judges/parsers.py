@@ -108,17 +108,21 @@ def _json_candidates(text: str) -> list[Any]:
     return objs
 
 
-def to_number(v: Any) -> float | None:
-    """8, 8.5, "8", "8/10", "8 out of 10" -> float; anything else (bools, text, NaN) -> None."""
+def to_number(v: Any, scale: float | None = None) -> float | None:
+    """8, 8.5, "8", "8/10", "8 out of 10" -> float; anything else (bools, text, NaN) -> None. A fraction on another
+    scale than `scale` (the judge's top score) is rescaled to it: "4/5" on a 10-point scale is 8."""
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
         f = float(v)
         return f if math.isfinite(f) else None
     if isinstance(v, str):
-        m = re.fullmatch(rf"\s*({_NUM})\s*(?:(?:/|out of)\s*\d+(?:\.\d+)?)?\s*\.?\s*", v)
+        m = re.fullmatch(rf"\s*({_NUM})\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?\s*\.?\s*", v)
         if m:
-            return float(m.group(1))
+            x, den = float(m.group(1)), m.group(2)
+            if den is not None and scale is not None and math.isfinite(scale) and float(den) > 0 and float(den) != scale:
+                return x / float(den) * scale
+            return x
     return None
 
 
@@ -142,12 +146,15 @@ def parse_score_list(
     expected_len: int | None = None,
     lo: float = 0.0,
     hi: float = 10.0,
+    scale: float | None = None,
 ) -> list[float] | None:
     """The list under `key` (``{"score": [7, 9], "reasoning": ...}``, VIEScore style) -> [floats], or None.
 
     A scalar value is a one-element list. Also accepts ``scores`` as the key. Fails (None) on a wrong
-    length when `expected_len` is given, on non-numeric entries and on values outside [lo, hi].
+    length when `expected_len` is given, on non-numeric entries and on values outside [lo, hi]. Fractions
+    ("4/5") are rescaled to `scale` (default: hi).
     """
+    scale = hi if scale is None else scale
     s = normalize_text(text)
     if not s:
         return None
@@ -166,12 +173,12 @@ def parse_score_list(
         if m:
             values = [x for x in re.split(r"[,;]", m.group(1)) if x.strip()]
         else:
-            m = re.search(rf"[\"']?{kpat}[\"']?\s*[:=]\s*[\"']?({_NUM})", s, flags=re.I)
+            m = re.search(rf"[\"']?{kpat}[\"']?\s*[:=]\s*[\"']?({_NUM}(?:\s*(?:/|out of)\s*\d+(?:\.\d+)?)?)", s, flags=re.I)
             if m:
                 values = [m.group(1)]
     if not values:
         return None
-    nums = [to_number(v.strip().strip("\"'") if isinstance(v, str) else v) for v in values]
+    nums = [to_number(v.strip().strip("\"'") if isinstance(v, str) else v, scale) for v in values]
     if any(x is None for x in nums):
         return None
     out = [float(x) for x in nums if x is not None]
@@ -188,20 +195,21 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
     s = normalize_text(text)
     if not s:
         return None
-    lst = parse_score_list(s, lo=-math.inf, hi=math.inf)
+    lst = parse_score_list(s, lo=-math.inf, hi=math.inf, scale=hi)
     if lst is not None:  # a score field was found: it alone decides (a list of two is not one score)
         return lst[0] if len(lst) == 1 and lo <= lst[0] <= hi else None
     body = strip_code_fences(s).replace("*", "")
     hi_txt = f"{hi:g}"
     patterns = [
         rf"({_NUM})\s*(?:/|out of)\s*{re.escape(hi_txt)}(?:\.0+)?\b",  # 8/10, 8 out of 10
-        rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}?({_NUM})",  # Score: 8 / I rate it 8
+        # Score: 8 / I rate it 8 / Rating: 3 out of 5 (a fraction on another scale is rescaled)
+        rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}?({_NUM}(?:\s*(?:/|out of)\s*\d+(?:\.\d+)?)?)",
     ]
     for pat in patterns:
         m = re.search(pat, body, flags=re.I)
         if m:
-            v = float(m.group(1))
-            return v if lo <= v <= hi else None
+            v = to_number(m.group(1), hi)
+            return v if v is not None and lo <= v <= hi else None
     nums = re.findall(rf"(?<![\w.]){_NUM}(?![\w.]*\d)", body)
     if len(nums) == 1:
         v = float(nums[0])
@@ -237,7 +245,7 @@ def parse_rubric(
                     v = next((x for kk, x in v.items() if _norm_key(kk) in ("score", "scores", "value")), None)
                 if isinstance(v, (list, tuple)) and len(v) == 1:
                     v = v[0]
-                x = to_number(v)
+                x = to_number(v, hi)
                 if x is not None and lo <= x <= hi:
                     found[want[nk]] = x
             elif isinstance(v, dict):
@@ -263,8 +271,8 @@ def parse_rubric(
 # Yes / no
 # --------------------------------------------------------------------------------------------------
 
-_YES = {"yes", "y", "是", "是的", "对", "true"}
-_NO = {"no", "n", "否", "不", "不是", "不对", "false"}
+_YES = {"yes", "是", "是的", "对", "true"}  # (no bare "y"/"n": a sampled "N" may start "Nice")
+_NO = {"no", "否", "不", "不是", "不对", "false"}
 
 
 def _token_word(tok: str) -> str:
@@ -316,15 +324,25 @@ def yes_no_probability(
     *,
     max_positions: int = 4,
 ) -> YesNoResult:
-    """P(yes) / (P(yes) + P(no)) at the first answer token; the text decides when there are no log-probs.
+    """P(yes) / (P(yes) + P(no)) at the answer token; the text decides when there are no log-probs.
 
-    The answer token is the first of the first `max_positions` generated positions whose top-k
-    candidates contain a yes/no word (so a leading space, ``**`` or quote token is skipped). The mass of
-    every variant is summed (``Yes``, `` yes``, ``YES``, ``yes.``, ``▁Yes``) because the judge's
-    tokenizer splits them into different tokens and each carries part of the probability.
+    Each position's dict starts with the token that was generated (then its top-k alternatives; both
+    backends build them so). The answer token is the first generated token within `max_positions` that is not
+    only spaces or punctuation (a leading space, ``**`` or quote token is skipped); if it is a yes/no word, the
+    mass of every variant among that position's candidates is summed (``Yes``, `` yes``, ``YES``, ``yes.``,
+    ``▁Yes``: the judge's tokenizer splits them into different tokens and each carries part of the probability).
+    Otherwise (the answer starts with another word) the text decides. A position whose generated token is
+    ``**`` may list ``Yes`` and ``No`` among its unlikely alternatives; reading them there would be wrong.
     """
     if top_logprobs:
         for pos in top_logprobs[:max_positions]:
+            if not pos:
+                continue
+            chosen = _token_word(next(iter(pos)))
+            if not chosen:
+                continue  # whitespace / markdown / quote token before the answer
+            if chosen not in _YES and chosen not in _NO:
+                break
             p_yes = p_no = 0.0
             for tok, lp in pos.items():
                 w = _token_word(tok)
@@ -391,17 +409,21 @@ def parse_choice(text: str | None) -> str | None:
         if m.group(4):
             return "tie"
         return _SIDE[(m.group(1) or m.group(2) or m.group(3)).lower()]
-    # 3. Leading letter used as a verdict: "A.", "B) because ...", "A is better" (but not "A cat ...")
-    m = re.match(r"\(?([AB])\)?(?=$|[.):,;!\-]|\s+(?:is|wins|looks|seems|has|better|because|-))", s)
-    if m:
-        return m.group(1)
-    # 4. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins)
-    better = re.search(rf"(?:{_SIDE_PAT})\s+(?:is|looks|seems|matches)?\s*(?:\w+\s+)?(?:better|superior|preferable|preferred|wins|more\s+accurate|closer)", low)
-    worse = re.search(rf"(?:{_SIDE_PAT})\s+(?:is|looks|seems)?\s*(?:\w+\s+)?(?:worse|inferior|less\s+accurate)", low)
+    # 3. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins); a side is "image A",
+    # "the first one", or a bare capital A / B ("Both are good, but A is better"; "B is worse than A")
+    side = rf"(?:(?i:{_SIDE_PAT})|\b([AB])\b(?=\s+(?i:is|looks|seems|matches|wins)\b))"  # (not "A more ...")
+    better = re.search(rf"{side}\s+(?i:(?:is|looks|seems|matches)?\s*(?:\w+\s+)?(?:better|superior|preferable|preferred|wins|more\s+accurate|closer))", s)
+    worse = re.search(rf"{side}\s+(?i:(?:is|looks|seems)?\s*(?:\w+\s+)?(?:worse|inferior|less\s+accurate))", s)
     if better and not worse:
         return _side_of(better)
     if worse and not better:
         return "B" if _side_of(worse) == "A" else "A"
+    if better and worse and _side_of(better) != _side_of(worse):  # "A is better; B is worse"
+        return _side_of(better)
+    # 4. Leading letter used as a verdict: "A.", "B) because ...", "A has ..." (but not "A cat ...")
+    m = re.match(r"\(?([AB])\)?(?=$|[.):,;!\-]|\s+(?:is|wins|looks|seems|has|better|because|-))", s)
+    if m and not (better or worse):
+        return m.group(1)
     # 5. Only one image named at all, or tie words with none named
     sides = {_side_of(x) for x in re.finditer(_SIDE_PAT, low)}
     tie = re.search(_TIE_WORDS, low) is not None
