@@ -140,6 +140,64 @@ def test_remote_chunks_never_split_a_group(server, rewards):
     torch.testing.assert_close(out.scores, rewards["group_brightness"](inp).scores, atol=1e-5, rtol=0)
 
 
+class FailsOnBoom(Reward):
+    """Brightness that raises on a sample whose metadata says boom: one client's bad input."""
+
+    def score(self, inp: RewardInput) -> RewardOutput:
+        if any(m.get("boom") for m in inp.metadata):
+            raise ValueError("boom")
+        return RewardOutput(inp.images.mean(dim=(1, 2, 3)), {})
+
+
+def test_server_keeps_clients_and_groups_apart():
+    """A request larger than max_batch is cut between groups, never inside one; requests without group ids are
+    one group each even when coalesced with others; and a scorer failing on one client's input leaves the other
+    clients' scores in the same batch alone."""
+    srv = RewardServer({"group": GroupCentredBrightness("group"), "fragile": FailsOnBoom("fragile")},
+                       max_batch=4, max_wait_ms=300, chat_backend=None)
+    th = ServerThread(srv.app).start()
+    try:
+        inp = color_batch(6, seed=3)
+
+        async def post(c, body):
+            r = await c.post(f"{th.url}/v1/score", json=body)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        def body(rewards, inp, **extra):
+            return {"rewards": rewards, "images": [encode_png(x) for x in inp.images], "prompts": inp.prompts, **extra}
+
+        async def go():
+            async with httpx.AsyncClient(timeout=20) as c:
+                # 6 samples in groups of 3 with max_batch 4: chunks [0, 3) and [3, 6), each centred on its own group
+                whole = await post(c, body(["group"], inp, group_ids=[0, 0, 0, 1, 1, 1]))
+                # two concurrent clients without group ids: each is its own group in the shared batch
+                a, b = color_batch(2, seed=4), color_batch(2, seed=5)
+                pair = await asyncio.gather(post(c, body(["group"], a)), post(c, body(["group"], b)))
+                # concurrent clients, one with a bad sample: only that client's scores abstain
+                good, bad = color_batch(2, seed=6), color_batch(2, seed=7)
+                mixed = await asyncio.gather(post(c, body(["fragile"], good)),
+                                             post(c, body(["fragile"], bad, metadata=[{}, {"boom": True}])))
+                return whole, a, b, pair, good, mixed
+
+        whole, a, b, pair, good, mixed = asyncio.run(go())
+        inp.group_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+        torch.testing.assert_close(torch.tensor(whole["scores"]["group"]), GroupCentredBrightness("g")(inp).scores,
+                                   atol=1e-5, rtol=0)
+        for x, o in ((a, pair[0]), (b, pair[1])):
+            x.group_ids = torch.zeros(2, dtype=torch.long)
+            torch.testing.assert_close(torch.tensor(o["scores"]["group"]), GroupCentredBrightness("g")(x).scores,
+                                       atol=1e-5, rtol=0)
+        assert srv.batcher.num_batches < 6  # (the concurrent requests did share scorer calls)
+        torch.testing.assert_close(torch.tensor(mixed[0]["scores"]["fragile"]), good.images.mean(dim=(1, 2, 3)),
+                                   atol=1e-5, rtol=0)
+        assert mixed[1]["scores"]["fragile"] == [None, None] and "boom" in mixed[1]["details"]["fragile"]["error"]
+        assert "error" not in mixed[0]["details"]["fragile"]
+    finally:
+        th.stop()
+        srv.close()
+
+
 def test_several_names_combine_nan_aware_and_report_components(server, rewards):
     _, url = server
     inp = color_batch(6, seed=1)

@@ -126,6 +126,26 @@ def _check_arg_types(cls: Any, args: dict[str, Any], field: str) -> None:
             raise ValueError(f"{field}.{k}={v!r} must be {'a' if want != 'int' else 'an'} {want} ({cls.__name__})")
 
 
+def group_chunks(group_ids: torch.Tensor | None, n: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of at most `size` samples that never split a run of equal group ids (runs are packed
+    greedily; a run longer than `size` is a range of its own). Without group ids: plain chunks of `size`."""
+    if group_ids is None:
+        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    g = group_ids.reshape(-1).tolist()
+    runs, start = [], 0
+    for i in range(1, n + 1):
+        if i == n or g[i] != g[i - 1]:
+            runs.append((start, i))
+            start = i
+    out: list[tuple[int, int]] = []
+    for lo, hi in runs:
+        if out and hi - out[-1][0] <= size:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
 @dataclass
 class ScoreTable:
     """Scores of every configured reward for one batch."""

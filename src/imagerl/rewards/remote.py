@@ -31,30 +31,11 @@ import torch
 
 from ..algorithms.advantages import combined_reward
 from ..types import RewardInput, RewardOutput
-from .base import RewardError, Reward, run_sync
+from .base import RewardError, Reward, group_chunks, run_sync
 from .http_client import BackgroundLoop, HTTPPool, normalize_base_urls, read_api_key
 from .judges.backend import JudgeError
 
 
-
-def group_chunks(group_ids: torch.Tensor | None, n: int, size: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of at most `size` samples that never split a run of equal group ids (runs are packed
-    greedily; a run longer than `size` is a range of its own). Without group ids: plain chunks of `size`."""
-    if group_ids is None:
-        return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-    g = group_ids.reshape(-1).tolist()
-    runs, start = [], 0
-    for i in range(1, n + 1):
-        if i == n or g[i] != g[i - 1]:
-            runs.append((start, i))
-            start = i
-    out: list[tuple[int, int]] = []
-    for lo, hi in runs:
-        if out and hi - out[-1][0] <= size:
-            out[-1] = (out[-1][0], hi)
-        else:
-            out.append((lo, hi))
-    return out
 
 class RewardServerDownError(RewardError):
     """No reward server answered the start-up health check."""

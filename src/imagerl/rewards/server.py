@@ -45,7 +45,7 @@ from fastapi.responses import JSONResponse
 
 from ..imageio import to_pil
 from ..types import RewardInput
-from .base import Reward
+from .base import Reward, group_chunks
 from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,14 @@ def to_jsonable(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [to_jsonable(x) for x in v]
     return str(v)
+
+
+def _input_rows(inp: RewardInput, lo: int, hi: int) -> RewardInput:
+    """Rows [lo, hi) of a coalesced batch: one request's input again."""
+    return RewardInput(images=inp.images[lo:hi], prompts=inp.prompts[lo:hi], metadata=inp.metadata[lo:hi],
+                       group_ids=None if inp.group_ids is None else inp.group_ids[lo:hi],
+                       texts=None if inp.texts is None else inp.texts[lo:hi],
+                       source_images=None if inp.source_images is None else inp.source_images[lo:hi])
 
 
 def _slice_detail(v: Any, n_total: int, lo: int, hi: int) -> Any:
@@ -215,15 +223,14 @@ class RewardServer:
         for j in jobs:
             bounds.append((n, n + len(j)))
             n += len(j)
-        group_ids = None
-        if jobs[0].group_ids is not None:
-            # renumber per job: two clients' group 0 are different groups
-            parts, offset = [], 0
-            for j in jobs:
-                _, inv = torch.unique(j.group_ids, return_inverse=True)
-                parts.append(inv + offset)
-                offset += int(inv.max()) + 1 if len(j) else 0
-            group_ids = torch.cat(parts)
+        # renumber per job: two clients' group 0 are different groups (a request without group ids is one group,
+        # set at parse time), so no client's samples ever join another client's group
+        parts, offset = [], 0
+        for j in jobs:
+            _, inv = torch.unique(j.group_ids, return_inverse=True)
+            parts.append(inv + offset)
+            offset += int(inv.max()) + 1 if len(j) else 0
+        group_ids = torch.cat(parts)
         inp = RewardInput(
             images=torch.cat([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images,
             prompts=[p for j in jobs for p in j.prompts],
@@ -232,29 +239,40 @@ class RewardServer:
             texts=[t for j in jobs for t in j.texts] if jobs[0].texts is not None else None,  # type: ignore[union-attr]
             source_images=[s for j in jobs for s in j.source_images] if jobs[0].source_images is not None else None,  # type: ignore[union-attr]
         )
-        per_reward: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+        # name -> (scores [n], each job's details)
+        per_reward: dict[str, tuple[torch.Tensor, list[dict[str, Any]]]] = {}
         for name in names:
             t0 = time.perf_counter()
             try:
-                out = self.rewards[name](inp)
-                scores = out.scores.float()
-                if torch.isinf(scores).any():
-                    raise RuntimeError("returned an infinite score (NaN is the abstain value)")
-                details = dict(out.details)
+                scores, details = self._run_reward(name, inp)
+                per_job = [{k: _slice_detail(v, n, lo, hi) for k, v in details.items()} for lo, hi in bounds]
             except Exception as e:  # noqa: BLE001 - one broken scorer must not take the server down
                 log.exception("reward '%s' failed on a batch of %d", name, n)
-                scores = torch.full((n,), math.nan)
-                details = {"error": f"{type(e).__name__}: {e}", "failed_samples": n}
-            details["batch_size"] = n
-            details["score_seconds"] = time.perf_counter() - t0
-            per_reward[name] = (scores, details)
-        results = []
-        for lo, hi in bounds:
-            results.append(JobResult(
-                scores={nm: s[lo:hi].tolist() for nm, (s, _) in per_reward.items()},
-                details={nm: {k: _slice_detail(v, n, lo, hi) for k, v in d.items()} for nm, (_, d) in per_reward.items()},
-            ))
-        return results
+                if len(jobs) == 1:
+                    scores, per_job = torch.full((n,), math.nan), [{"error": f"{type(e).__name__}: {e}", "failed_samples": n}]
+                else:  # one client's bad input must not wipe the others' scores: each job on its own
+                    scores, per_job = torch.full((n,), math.nan), []
+                    for lo, hi in bounds:
+                        try:
+                            s_j, d_j = self._run_reward(name, _input_rows(inp, lo, hi))
+                            scores[lo:hi] = s_j
+                            per_job.append(d_j)
+                        except Exception as e_j:  # noqa: BLE001
+                            per_job.append({"error": f"{type(e_j).__name__}: {e_j}", "failed_samples": hi - lo})
+            for d in per_job:
+                d["batch_size"] = n
+                d["score_seconds"] = time.perf_counter() - t0
+            per_reward[name] = (scores, per_job)
+        return [JobResult(scores={nm: s[lo:hi].tolist() for nm, (s, _) in per_reward.items()},
+                          details={nm: d[k] for nm, (_, d) in per_reward.items()})
+                for k, (lo, hi) in enumerate(bounds)]
+
+    def _run_reward(self, name: str, inp: RewardInput) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = self.rewards[name](inp)
+        scores = out.scores.float()
+        if torch.isinf(scores).any():
+            raise RuntimeError("returned an infinite score (NaN is the abstain value)")
+        return scores, dict(out.details)
 
     def _parse_score(self, d: Any) -> ScoreJob:
         if not isinstance(d, dict):
@@ -289,7 +307,7 @@ class RewardServer:
         if texts is not None and (not isinstance(texts, list) or len(texts) != n or not all(isinstance(t, str) for t in texts)):
             raise APIError(400, f"texts must be null or a list of {n} strings")
         gids = d.get("group_ids")
-        group_ids = None
+        group_ids = torch.zeros(n, dtype=torch.long)  # none given: the request is one group
         if gids is not None:
             if not isinstance(gids, list) or len(gids) != n or not all(isinstance(g, int) and not isinstance(g, bool) for g in gids):
                 raise APIError(400, f"group_ids must be null or a list of {n} integers")
@@ -314,7 +332,9 @@ class RewardServer:
     async def score(self, body: Any) -> dict[str, Any]:
         self.requests["score"] += 1
         job = await asyncio.to_thread(self._parse_score, body)  # decoding PNGs is CPU work: keep the loop free
-        chunks = [job.chunk(lo, min(lo + self.max_batch, len(job))) for lo in range(0, len(job), self.max_batch)]
+        # chunks of at most max_batch samples that never split a group (a larger group is a chunk of its own): a
+        # group-relative reward must see whole groups
+        chunks = [job.chunk(lo, hi) for lo, hi in group_chunks(job.group_ids, len(job), self.max_batch)]
         results: list[JobResult] = await asyncio.gather(*(self.batcher.submit_async(c) for c in chunks))
         scores = {nm: [s for r in results for s in r.scores[nm]] for nm in job.names}
         details: dict[str, Any] = {}
@@ -324,6 +344,9 @@ class RewardServer:
                 for k, v in r.details[nm].items():
                     if k in merged and isinstance(merged[k], list) and isinstance(v, list):
                         merged[k] = merged[k] + v
+                    elif (k in merged and isinstance(v, (int, float)) and not isinstance(v, bool)
+                          and isinstance(merged[k], (int, float)) and k != "batch_size"):
+                        merged[k] = merged[k] + v  # counters (failed_samples, requests, ...) of every chunk
                     elif k not in merged:
                         merged[k] = v
             details[nm] = merged
