@@ -318,6 +318,21 @@ def test_remote_reward_transient_faults_retried(fault):
     assert out.details["retries"] == 2 and out.details["failed_samples"] == 0
 
 
+def test_remote_reward_counts_each_calls_own_retries(fault):
+    # two overlapped scoring calls share one pool: the 2 retries are reported once in all, not by both calls
+    fault.script["/v1/score"].extend([("status", 503), ("status", 503)])
+    r = RemoteReward(url=fault.url, rewards=["s"], batch_size=2, retries=3, backoff=0.01, timeout=0.5, max_concurrency=1)
+
+    async def both():
+        return await asyncio.gather(r.score_async(inp(2)), r.score_async(inp(2)))
+
+    try:
+        outs = asyncio.run(both())
+    finally:
+        r.close()
+    assert sum(o.details["retries"] for o in outs) == 2 == r.stats()["retries"]
+
+
 def test_remote_reward_permanent_fault_abstains_only_affected_chunk(fault):
     fault.poison = "POISON"
     r = RemoteReward(url=fault.url, rewards=["s"], batch_size=2, retries=1, backoff=0.01, timeout=0.5)

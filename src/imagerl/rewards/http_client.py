@@ -265,10 +265,12 @@ class HTTPPool:
         except ValueError:
             return r.status_code, r.text
 
-    async def post_json(self, path: str, body: dict[str, Any], parse: Callable[[Any], T]) -> T:
+    async def post_json(self, path: str, body: dict[str, Any], parse: Callable[[Any], T],
+                        call_stats: PoolStats | None = None) -> T:
         """POST `body` to `<base>/<path>` and return `parse(json)`; retries per the module docstring.
 
-        Raises `RequestRejectedError` on non-retryable 4xx and `JudgeError` when retries run out."""
+        Raises `RequestRejectedError` on non-retryable 4xx and `JudgeError` when retries run out. `call_stats`
+        also counts this call's retries (the pool's counters are shared by every call in flight)."""
         self.stats.requests += 1
         client = self.client
         assert self._sem is not None
@@ -290,6 +292,8 @@ class HTTPPool:
                     if attempt == self.max_retries:
                         break
                     self.stats.retries += 1
+                    if call_stats is not None:
+                        call_stats.retries += 1
                     delay = self._delay(attempt, e.retry_after)
                     log.debug("retrying %s after %.2fs: %s", path, delay, e)
                 finally:

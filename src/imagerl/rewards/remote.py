@@ -32,7 +32,7 @@ import torch
 from ..algorithms.advantages import combined_reward
 from ..types import RewardInput, RewardOutput
 from .base import RewardError, Reward, group_chunks, run_sync
-from .http_client import BackgroundLoop, HTTPPool, normalize_base_urls, read_api_key
+from .http_client import BackgroundLoop, HTTPPool, PoolStats, normalize_base_urls, read_api_key
 from .judges.backend import JudgeError
 
 
@@ -169,9 +169,9 @@ class RemoteReward(Reward):
             await self._check()
             for _, _, body in payloads:
                 body["rewards"] = self.reward_names
-        retries0 = self.pool.stats.retries
+        mine = PoolStats()  # this call's retries (other calls in flight share the pool's counters)
         results = await asyncio.gather(
-            *(self.pool.post_json("v1/score", body, _parse_score) for _, _, body in payloads), return_exceptions=True
+            *(self.pool.post_json("v1/score", body, _parse_score, mine) for _, _, body in payloads), return_exceptions=True
         )
         names = self.reward_names or sorted({k for r in results if isinstance(r, dict) for k in r["scores"]})
         comp = {nm: torch.full((n,), math.nan) for nm in names}
@@ -199,7 +199,7 @@ class RemoteReward(Reward):
         details: dict[str, Any] = {
             "failed_samples": failed_samples,
             "failed_requests": failed_requests,
-            "retries": self.pool.stats.retries - retries0,
+            "retries": mine.retries,
             "latency_s": time.perf_counter() - t0,
         }
         if last_error:
