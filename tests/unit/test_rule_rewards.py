@@ -36,6 +36,11 @@ def test_color_position_abstains_without_colour():
     out = r(inp(torch.rand(2, 3, 8, 8), ["a photo of a cat", "a green square"]))
     assert math.isnan(out.scores[0]) and not math.isnan(out.scores[1])
     assert out.num_abstain == 1
+    # a metadata position it cannot check abstains (the whole image as the region would give 0.25 for nothing)
+    blue = torch.zeros(2, 3, 8, 8)
+    blue[:, 2] = 1
+    out = r(inp(blue, ["a red square", "a red square"], [{"position": "middle"}, {"position": "left"}]))
+    assert math.isnan(out.scores[0]) and out.scores[1] == pytest.approx(0.25)  # (left: all-blue leaks nothing)
 
 
 def test_brightness_and_jpeg():

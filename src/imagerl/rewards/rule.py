@@ -62,7 +62,9 @@ def color_match(img_3HW: torch.Tensor, rgb: tuple[float, float, float], toleranc
 class ColorPositionReward(Reward):
     """score = inside_weight * match(region) + (1 - inside_weight) * (1 - match(rest)).
 
-    With ``position`` unknown the whole image is the region and only the match term counts."""
+    With no position named the whole image is the region and only the match term counts. A position (from the
+    metadata) that is not one of left/right/top/bottom/center makes the sample abstain: the reward cannot check
+    what was asked, and the whole image as the region would hand out 1 - inside_weight for nothing."""
 
     def __init__(self, name: str = "", tolerance: float = 0.6, inside_weight: float = 0.75):
         super().__init__(name)
@@ -88,8 +90,8 @@ class ColorPositionReward(Reward):
         scores = torch.full((len(inp),), math.nan)
         for i, (prompt, meta) in enumerate(zip(inp.prompts, inp.metadata)):
             color, position = self.parse(prompt, meta or {})
-            if color not in COLOR_RGB:
-                continue  # abstain: nothing to check
+            if color not in COLOR_RGB or (position is not None and position not in POSITIONS):
+                continue  # abstain: nothing we can check
             match = color_match(imgs[i], COLOR_RGB[color], self.tolerance)
             if position is None:
                 scores[i] = match.mean()
