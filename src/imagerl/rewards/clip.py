@@ -67,10 +67,12 @@ def preprocess_images(images_N3HW: torch.Tensor, pp: ClipPreprocess) -> torch.Te
     """[N,3,H,W] in [0,1] -> CLIP pixel values [N,3,crop_h,crop_w] (float32, normalised)."""
     x = images_N3HW.float()
     h, w = x.shape[-2:]
-    scale = pp.resize / min(h, w)
-    # int(), not round(): the transformers processors truncate the long side, and a one-pixel difference
-    # shifts the whole crop
-    new_hw = (max(pp.crop[0], int(h * scale)), max(pp.crop[1], int(w * scale)))
+    # the transformers processors' shortest-edge rule: short side -> resize, long side -> int(resize * long / short)
+    # (in that order of operations: int(long * (resize / short)) can land one pixel lower, e.g. 720x320 -> 503
+    # instead of 504, and a one-pixel difference shifts the whole crop)
+    long_side = int(pp.resize * max(h, w) / min(h, w))
+    new_hw = (pp.resize, long_side) if h <= w else (long_side, pp.resize)
+    new_hw = (max(pp.crop[0], new_hw[0]), max(pp.crop[1], new_hw[1]))
     if new_hw != (h, w):
         x = F.interpolate(x, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
     top = (x.shape[-2] - pp.crop[0]) // 2
