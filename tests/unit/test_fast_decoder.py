@@ -128,6 +128,27 @@ def test_fast_decoder_with_active_lora(prepared):
     assert err < 1e-5, err
 
 
+def test_bf16_weights_with_fp32_lora_adapters_without_autocast():
+    """bf16 base weights with fp32 adapters (how the trainer keeps LoRA on a bf16 model), no autocast: the live
+    path casts the adapter's input and output as peft does, instead of failing on a dtype mismatch."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama().to(torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.data = (0.2 * torch.randn(p.shape)).float()  # fp32 adapters, non-zero
+    base = peft_model.base_model.model
+    embeds = torch.randn(2, 6, model.config.hidden_size).to(torch.bfloat16)
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        ref = reference_hidden(base, embeds, valid)
+        got = fast_hidden(FastLlamaDecoder.build(base), embeds, valid, prefill=3)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    assert (got.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+
+
 def test_prepared_weights_are_copies_and_rebuilt_per_rollout():
     """The prepared path copies the weights at build time: a later weight update is seen only by a new
     build (the Janus policy builds one per `sample_tokens` call)."""

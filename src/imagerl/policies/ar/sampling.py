@@ -378,9 +378,12 @@ class _Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.nn.functional.linear(x, self.weight, self.bias)
-        for lo in self.loras:
-            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x, lo.A), lo.B) * lo.scaling
-        return y
+        if not self.loras:
+            return y
+        out_dtype = y.dtype
+        for lo in self.loras:  # peft's casts: the input to the adapter's dtype (fp32 adapters on bf16 weights), back after
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(x.to(lo.A.dtype), lo.A), lo.B) * lo.scaling
+        return y.to(out_dtype)
 
 
 def _read_linear(mod: torch.nn.Module) -> _Linear | None:
