@@ -57,7 +57,7 @@ class LoraConfig:
     enabled: bool = False  # train peft LoRA adapters on the family's modules instead of the weights themselves
     r: int = 16  # adapter rank
     alpha: float = 32.0  # scale alpha / r on the adapter's output
-    dropout: float = 0.0  # dropout on the adapter's input
+    dropout: float = 0.0  # peft's lora_dropout; no effect in training here (the policy runs in eval mode so that recomputed log-probs equal the rollout's)
     target_modules: list[str] = field(default_factory=list)  # empty = the family's default
 
 

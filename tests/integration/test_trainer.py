@@ -267,6 +267,9 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
     assert "note: model.family=sd3 does not use rollout.top_k=5 (" in capsys.readouterr().out
     GRPOTrainer(cfg_for("sd3", tmp_path / "c", "logging.console=true")).close()
     assert "note:" not in capsys.readouterr().out
+    GRPOTrainer(cfg_for("sd3", tmp_path / "d", "logging.console=true", "model.lora.enabled=true",
+                        "model.lora.dropout=0.1")).close()
+    assert "note: model.lora.dropout=0.1 has no effect: the policy runs in eval mode" in capsys.readouterr().out
     # a KL estimator the family has no outputs for fails at start (it used to fail at the first KL term)
     with pytest.raises(ValueError, match=r"^algorithm.kl_estimator=mean does not apply to model.family=janus .*"
                                          r"use one of k1, k2, k3$"):

@@ -236,6 +236,9 @@ class GRPOTrainer:
         if unused:
             self.logger.print(f"note: model.family={cfg.model.family} does not use {', '.join(unused)} (left as set; "
                               "they apply to other policy families)")
+        if training and cfg.model.lora.enabled and cfg.model.lora.dropout > 0:
+            self.logger.print(f"note: model.lora.dropout={cfg.model.lora.dropout} has no effect: the policy runs in eval "
+                              "mode throughout, so that recomputed log-probs equal the rollout's")
 
     # ------------------------------------------------------------------------------------------------
     def _banner(self) -> str:

@@ -13,7 +13,11 @@ Where this departs from transformers' `generate`:
 - Pad query rows attend to themselves only, so fully masked rows never produce NaN in SDPA.
 - Scoring (`log_prob`) always keeps the sampled token in the top-k/top-p support: at a filter boundary a
   float-level difference between the cached and the teacher-forced forward could otherwise drop it
-  (log-prob -inf). Away from such exact ties this changes nothing.
+  (log-prob -inf). With the rollout's own weights (the first update) this changes nothing away from such exact
+  ties. Once the weights have moved (later updates, the KL reference) a sampled token may have left the current
+  top-k/top-p set; it is then scored within that set plus itself, a deliberate surrogate: its probability stays
+  finite and differentiable (a -inf log-prob would make the ratio 0 and the gradient NaN), and the clipped ratio
+  bounds what such a token contributes.
 """
 
 from __future__ import annotations
