@@ -86,6 +86,20 @@ def test_rollout_shapes_guidance_embedding_and_prompts_encoded_once():
     assert sig[0] == 1 and sig[-1] == 0 and (sig[1:] < sig[:-1]).all()
 
 
+def test_distilled_guidance_is_kept_without_cfg_in_training():
+    # cfg_in_training=false saves the unconditional forward of true CFG; FLUX-dev's embedded guidance has none, so
+    # rollouts, their log-probs and the SFT term all stay at cfg_scale (the value the model is deployed with)
+    pol = make(rollout__num_steps=2, rollout__cfg_in_training=False)
+    seen = []
+    pol.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(float(kw["guidance"][0])), with_kwargs=True)
+    ro = pol.rollout(batch(), 2, gen())
+    with torch.no_grad():
+        out = pol.log_prob(ro, torch.arange(2))
+    pol.sft_loss({"prompts": PROMPTS, "images": torch.rand(2, 3, 16, 16)}, gen())
+    assert seen == [3.5] * 5 and float(ro.replay["guidance"][0]) == 3.5
+    assert (torch.exp(out.logp - ro.old_logp) - 1).abs().max() < 1e-5
+
+
 def test_true_cfg_for_models_without_guidance_embedding():
     """FLUX.1-schnell-like (guidance_embeds=False): cfg_scale > 1 runs cond + uncond rows in one forward."""
     pol = make(model__tiny_overrides={"guidance_embeds": False}, rollout__num_steps=2, rollout__cfg_scale=4.0)

@@ -249,6 +249,12 @@ class FlowPolicy(Policy):
                 self._neg_cond = self.encode_prompts([""])
         return self._neg_cond
 
+    def training_guidance(self) -> float:
+        """The guidance of training rollouts (and of their log-prob recomputation): rollout.cfg_scale, or 1.0 (no
+        unconditional branch) with rollout.cfg_in_training=false."""
+        ro = self.cfg.rollout
+        return ro.cfg_scale if ro.cfg_in_training else 1.0
+
     def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
                          guidance: float) -> torch.Tensor:
         """Velocity with classifier-free guidance v_u + g (v_c - v_u); cond and uncond rows go through ONE
@@ -297,7 +303,7 @@ class FlowPolicy(Policy):
             guidance = ro.eval_cfg_scale or ro.cfg_scale
         else:
             num_steps, kind = ro.num_steps, ro.sde
-            guidance = ro.cfg_scale if ro.cfg_in_training else 1.0
+            guidance = self.training_guidance()
 
         cond_B = self.encode_prompts(list(batch.prompts))  # once per prompt
         cond_N = {k: v.repeat_interleave(G, 0) for k, v in cond_B.items()}

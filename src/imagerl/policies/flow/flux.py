@@ -393,6 +393,11 @@ class FluxPolicy(FlowPolicy):
         e = encode_flux_prompts(self.comps, prompts, self.device)
         return {"t5": e.t5_BTD, "pooled": e.pooled_BP}
 
+    def training_guidance(self) -> float:
+        # FLUX-dev's guidance is an embedding, not a second forward: cfg_in_training=false saves nothing there, and
+        # 1.0 would train a low-guidance model that the SFT term (cfg_scale) and deployment (guidance 3.5) never use
+        return float(self.cfg.rollout.cfg_scale) if self.guidance_distilled else super().training_guidance()
+
     def predict_velocity(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor],
                          guidance: float) -> torch.Tensor:
         if self.guidance_distilled:
