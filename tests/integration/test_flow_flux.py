@@ -137,24 +137,6 @@ def test_loads_real_layout_from_local_directory(tmp_path):
         make(model__tiny=False, model__path=str(tmp_path / "missing"))
 
 
-def test_save_pretrained_lora_loads_in_diffusers(tmp_path):
-    lp = make(lora__enabled=True, lora__r=4)
-    with torch.no_grad():
-        for _, p in lp.named_trainable_parameters():
-            p.add_(0.01)
-    lp.save_pretrained(str(tmp_path / "lora"))
-    fresh = make()
-    pipe = fresh.pipeline()
-    pipe.load_lora_weights(str(tmp_path / "lora"))
-    x = torch.randn(2, *lp.latent_shape())
-    cond = lp.encode_prompts(PROMPTS)
-    sig = torch.tensor([0.5, 0.5])
-    with torch.no_grad():
-        torch.testing.assert_close(fresh.predict_velocity(x, sig, cond, 3.5), lp.predict_velocity(x, sig, cond, 3.5),
-                                   atol=1e-5, rtol=1e-5)
-        assert (fresh.predict_velocity(x, sig, cond, 3.5) - make().predict_velocity(x, sig, cond, 3.5)).abs().max() > 1e-4
-
-
 def test_bad_inputs_name_the_field():
     with pytest.raises(ValueError, match="model.image_size"):
         make(model__image_size=18)

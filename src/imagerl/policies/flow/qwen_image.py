@@ -160,8 +160,11 @@ def build_tiny_qwen_image(size: str = "test", overrides: dict[str, Any] | None =
         )
         vae = AutoencoderKLQwenImage(
             base_dim=p["vae_base_dim"], z_dim=p["latent_channels"], dim_mult=list(p["vae_dim_mult"]), num_res_blocks=1,
-            temperal_downsample=[False] * n_down, latents_mean=[0.0] * p["latent_channels"],
-            latents_std=[1.0] * p["latent_channels"],
+            temperal_downsample=[False] * n_down,
+            # non-trivial statistics (the real VAE has them), so that a test against the pipeline can tell the
+            # latents normalisation from its inverse
+            latents_mean=[0.1 * (i % 5) - 0.2 for i in range(p["latent_channels"])],
+            latents_std=[0.8 + 0.1 * (i % 4) for i in range(p["latent_channels"])],
         )
     return QwenImageComponents(
         transformer=transformer, vae=vae, text_encoder=te, tokenizer=tok,

@@ -167,6 +167,11 @@ class SD3Policy(FlowPolicy):
         )
         return {"prompt_embeds": embeds, "pooled": pooled}  # [B, 77 + L_t5, D], [B, 2 * clip_proj]
 
+    def pipeline(self):
+        """The diffusers `StableDiffusion3Pipeline` sharing this policy's modules (inference, `load_lora_weights`),
+        as FLUX's and Qwen-Image's `pipeline()`."""
+        return self._pipe
+
     def transformer_forward(self, latents: torch.Tensor, sigma: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
         # the timestep stays fp32, as the SD3 pipeline passes it (in bf16 923.08 would become 924)
         dt = self.weight_dtype
