@@ -221,11 +221,11 @@ def _truncate_metrics(path: Path, start_step: int) -> int:
             kept.append(line)
         else:
             dropped += 1
-    _atomic_write_text(path, "".join(l + "\n" for l in kept))
+    atomic_write_text(path, "".join(l + "\n" for l in kept))
     return dropped
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -725,7 +725,7 @@ class RunLogger:
                 log.info("%s: dropped %d records after step %d (resuming)", self.metrics_path, dropped, self.start_step)
         elif self.metrics_path.exists():
             # A fresh run in a used directory: the old records would mix two runs in one curve.
-            _atomic_write_text(self.metrics_path, "")
+            atomic_write_text(self.metrics_path, "")
         self._metrics_f = open(self.metrics_path, "a", encoding="utf-8")
 
         from rich.console import Console

@@ -313,8 +313,11 @@ def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     with pytest.raises(TrainingError, match=r"other shapes than the policy's .*q_proj.weight \(32, 32\) vs \(16, 16\).*"
                                             r"written with model.tiny_overrides.hidden_size=unset \(now 16\)\."):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "model.tiny_overrides.hidden_size=16"))
+    # the refused attempts left the run's config.yaml (what eval / sample / export read) as the checkpoint's
+    assert load_config(str(tmp_path / "config.yaml")).model.lora.enabled is False
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.lr=1e-4")).train()  # other settings resume
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
+    assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4  # (and a resumed run's config is recorded)
 
 
 @pytest.mark.parametrize("family", ["janus", "sd3"])

@@ -162,7 +162,6 @@ class GRPOTrainer:
             except RunDirInUse as e:
                 raise TrainingError(str(e)) from None
             self._refuse_overwrite()
-            (self.out / "config.yaml").write_text(to_yaml(cfg))
         self.datasets = load_datasets(cfg.data.datasets)
         self.sampler = PromptSampler(self.datasets, cfg.run.seed)
         # read now, so that a bad eval or SFT file fails at start, not at the first evaluation (steps or hours in)
@@ -216,7 +215,12 @@ class GRPOTrainer:
         self._resume_note = ""
         if cfg.run.resume:
             self._maybe_resume(weights_only=not training)
-        from ..logging import RunLogger
+        from ..logging import RunLogger, atomic_write_text
+
+        if training and self.dist.is_main:
+            # only now that setup and the resume succeeded: a refused resume (other model settings) must leave the
+            # run's config.yaml, which eval / sample / export read, as the checkpoints' own
+            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
 
         self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
                                 is_main=self.dist.is_main and training)
