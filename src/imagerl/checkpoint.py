@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import warnings
@@ -106,10 +107,11 @@ def save_checkpoint(
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints `step_NNNNNN` in step order. Only that exact name counts: a user's copy such as
+    step_000004.bak or step_000002_keep is neither resumed from nor pruned by keep_last."""
     if not ckpt_root.exists():
         return []
-    out = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step_") and ".tmp" not in p.name
-           and (p / MARKER).exists()]
+    out = [p for p in ckpt_root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name) and (p / MARKER).exists()]
     return sorted(out, key=lambda p: int(p.name.split("_")[1]))
 
 

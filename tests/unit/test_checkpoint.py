@@ -25,6 +25,14 @@ def test_roundtrip_and_keep_last(tmp_path):
     assert torch.equal(ck["trainable"]["w"], torch.full((3,), 3.0))
     assert ck["optimizer"] == {"s": 3} and ck["scheduler"] == {"last_epoch": 3}
     assert {"python", "numpy", "torch"} <= set(ck["rng"])
+    # a user's copies of a checkpoint are neither resumed from nor pruned by keep_last
+    import shutil
+
+    shutil.copytree(tmp_path / "step_000003", tmp_path / "step_000003.bak")
+    shutil.copytree(tmp_path / "step_000002", tmp_path / "step_000002_keep")
+    _save(tmp_path, 4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
+    assert (tmp_path / "step_000003.bak").is_dir() and (tmp_path / "step_000002_keep").is_dir()
 
 
 def test_killed_write_is_ignored(tmp_path):
