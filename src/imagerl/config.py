@@ -245,8 +245,21 @@ class Config:
 # Loading
 # --------------------------------------------------------------------------------------------------
 
+_NO_DEFAULT = object()
+
+
+def _env(name: str, default: Any = _NO_DEFAULT) -> Any:
+    """`${env:NAME}` / `${env:NAME,default}`: the short form of `${oc.env:...}`, with the same error when unset."""
+    v = os.environ.get(name)
+    if v is not None:
+        return v
+    if default is _NO_DEFAULT:
+        raise KeyError(f"Environment variable '{name}' not found")
+    return default
+
+
 if not OmegaConf.has_resolver("env"):
-    OmegaConf.register_resolver("env", lambda name, default=None: os.environ.get(name, default))
+    OmegaConf.register_resolver("env", _env)
 
 
 def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:

@@ -35,6 +35,9 @@ def test_missing_env_var_or_key_in_a_value_is_one_line_with_the_fix(tmp_path, mo
     with pytest.raises(ConfigError, match=r"^config key 'run.output_dir': .*'IMAGERL_NOPE' not found.*; export it before "
                                           r"the command, or give a default: \$\{oc.env:NAME,default\}$"):
         load_config(p)
+    # the short ${env:...} form fails the same way (it used to give None: a silent null scoring.fallback)
+    with pytest.raises(ConfigError, match=r"^config key 'scoring.fallback': .*'IMAGERL_NOPE' not found"):
+        load_config(None, ["scoring.fallback=${env:IMAGERL_NOPE}"])
     p = write(tmp_path, "k.yaml", "model: {tiny: true}\nrun:\n  output_dir: runs/${model.famly}\n")
     with pytest.raises(ConfigError, match=r"^config key 'run.output_dir': Interpolation key 'model.famly' not found; "):
         load_config(p)
