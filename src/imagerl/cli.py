@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -171,7 +172,9 @@ def cmd_eval(args: list[str]) -> int:
     grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
                             title=f"eval of {tag} (deterministic sampling)")
     grid.save(out / f"{tag}.png")
-    (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), **metrics}, indent=1))
+    # strict JSON: a mean over no scored sample (every reward abstained) is null, not NaN
+    (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), **{k: _num(v) for k, v in metrics.items()}},
+                                                indent=1, allow_nan=False))
     for k, v in metrics.items():
         print(f"{k}: {v:.0f}" if k == "eval/prompts" else f"{k}: {v:.4f}")
     print(f"samples: {out / f'{tag}.png'} (the first {min(len(ro), 64)} images)\nmetrics: {out / f'{tag}.json'}")
@@ -230,6 +233,10 @@ def cmd_sample(args: list[str]) -> int:
     out = Path(dest) if dest else Path(cfg.run.output_dir) / "sample" / tag
     if write:
         _make_dir(out, "--out" if dest else "run.output_dir")
+        # a previous sample call's images and grids would otherwise stay next to this call's samples.jsonl
+        for f in out.glob("*.png"):
+            if re.fullmatch(r"\d{4}_\d+\.png|grid_\d{3}\.png", f.name):
+                f.unlink()
     chunk = max(1, cfg.data.prompts_per_step)
     lines = []
     for c, start in enumerate(range(0, len(rows), chunk)):

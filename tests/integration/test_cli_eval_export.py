@@ -18,6 +18,12 @@ def test_train_eval_export(tmp_path, capsys):
     assert 0.0 <= res["eval/reward/mean"] <= 1.0 and res["checkpoint"].endswith("step_000002")
     assert (run / "eval" / "step_000002.png").stat().st_size > 0
     assert (run / "metrics.jsonl").read_text() == before  # evaluation leaves the training log alone
+    # prompts every reward abstains on: the mean is null in strict JSON, not NaN
+    (tmp_path / "nocolour.txt").write_text("a photo of a cat\n")
+    assert main(["eval", f"run.output_dir={run}", f"data.eval_datasets=[{{path: {tmp_path}/nocolour.txt}}]"]) == 0
+    strict = json.loads((run / "eval" / "step_000002.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert strict["eval/reward/mean"] is None
     # sample: your prompts, n images each, seeded (the same seed gives the same files), scored by the run's rewards
     for out in ("s1", "s2"):
         assert main(["sample", f"run.output_dir={run}", "--prompt", "a red square on the left", "--prompt",
@@ -46,6 +52,10 @@ def test_train_eval_export(tmp_path, capsys):
     assert main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "p.txt"), "--images", "3", "--base",
                  "--no-score", "--out", str(tmp_path / "s3")]) == 0
     assert len((tmp_path / "s3" / "samples.jsonl").read_text().splitlines()) == 3
+    # sampling again into the same folder leaves only this call's images next to its samples.jsonl
+    assert main(["sample", f"run.output_dir={run}", "--prompt", "x", "--images", "1", "--base", "--no-score", "--out",
+                 str(tmp_path / "s3")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s3").glob("*.png")) == ["0000_0.png", "grid_000.png"]
     with pytest.raises(SystemExit, match=r"--n and --images are the same option"):
         main(["sample", f"run.output_dir={run}", "--prompt", "x", "--n", "2", "--images", "2"])
     with pytest.raises(SystemExit, match=r"--prompt TEXT \(repeatable\) or --prompts FILE"):
