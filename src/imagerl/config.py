@@ -269,8 +269,9 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    # a bundled recipe by name, also when a directory of that name is here (e.g. a run's output_dir: flux_grpo/)
-    for d in CONFIG_DIRS:
+    # a bundled recipe by name, also when a directory of that name is here (e.g. a run's output_dir: flux_grpo/);
+    # never for a path with a directory part: a mistyped my_configs/flux_grpo.yaml must not load the bundled one
+    for d in CONFIG_DIRS if p.parent == Path(".") else ():
         for cand in (p.name, f"{p.name}.yaml"):
             if (d / cand).is_file():
                 return d / cand

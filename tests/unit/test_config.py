@@ -172,9 +172,14 @@ def test_deepspeed_config_keeps_the_keys_the_loop_owns():
     assert deepspeed_config(load_config(None, ["optim.grad_clip=0"]))["gradient_clipping"] == 0.0
 
 
-def test_missing_config_file():
+def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
+    # a path with a directory part never falls back to the bundled recipe of the same file name
+    with pytest.raises(ConfigError, match=r"'no/such/flux_grpo.yaml' does not exist"):
+        load_config("no/such/flux_grpo.yaml")
+    with pytest.raises(ConfigError, match=r"base '../missing/demo.yaml': config file .*does not exist"):
+        load_config(write(tmp_path, "m.yaml", "base: ../missing/demo.yaml\n"))
 
 
 def test_bad_yaml(tmp_path):
