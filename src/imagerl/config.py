@@ -14,6 +14,8 @@ import dataclasses
 import difflib
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -402,14 +404,62 @@ def _list_elem_default(path: list[str]) -> Any:
     return cls() if cls else None
 
 
+def _schema_type(parts: list[str]) -> Any:
+    """The declared type of the config field at a dotted path (list entries by index), or None where the schema
+    has no typed field there (free-form dicts such as rewards[].args, unknown keys)."""
+    cls: Any = Config
+    path: list[str] = []
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            cls = _LIST_SECTIONS.get(".".join(p for p in path if not p.isdigit()))
+            if cls is None:
+                return None
+            path.append(part)
+            continue
+        if not dataclasses.is_dataclass(cls):
+            return None
+        t = typing.get_type_hints(cls).get(part)
+        if t is None:
+            return None
+        path.append(part)
+        if i == len(parts) - 1:
+            return t
+        cls = t if dataclasses.is_dataclass(t) else None if typing.get_origin(t) is not list else cls
+    return None
+
+
+def _override_value(key: str, raw: str) -> Any:
+    """A text field keeps the text as typed: YAML would read model.revision=0123456 as an octal number (42798) and
+    1234e56 as a float. Quotes around it are removed; an empty value is ""; null stays None where allowed."""
+    t = _schema_type(key.split("."))
+    optional = typing.get_origin(t) in (typing.Union, types.UnionType) and set(typing.get_args(t)) == {str, type(None)}
+    if t is str or optional:
+        if raw in ("null", "~") and optional:
+            return None
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            return raw[1:-1]
+        return raw
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"_={raw}"]), resolve=False)["_"]
+
+
 def _parse_overrides(overrides: list[str]) -> Any:
+    out: dict[str, Any] = {}
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.steps=20)")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from e
+        key, raw = o.split("=", 1)
+        try:
+            value = _override_value(key, raw)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot parse override '{o}': {str(e).splitlines()[0]}") from e
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return out
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,16 @@ def test_demo_loads_and_overrides(tmp_path):
     assert cfg.run.output_dir == f"{tmp_path}/x"
 
 
+def test_text_fields_keep_the_text_of_an_override():
+    # YAML would read 0123456 as octal 42798 and 1234e56 as a float; a text field keeps what was typed
+    cfg = load_config(None, ["model.revision=0123456", "run.name=1234e56", "model.path='a b'", "server.api_key_env="])
+    assert (cfg.model.revision, cfg.run.name, cfg.model.path, cfg.server.api_key_env) == ("0123456", "1234e56", "a b", "")
+    cfg = load_config(None, ["train.steps=0x10", "rewards.0.weight=2", "data.eval_datasets=[{path: e.txt}]",
+                             "run.output_dir=runs/${model.family}"])  # (other fields: YAML values, interpolations)
+    assert (cfg.train.steps, cfg.rewards[0].weight, cfg.data.eval_datasets[0].path) == (16, 2.0, "e.txt")
+    assert cfg.run.output_dir == "runs/janus"
+
+
 def test_bundled_recipe_by_name():
     assert load_config("demo").model.family == "janus"
 
