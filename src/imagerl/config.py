@@ -462,19 +462,24 @@ def _parse_overrides(overrides: list[str]) -> Any:
     return out
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge plain dicts; lists merge element-wise when the override indexes into them."""
+def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """Deep-merge plain dicts; lists merge element-wise when the override indexes into them (an existing entry, or
+    the next one: rewards.1.type=... on a one-entry list appends; a gap would be filled with made-up entries)."""
     out = dict(base)
     for k, v in extra.items():
+        key = f"{path}.{k}" if path else str(k)
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+            out[k] = deep_merge(out[k], v, key)
         elif isinstance(v, dict) and isinstance(out.get(k), list) and all(str(i).isdigit() for i in v):
             lst = list(out[k])
-            for i, item in v.items():
+            for i, item in sorted(v.items(), key=lambda kv: int(kv[0])):
                 i = int(i)
-                while len(lst) <= i:
+                if i > len(lst):
+                    raise ConfigError(f"{key}.{i}: {key} has {len(lst)} entr{'y' if len(lst) == 1 else 'ies'} (indices 0.."
+                                      f"{len(lst) - 1}); to add one, use {key}.{len(lst)}")
+                if i == len(lst):
                     lst.append({})
-                lst[i] = deep_merge(lst[i], item) if isinstance(item, dict) and isinstance(lst[i], dict) else item
+                lst[i] = deep_merge(lst[i], item, f"{key}.{i}") if isinstance(item, dict) and isinstance(lst[i], dict) else item
             out[k] = lst
         else:
             out[k] = v
@@ -485,6 +490,11 @@ def _listify_indexed(data: Any, path: list[str]) -> Any:
     """`rewards.0.weight=2` arrives as {'rewards': {'0': {...}}} when the file had no list; make it a list."""
     if isinstance(data, dict):
         if data and all(str(k).isdigit() for k in data) and _schema_at_list(path):
+            idx = sorted(int(k) for k in data)
+            if idx != list(range(len(idx))):
+                key = ".".join(path)
+                raise ConfigError(f"{key}.{idx[-1]}: {key} is not set in the config, so its entries must be given from "
+                                  f"{key}.0 on without gaps (got indices {idx})")
             return [_listify_indexed(data[k], path + [str(k)]) for k in sorted(data, key=lambda x: int(x))]
         return {k: _listify_indexed(v, path + [str(k)]) for k, v in data.items()}
     if isinstance(data, list):

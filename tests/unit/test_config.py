@@ -123,6 +123,18 @@ def test_unknown_key_suggests_closest(tmp_path):
         load_config(p.parent / "c.yaml" if False else None, ["optim.learning_rate=1e-4"])
 
 
+def test_list_index_overrides_edit_or_append_never_pad(tmp_path):
+    # the demo has one reward: index 0 edits it, 1 appends, 3 would invent entries 1 and 2 (default rewards)
+    assert [(r.type, r.weight) for r in load_config("demo", ["rewards.0.weight=2"]).rewards] == [("color_position", 2.0)]
+    assert [r.type for r in load_config("demo", ["rewards.1.type=brightness"]).rewards] == ["color_position", "brightness"]
+    with pytest.raises(ConfigError, match=r"^rewards.3: rewards has 1 entry \(indices 0..0\); to add one, use rewards.1$"):
+        load_config("demo", ["rewards.3.type=brightness"])
+    p = write(tmp_path, "norew.yaml", "model: {tiny: true}\n")  # no rewards: in the file: entries from .0 on
+    with pytest.raises(ConfigError, match=r"^rewards.1: rewards is not set in the config, so its entries must be given "
+                                          r"from rewards.0 on without gaps \(got indices \[1\]\)$"):
+        load_config(p, ["rewards.1.weight=0.5"])
+
+
 def test_unknown_key_in_list_entry():
     with pytest.raises(ConfigError, match=r"rewards\.0\.wieght.*Did you mean 'rewards\.0\.weight'"):
         load_config(None, ["rewards.0.wieght=2"])
