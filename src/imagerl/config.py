@@ -432,6 +432,16 @@ def _override_value(key: str, raw: str) -> Any:
     """A text field keeps the text as typed: YAML would read model.revision=0123456 as an octal number (42798) and
     1234e56 as a float. Quotes around it are removed; an empty value is ""; null stays None where allowed."""
     t = _schema_type(key.split("."))
+    if dataclasses.is_dataclass(t):
+        first = dataclasses.fields(t)[0].name
+        raise ConfigError(f"{key} is a section, not a value: set its keys (e.g. {key}.{first}=...); "
+                          f"`imagerl print-config` lists them")
+    if t in (int, float) and not raw.strip().startswith("${"):
+        v = OmegaConf.to_container(OmegaConf.from_dotlist([f"_={raw}"]), resolve=False)["_"]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (t is float or isinstance(v, int))
+        if not ok:
+            raise ConfigError(f"{key}={raw}: {key} takes {'an integer' if t is int else 'a number'}")
+        return v
     optional = typing.get_origin(t) in (typing.Union, types.UnionType) and set(typing.get_args(t)) == {str, type(None)}
     if t is str or optional:
         if raw in ("null", "~") and optional:
@@ -489,6 +499,10 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> d
 def _listify_indexed(data: Any, path: list[str]) -> Any:
     """`rewards.0.weight=2` arrives as {'rewards': {'0': {...}}} when the file had no list; make it a list."""
     if isinstance(data, dict):
+        if data and all(str(k).isdigit() for k in data) and not _schema_at_list(path) and path \
+                and typing.get_origin(_schema_type(path)) is list:
+            key = ".".join(path)
+            raise ConfigError(f"{key}.{next(iter(data))}: {key} is a list of values; give it whole, e.g. {key}=[a,b]")
         if data and all(str(k).isdigit() for k in data) and _schema_at_list(path):
             idx = sorted(int(k) for k in data)
             if idx != list(range(len(idx))):

@@ -143,6 +143,13 @@ def test_unknown_key_in_list_entry():
 def test_wrong_type_names_key():
     with pytest.raises(ConfigError, match=r"train\.steps"):
         load_config(None, ["train.steps=many"])
+    # the full key of a list entry, sections and plain lists: one line each, never a traceback
+    for override, match in (("rewards.0.weight=abc", r"^rewards.0.weight=abc: rewards.0.weight takes a number$"),
+                            ("train.steps=2.5", r"^train.steps=2.5: train.steps takes an integer$"),
+                            ("model.lora=true", r"^model.lora is a section, not a value: set its keys \(e.g. model.lora.enabled"),
+                            ("optim.betas.1=0.99", r"^optim.betas.1: optim.betas is a list of values; give it whole")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [override])
 
 
 def test_bad_choice_names_valid_values():
