@@ -576,6 +576,8 @@ class GRPOTrainer:
         out = {k: float(np.mean(v)) for k, v in stats.items() if v}
         out["ratio/max"], out["ratio/min"] = max(stats["ratio/max"]), min(stats["ratio/min"])  # over all updates
         out["ratio/first_epoch_max_dev"] = first_dev
+        if not need_kl:  # no reference forward ran: no KL estimate to log (a 0 would read as "no drift")
+            del out["kl"], out["loss/kl"]
         return out
 
     def _sft_step(self, step: int, epoch: int, update: int = 0) -> float:
