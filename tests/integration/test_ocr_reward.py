@@ -76,6 +76,8 @@ def test_pruned_best_match_equals_exhaustive_maximum():
         ("BEACH", [], False, 0.0),  # nothing read
         ("BEACH", ["  "], False, 0.0),
         ("OPEN  NOW", ["open now"], False, 1.0),  # whitespace runs collapsed
+        ("Joe’s Diner", ["JOE'S DINER"], False, 1.0),  # typographic apostrophe = ASCII one
+        ("ＯＰＥＮ", ["OPEN"], False, 1.0),  # full-width letters (NFKC)
     ],
 )
 def test_best_match_table(target, tokens, case_sensitive, s):
@@ -93,6 +95,8 @@ def test_best_match_table(target, tokens, case_sensitive, s):
         ('the word "say \'hi\'" on a wall', ["say 'hi'"]),  # inner quote not a second target
         ("no quotes at all", []),
         ('empty "" quotes', []),
+        ("a diner sign reading ‘Joe’s Diner’", ["Joe’s Diner"]),  # ’ inside a word is an apostrophe
+        ("‘hi’ and ‘bye’", ["hi", "bye"]),
     ],
 )
 def test_extract_quoted_table(prompt, expected):
@@ -169,4 +173,8 @@ def test_engine_is_created_once_and_lazily():
 
 def test_bad_metadata_text_names_the_field():
     with pytest.raises(ValueError, match=r"metadata\['text'\]"):
-        OCRReward()(RewardInput(images=render("HI").unsqueeze(0), prompts=["x"], metadata=[{"text": 5}]))
+        OCRReward()(RewardInput(images=render("HI").unsqueeze(0), prompts=["x"], metadata=[{"text": {"a": 1}}]))
+    r = OCRReward()
+    # a numeric text ({"text": 2024} from JSONL/parquet) is that text, as from a CSV; a blank one is missing
+    assert r.targets("x", {"text": 2024}) == ["2024"]
+    assert r.targets('a sign that says "SALE"', {"text": ""}) == ["SALE"]

@@ -34,6 +34,14 @@ def test_bom_whitespace_and_missing_prompts(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         assert load_rows(str(tmp_path / "mix.jsonl")) == [{"prompt": "a", "k": 1}, {"prompt": "b"}]
     assert "mix.jsonl: skipped 2 of 4 rows whose 'prompt' is empty or null (the first at line 2)" in caplog.text
+    # lines end at newlines only: U+2028 or a form feed inside a prompt does not cut it in two
+    (tmp_path / "u.jsonl").write_text(json.dumps({"prompt": "a poster\u2028reading SALE"}, ensure_ascii=False) + "\n")
+    assert load_rows(str(tmp_path / "u.jsonl")) == [{"prompt": "a poster\u2028reading SALE"}]
+    (tmp_path / "ff.txt").write_text("a sign\x0creading OPEN\n")
+    assert len(load_rows(str(tmp_path / "ff.txt"))) == 1
+    # an empty CSV cell is a missing value (None, like a parquet null), so rewards fall back to the prompt
+    (tmp_path / "cells.csv").write_text('prompt,text\n"a sign, says ""SALE""",\n')
+    assert load_rows(str(tmp_path / "cells.csv")) == [{"prompt": 'a sign, says "SALE"', "text": None}]
 
 
 def test_errors_name_the_file(tmp_path):
@@ -54,6 +62,10 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "x.docx").write_text("x")
     with pytest.raises(DataError, match="unknown extension"):
         load_rows(str(tmp_path / "x.docx"))
+    # an unquoted comma inside a field shifts every later column: an error naming the row, not silent metadata
+    (tmp_path / "shift.csv").write_text('prompt,text\na neon sign that says "OPEN", above a door,OPEN\n')
+    with pytest.raises(DataError, match=r"shift.csv row 2 has 3 cells for 2 columns; quote fields that contain commas"):
+        load_rows(str(tmp_path / "shift.csv"))
     (tmp_path / "blank.csv").write_text('prompt,x\n,1\n"  ",2\n')
     with pytest.raises(DataError, match=r"every one of the 2 rows of '.*blank.csv' has an empty or null 'prompt'"):
         load_rows(str(tmp_path / "blank.csv"))

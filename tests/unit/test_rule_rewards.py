@@ -41,6 +41,10 @@ def test_color_position_abstains_without_colour():
     blue[:, 2] = 1
     out = r(inp(blue, ["a red square", "a red square"], [{"position": "middle"}, {"position": "left"}]))
     assert math.isnan(out.scores[0]) and out.scores[1] == pytest.approx(0.25)  # (left: all-blue leaks nothing)
+    # blank metadata (an empty CSV cell) is missing: the prompt says what to check
+    from imagerl.rewards.rule import ColorPositionReward
+
+    assert ColorPositionReward.parse("a red square on the left", {"color": "", "position": ""}) == ("red", "left")
 
 
 def test_brightness_and_jpeg():

@@ -76,13 +76,15 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
     try:
         if suffix == ".txt":
             rows = []
-            for line in p.read_text(encoding="utf-8-sig").splitlines():  # (-sig: drops a BOM, as Notepad writes)
+            # (-sig: drops a BOM, as Notepad writes; split at newlines only: str.splitlines() would also cut a prompt at
+            # U+2028, U+0085 or a form feed inside it)
+            for line in _lines(p.read_text(encoding="utf-8-sig")):
                 line = line.strip()
                 if line and not line.startswith("#"):
                     rows.append({"prompt": line})
         elif suffix == ".jsonl":
             rows = []
-            for i, line in enumerate(p.read_text(encoding="utf-8-sig").splitlines(), 1):
+            for i, line in enumerate(_lines(p.read_text(encoding="utf-8-sig")), 1):
                 if not line.strip():
                     continue
                 try:
@@ -94,7 +96,7 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
                 rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name))
         elif suffix == ".csv":
             with p.open(newline="", encoding="utf-8-sig") as f:
-                rows = [_take_prompt(dict(r), prompt_field, f"row {i}", path, field_name)
+                rows = [_take_prompt(_csv_row(r, i, path, field_name), prompt_field, f"row {i}", path, field_name)
                         for i, r in enumerate(csv.DictReader(f), 2)]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -120,6 +122,22 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
     if not kept:
         raise DataError(f"{field_name}: prompt file '{path}' is empty (no prompts found). Add prompts or fix the path.")
     return kept
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def _csv_row(r: dict[Any, Any], i: int, path: str, field_name: str) -> dict[str, Any]:
+    """A csv.DictReader row, checked: more cells than the header (an unquoted comma inside a prompt) shifts every
+    later field, fewer leaves the rest None; both are errors naming the row. An empty cell is a missing value (None),
+    as a parquet null is, so rewards fall back to the prompt instead of checking an empty string."""
+    if None in r or any(v is None for v in r.values()):
+        n_header = len([k for k in r if k is not None])
+        n_cells = n_header - sum(v is None for k, v in r.items() if k is not None) + len(r.get(None) or [])
+        raise DataError(f"{field_name}: {path} row {i} has {n_cells} cells for {n_header} columns; quote fields that "
+                        f"contain commas (\"a sign that says \"\"OPEN\"\", above a door\")")
+    return {k: (None if v == "" else v) for k, v in r.items()}
 
 
 def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, field_name: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -38,7 +39,7 @@ _QUOTE_PATTERNS = [
     re.compile(r'"([^"]+)"'),
     re.compile(r"“([^”]+)”"),
     re.compile(r"「([^」]+)」"),
-    re.compile(r"‘([^’]+)’"),
+    re.compile(r"‘(.+?)’(?!\w)"),  # (’ is also the typographic apostrophe: ‘Joe’s Diner’ is one span)
     re.compile(r"(?<![\w'])'([^']+)'(?![\w'])"),
 ]
 
@@ -73,9 +74,14 @@ def levenshtein(a: str, b: str) -> int:
     return prev[-1]
 
 
+_QUOTE_FOLD = str.maketrans({"’": "'", "‘": "'", "ʼ": "'", "`": "'", "“": '"', "”": '"', "„": '"'})
+
+
 def normalize(text: str, case_sensitive: bool = False) -> str:
-    t = " ".join(text.split())
-    return t if case_sensitive else t.lower()
+    """NFKC (full-width ＯＰＥＮ -> OPEN), typographic quotes and apostrophes -> ASCII, whitespace runs -> one space,
+    and casefold unless case_sensitive: a render of Joe’s Diner that reads JOE'S DINER is a perfect match."""
+    t = " ".join(unicodedata.normalize("NFKC", text).translate(_QUOTE_FOLD).split())
+    return t if case_sensitive else t.casefold()
 
 
 def similarity(target: str, candidate: str) -> float:
@@ -194,7 +200,9 @@ class OCRReward(Reward):
 
     def targets(self, prompt: str, metadata: dict[str, Any] | None) -> list[str]:
         v = (metadata or {}).get(self.metadata_key)
-        if v is not None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+            v = str(v)  # a numeric text column ({"text": 2024}) is the text 2024, as it is when read from a CSV
+        if v is not None and not (isinstance(v, str) and not v.strip()):  # (a blank value is a missing one)
             vals = [v] if isinstance(v, str) else (list(v) if isinstance(v, (list, tuple)) else [v])
             if not all(isinstance(x, str) for x in vals):
                 raise ValueError(f"reward '{self.name}': metadata['{self.metadata_key}'] must be a string or a list of strings, got {v!r}")

@@ -75,8 +75,8 @@ class ColorPositionReward(Reward):
 
     @staticmethod
     def parse(prompt: str, meta: dict) -> tuple[str | None, str | None]:
-        color = meta.get("color")
-        position = meta.get("position")
+        color = meta.get("color") or None  # (a blank value, e.g. an empty CSV cell, is a missing one)
+        position = meta.get("position") or None
         words = re.findall(r"[a-z]+", prompt.lower())
         if color is None:
             color = next((w for w in words if w in COLOR_RGB), None)
