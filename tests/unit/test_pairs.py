@@ -29,6 +29,14 @@ def test_slices_of_one_draw_are_the_whole_draw():
     assert len(set(whole["prompts"])) > 1
 
 
+def test_relative_images_next_to_a_file_given_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    Image.new("RGB", (4, 4), (0, 0, 255)).save(tmp_path / "blue.png")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "blue", "image": "blue.png"}))
+    b = sft_batch([DatasetConfig(path="~/p.jsonl")], 1, torch.Generator().manual_seed(0), size=4)
+    assert torch.allclose(b["images"][0, 2], torch.ones(4, 4))
+
+
 def test_image_files_and_errors(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
@@ -46,3 +54,12 @@ def test_image_files_and_errors(tmp_path):
     (tmp_path / "nofield.jsonl").write_text(json.dumps({"prompt": "x", "picture": "red.png"}))
     with pytest.raises(DataError, match="no 'image' field; set image_field"):
         sft_batch([DatasetConfig(path=str(tmp_path / "nofield.jsonl"))], 1, torch.Generator(), size=8)
+    # at start, not at the first SFT step: a missing image file, an empty image field
+    from imagerl.data.pairs import check_sft_datasets
+
+    (tmp_path / "gone.jsonl").write_text(json.dumps({"prompt": "x", "image": "gone.png"}))
+    with pytest.raises(DataError, match=r"^data.sft_datasets\[0\]: image file '.*gone.png' does not exist"):
+        check_sft_datasets([DatasetConfig(path=str(tmp_path / "gone.jsonl"))])
+    (tmp_path / "null.jsonl").write_text(json.dumps({"prompt": "x", "image": None}))
+    with pytest.raises(DataError, match=r"null.jsonl row 0 has an empty 'image'"):
+        check_sft_datasets([DatasetConfig(path=str(tmp_path / "null.jsonl"))])

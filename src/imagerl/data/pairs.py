@@ -62,21 +62,25 @@ def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, An
         rows = builtin_dataset(path.split(":", 1)[1], "data.sft_datasets[].path")
         return tuple((r["prompt"], ("draw", r["color"], r["shape"], r["position"])) for r in rows)
     rows = load_rows(path, prompt_field, "data.sft_datasets[].path")
-    base = Path(path).parent
+    base = Path(path).expanduser().parent  # (relative image paths are relative to the data file, ~ expanded)
     out = []
     for i, r in enumerate(rows):
         if image_field not in r:
             raise DataError(f"data.sft_datasets: {path} row {i} has no '{image_field}' field; set image_field: <name>")
-        p = Path(str(r[image_field]))
+        if r[image_field] is None or not str(r[image_field]).strip():
+            raise DataError(f"data.sft_datasets: {path} row {i} has an empty '{image_field}'; give each row an image path")
+        p = Path(str(r[image_field])).expanduser()
         out.append((r["prompt"], ("file", str(p if p.is_absolute() else base / p))))
     return tuple(out)
 
 
 def check_sft_datasets(specs: list[Any]) -> None:
-    """Read every SFT file once (cached for sft_batch): a missing file, column or image fails at start. (An empty
-    list with sft_weight > 0 is a config error already.)"""
-    for s in specs:
-        _rows(s.path, s.prompt_field, s.image_field)
+    """Read every SFT file once (cached for sft_batch): a missing file, column or image file fails at start, not at
+    the first SFT step. (Images are decoded when drawn; an empty list with sft_weight > 0 is a config error.)"""
+    for k, s in enumerate(specs):
+        for _, src in _rows(s.path, s.prompt_field, s.image_field):
+            if src[0] == "file" and not Path(src[1]).is_file():
+                raise DataError(f"data.sft_datasets[{k}]: image file '{src[1]}' does not exist (listed in {s.path})")
 
 
 def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64,
