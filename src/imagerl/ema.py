@@ -29,7 +29,7 @@ def ema_decay(decay: float, k: int) -> float:
 
 
 class WeightEMA:
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, every: int):
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float, every: int, start: int = 0):
         if not 0 < decay < 1:
             raise ValueError(f"optim.ema_decay={decay} must be in (0, 1) (0 turns the EMA off)")
         if every < 1:
@@ -37,15 +37,17 @@ class WeightEMA:
         self.names = [n for n, _ in named_params]
         self.params = [p for _, p in named_params]
         self.decay, self.every = decay, every
+        self.start = start  # optimizer steps taken before the average began (a run that switched the EMA on later)
         with torch.no_grad():
             self.shadow = [p.detach().float().clone() for p in self.params]  # starts at the initial weights
 
     def update(self, optimizer_steps: int) -> None:
         """Call after each optimizer step with the number of steps taken so far (1, 2, ...); averages every
         `every`-th. Resume-safe: it depends on the step count only, which the LR schedule's state restores."""
-        if optimizer_steps % self.every:
+        n = optimizer_steps - self.start  # steps since the average began: its warm-up counts from there
+        if n <= 0 or n % self.every:
             return
-        d = ema_decay(self.decay, optimizer_steps // self.every - 1)
+        d = ema_decay(self.decay, n // self.every - 1)
         with torch.no_grad():
             for s, p in zip(self.shadow, self.params):
                 s.lerp_(p.detach().float(), 1 - d)

@@ -65,9 +65,24 @@ def test_resume_takes_the_learning_rate_and_schedule_from_the_current_config(tmp
 
 def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
-    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9"))
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9", "checkpoint.every=1"))
     assert "holds no EMA" in capsys.readouterr().out
     assert all(torch.equal(t.ema.state_dict()[n], p) for n, p in t.policy.named_trainable_parameters())
+    # its warm-up starts with it (at the 2 optimizer steps the checkpoint had taken): the first update after the
+    # switch has decay 0.1, as a fresh EMA's first, not the decay a run 2 updates in would use
+    assert t.ema.start == 2
+    from imagerl.ema import WeightEMA
+
+    w = torch.nn.Parameter(torch.zeros(1))
+    late = WeightEMA([("w", w)], 0.9, 1, start=2)
+    with torch.no_grad():
+        w.fill_(1.0)
+    late.update(3)
+    assert late.state_dict()["w"].item() == pytest.approx(0.9)  # decay 0.1: 0.1 * 0 + 0.9 * 1
+    t.train()
+    # and the start is kept by the next checkpoint, so a later resume warms up the same way
+    t2 = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=3", "optim.ema_decay=0.9", "checkpoint.every=1"))
+    assert t2.ema.start == 2
 
 
 def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):

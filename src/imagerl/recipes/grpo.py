@@ -337,9 +337,10 @@ class GRPOTrainer:
         if self.ema is not None:
             if dist.dcp_complete(ck / EMA_DIR):
                 dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
-            else:  # EMA switched on for a run that had none: average from the resumed weights on
+                self.ema.start = int(state["state"].get("ema_start", 0))
+            else:  # EMA switched on for a run that had none: average from the resumed weights on, warm-up included
                 self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
-                                     self.cfg.optim.ema_every)
+                                     self.cfg.optim.ema_every, start=int(state["scheduler"].get("last_epoch", 0)))
                 self._resume_note = f"{ck} holds no EMA (optim.ema_decay was 0): the average starts from its weights"
         if weights_only:
             return
@@ -397,7 +398,8 @@ class GRPOTrainer:
         if self.dist.is_main:
             path = save_checkpoint(
                 self.ckpt_dir, step, weights, opt_state,
-                self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg)},
+                self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg),
+                                              "ema_start": self.ema.start if self.ema is not None else 0},
                 keep_last=self.cfg.checkpoint.keep_last, move_in=move_in,
             )
         dist.barrier(self.dist)
