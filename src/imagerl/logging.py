@@ -388,6 +388,8 @@ def make_sample_grid(
     frame = 2
     cell_w = tw + 2 * frame
     width = _PAD + cols * (cell_w + _PAD)
+    if title:  # a narrow grid (small groups) widens to show its whole title
+        width = max(width, int(math.ceil(_text_w(scratch, title, title_font))) + 2 * _PAD)
     prompt_lines = [_fit_lines(scratch, p, font, width - 2 * _PAD, 2) for p in group_prompt[:rows]]
     title_h = (_line_h(title_font) + _PAD) if title else 0
     row_h = [len(pl) * lh + 2 + th + 2 * frame + lh + _PAD for pl in prompt_lines]

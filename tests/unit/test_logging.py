@@ -368,3 +368,15 @@ def test_installed_optional_backend_logs_offline(tmp_path, key, package, monkeyp
     lg.finish()
     assert lg._backends[0].failures == 0
     assert (tmp_path / package).is_dir() and any((tmp_path / package).rglob("*.png"))
+
+
+def test_narrow_grid_widens_to_show_its_title():
+    imgs, _ = solid_images(2, 8, 8)
+    title = "eval of step_000001 (deterministic sampling), a title longer than two tiles"
+    grid = make_sample_grid(imgs, ["p", "p"], torch.tensor([0.1, 0.2]), torch.tensor([0, 0]), max_images=2, title=title)
+    tiles_only = PAD + 2 * (96 + 2 * FRAME + PAD)
+    assert grid.width > tiles_only
+    # the title's ink ends inside the canvas with a margin (it is not cut at the right edge)
+    px = grid.convert("RGB").load()
+    ink = [x for x in range(grid.width) for y in range(4, 20) if px[x, y] != px[0, 0]]
+    assert ink and max(ink) < grid.width - 2
