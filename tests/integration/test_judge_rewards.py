@@ -362,3 +362,18 @@ def test_yes_no_judge_end_to_end_with_the_in_process_tiny_vlm():
         assert torch.equal(torch.nan_to_num(again.scores, nan=-1), torch.nan_to_num(out.scores, nan=-1))
     finally:
         r.close()
+
+
+def test_transparent_images_reach_the_judge_on_white():
+    # as transformers' processors (and so a vLLM judge) see them: transparency composited onto white, not black
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    im = Image.new("RGBA", (2, 1), (0, 0, 0, 0))
+    im.putpixel((1, 0), (255, 0, 0, 255))
+    im.save(buf, format="PNG")
+    out = data_uri_to_image("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    assert out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (255, 0, 0)

@@ -335,6 +335,31 @@ def test_sampled_decoding_is_seeded(server):
     assert all(lp <= g.top_logprobs[0].logprob + 1e-5 for lp, g in zip(a[1][:1], greedy[:1]))
 
 
+def test_seeded_samples_do_not_depend_on_what_they_were_coalesced_with():
+    """A seeded sampled request gives the same text alone and when it arrives together with other requests (it is
+    never coalesced); a text carrying image placeholders fails alone, not the image request next to it."""
+    b = LocalVLMBackend(tiny=True, max_batch=8, max_wait_ms=200)
+    m = lambda t: [{"role": "user", "content": t}]  # noqa: E731
+    kw = dict(max_tokens=8, temperature=1.0)
+
+    async def go():
+        alone = await b.complete(m("Describe it."), seed=1, **kw)
+        together = await asyncio.gather(b.complete(m("Something else"), seed=7, **kw),
+                                        b.complete(m("Describe it."), seed=1, **kw))
+        bad = "<|vision_start|><|image_pad|><|vision_end|> what is this?"
+        mixed = await asyncio.gather(b.complete(m(bad), max_tokens=2), b.complete(msg(q8(torch.rand(3, 32, 32)), "Describe."), max_tokens=2),
+                                     return_exceptions=True)
+        return alone, together, mixed
+
+    try:
+        alone, together, mixed = asyncio.run(go())
+    finally:
+        b.close()
+    assert together[1].text == alone.text
+    assert isinstance(mixed[0], ValueError) and "image placeholders" in str(mixed[0])
+    assert not isinstance(mixed[1], BaseException) and mixed[1].text is not None
+
+
 def test_local_vlm_loads_a_saved_checkpoint_directory(tmp_path):
     """The real loading path (a local directory with model, tokenizer and image-processor files), checked
     against the tiny model it was saved from: same greedy answer and log-probs."""

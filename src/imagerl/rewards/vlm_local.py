@@ -26,6 +26,7 @@ import concurrent.futures
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -134,6 +135,8 @@ class DynamicBatcher(Generic[T, R]):
                 leftovers.append(self._q.get_nowait())
             except queue.Empty:
                 break
+        if thread is not None and thread.is_alive():
+            self._q.put(_Stop())  # (the drain took our stop marker: a worker still in a long batch must find one)
         for entry in leftovers:
             if isinstance(entry, tuple) and not entry[1].done():
                 entry[1].set_exception(RuntimeError(f"{self.name} was closed before this request ran"))
@@ -454,10 +457,15 @@ class LocalVLMBackend:
             eos.add(tok.eos_token_id)
         self.eos_ids = sorted(i for i in eos if i is not None and i >= 0)
         self._token_text: dict[int, str] = {}
-        self._seed_counter = itertools.count()
+        # unseeded sampled batches: seeds from a random start, so that two processes (or restarts) do not repeat
+        # each other's draws or those of requests that asked for seed 0, 1, ...
+        self._seed_counter = itertools.count(int.from_bytes(os.urandom(4), "little"))
         self._batcher: DynamicBatcher[_GenRequest, Generation] = DynamicBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-            key=lambda r: (r.temperature > 0, r.temperature, r.top_p), name="vlm-judge",
+            # a seeded sampled request runs alone: its draws must not depend on which requests it was coalesced with
+            key=lambda r: (r.temperature > 0, r.temperature, r.top_p,
+                           id(r) if r.temperature > 0 and r.seed is not None else None),
+            name="vlm-judge",
         )
 
     # -- public API ---------------------------------------------------------------------------
@@ -538,9 +546,13 @@ class LocalVLMBackend:
             try:
                 msgs, imgs = split_messages(r.messages, self.max_image_pixels)
                 text = self._prompt(msgs)
+                pads: list[int] = []
                 if imgs:
                     grid = self.image_processor(images=imgs, return_tensors="pt")["image_grid_thw"]
-                    text = expand_image_pads(text, [int(g.prod()) // self.merge for g in grid])
+                    pads = [int(g.prod()) // self.merge for g in grid]
+                # also without images: a text that carries image placeholders fails here, alone, instead of
+                # failing the whole coalesced batch in the model's image-feature check
+                text = expand_image_pads(text, pads)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone, not its batch
                 results[i] = e if isinstance(e, ValueError) else ValueError(str(e))
                 continue

@@ -70,6 +70,12 @@ def data_uri_to_image(uri: str) -> Any:
         img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image bytes are not a readable image (corrupt or unsupported format): {e}") from e
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # transparency onto white, as transformers' image processors (convert_to_rgb) do; a plain convert("RGB")
+        # drops alpha and shows transparent pixels as black
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        white.alpha_composite(img.convert("RGBA"))
+        return white.convert("RGB")
     return img.convert("RGB")
 
 
