@@ -232,10 +232,13 @@ class FlowPolicy(Policy):
         from torch.distributed.fsdp import fully_shard
 
         mod = self.trainable_module()
+        # reshard_after_forward explicit: left at its default, the root unit stays gathered after a forward without
+        # backward (rollout, eval), and later forwards, state_dict() and the optimizer-state mapping then see the
+        # gathered tensors instead of the shards (after an EMA eval: the averaged weights)
         for name in ("transformer_blocks", "single_transformer_blocks"):
             for blk in getattr(mod, name, None) or []:
-                fully_shard(blk, mesh=mesh)
-        fully_shard(mod, mesh=mesh)
+                fully_shard(blk, mesh=mesh, reshard_after_forward=True)
+        fully_shard(mod, mesh=mesh, reshard_after_forward=True)
         sum_sharded_gradients(mod)
 
     # ============================ sampling ======================================================
