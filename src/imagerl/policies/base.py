@@ -114,9 +114,17 @@ class Policy(nn.Module):
     def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.trainable_module().named_parameters() if p.requires_grad]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        # Sharded (FSDP2) parameters are gathered to full tensors: a checkpoint never depends on the world size.
-        return {n: _full(p).detach().clone() for n, p in self.named_trainable_parameters()}
+    def trainable_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The trained weights as whole tensors on the CPU. Sharded (FSDP2) parameters are gathered one at a time
+        (a collective: every rank calls this), so a checkpoint never depends on the world size and no device holds
+        more than one whole parameter at once; ranks that do not write (`keep=False`) drop each one right away."""
+        out = {}
+        for n, p in self.named_trainable_parameters():
+            t = _full(p).detach()
+            if keep:
+                out[n] = t.to("cpu", copy=True)
+            del t
+        return out
 
     def shard(self, mesh) -> None:
         """Shard the trained module with FSDP2 (dist.strategy=fsdp2). Families that support it override."""

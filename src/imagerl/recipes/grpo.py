@@ -384,7 +384,7 @@ class GRPOTrainer:
     def save(self, step: int) -> Path | None:
         path = None
         # Gathering sharded (FSDP2) weights and staging the optimizer state are collective: every rank takes part.
-        weights = self.policy.trainable_state_dict()
+        weights = self.policy.trainable_state_dict(keep=self.dist.is_main)  # (only rank 0 writes them)
         # every rank writes its own part of the optimizer state (ZeRO partitions, or DCP: FSDP2 shards / whole
         # tensors), and rank 0 moves the staged directory into the checkpoint before its atomic rename
         if self.zero is not None:
