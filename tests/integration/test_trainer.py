@@ -83,6 +83,11 @@ def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsy
     # and the start is kept by the next checkpoint, so a later resume warms up the same way
     t2 = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=3", "optim.ema_decay=0.9", "checkpoint.every=1"))
     assert t2.ema.start == 2
+    t2.close()
+    # a damaged ema/ (its metadata gone) is an error naming the checkpoint, not a silent restart of the average
+    (tmp_path / "checkpoints" / "step_000002" / "ema" / ".metadata").unlink()
+    with pytest.raises(TrainingError, match=r"step_000002/ema is incomplete \(a damaged checkpoint\): remove"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=3", "optim.ema_decay=0.9"))
 
 
 def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):

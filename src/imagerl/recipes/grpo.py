@@ -335,6 +335,9 @@ class GRPOTrainer:
                                 "the model settings that wrote it, or give a new run.output_dir") from None
         self.start_step = int(state["state"]["step"])
         if self.ema is not None:
+            if (ck / EMA_DIR).exists() and not dist.dcp_complete(ck / EMA_DIR):
+                raise TrainingError(f"{ck / EMA_DIR} is incomplete (a damaged checkpoint): remove {ck} to resume from the "
+                                    "checkpoint before it")
             if dist.dcp_complete(ck / EMA_DIR):
                 dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
                 self.ema.start = int(state["state"].get("ema_start", 0))
