@@ -273,6 +273,11 @@ def test_openai_client_chat_completions_with_logprobs(server):
         assert pos.top_logprobs[0].logprob == pytest.approx(pos.logprob, abs=1e-6)
     # the probabilities are a real distribution: top-4 mass is below 1
     assert sum(math.exp(t.logprob) for t in lp[0].top_logprobs) < 1.0
+    # each token's bytes are its raw bytes (part of a character included): joined, they are the reply's text
+    local = server[0].chat
+    ids = local.tokenizer.encode("是 yes")
+    assert bytes(b for i in ids for b in local._tok_bytes(i)).decode() == "是 yes"
+    assert local._tok_text(ids[0]) == "\ufffd" and local._tok_bytes(ids[0]) == [230]  # 是 = e6 98 af
     with pytest.raises(openai.NotFoundError, match="serves 'tiny-qwen2.5-vl'"):
         client.chat.completions.create(model="gpt-4o", messages=msg(img, "hi"), max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="n > 1"):

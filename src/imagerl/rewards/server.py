@@ -398,8 +398,9 @@ class RewardServer:
         logprobs = None
         if want_lp:
             logprobs = {"content": [
-                {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode()),
-                 "top_logprobs": [{"token": s, "logprob": lp, "bytes": list(s.encode())} for s, lp in t.top]}
+                {"token": t.token, "logprob": t.logprob, "bytes": t.bytes or list(t.token.encode()),
+                 "top_logprobs": [{"token": s, "logprob": lp, "bytes": b or list(s.encode())}
+                                  for (s, lp), b in zip(t.top, t.top_bytes or [[]] * len(t.top))]}
                 for t in gen.tokens
             ], "refusal": None}
         return {

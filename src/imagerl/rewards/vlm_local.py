@@ -214,6 +214,10 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)  # best first, len = requested top_logprobs
+    # the UTF-8 bytes of the token and of each alternative (OpenAI's `bytes`): a token that is part of a character
+    # decodes to U+FFFD as text, but its bytes, concatenated with its neighbours', rebuild the character
+    bytes: list[int] = field(default_factory=list)
+    top_bytes: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -457,6 +461,10 @@ class LocalVLMBackend:
             eos.add(tok.eos_token_id)
         self.eos_ids = sorted(i for i in eos if i is not None and i >= 0)
         self._token_text: dict[int, str] = {}
+        self._token_bytes: dict[int, list[int]] = {}
+        from transformers.convert_slow_tokenizer import bytes_to_unicode  # (GPT-2 byte alphabet, which Qwen uses)
+
+        self._byte_decoder = {ch: b for b, ch in bytes_to_unicode().items()}
         # unseeded sampled batches: seeds from a random start, so that two processes (or restarts) do not repeat
         # each other's draws or those of requests that asked for seed 0, 1, ...
         self._seed_counter = itertools.count(int.from_bytes(os.urandom(4), "little"))
@@ -523,6 +531,18 @@ class LocalVLMBackend:
         if not 0 <= int(top_logprobs) <= 20:
             raise ValueError(f"top_logprobs={top_logprobs} must be in [0, 20]")
         return _GenRequest(messages, int(max_tokens), float(temperature), float(top_p), int(top_logprobs), seed)
+
+    def _tok_bytes(self, i: int) -> list[int]:
+        """The raw bytes of token i: the byte-level BPE symbols mapped back through GPT-2's byte alphabet (Qwen's
+        tokenizer), or the decoded text's UTF-8 for tokens outside it (special tokens)."""
+        b = self._token_bytes.get(i)
+        if b is None:
+            sym = self.tokenizer.convert_ids_to_tokens(i)
+            dec = self._byte_decoder
+            b = [dec[c] for c in sym] if isinstance(sym, str) and sym and all(c in dec for c in sym) \
+                else list(self._tok_text(i).encode())
+            self._token_bytes[i] = b
+        return b
 
     def _tok_text(self, i: int) -> str:
         s = self._token_text.get(i)
@@ -604,12 +624,14 @@ class LocalVLMBackend:
                 if tid in eos:
                     finish = "stop"
                     break
-                top = []
+                top, top_b = [], []
                 if r.top_logprobs:
-                    top = [(self._tok_text(int(j)), float(v))
-                           for j, v in zip(top_id_TNK[t, n, : r.top_logprobs].tolist(), top_val_TNK[t, n, : r.top_logprobs].tolist())]
+                    ids_k = top_id_TNK[t, n, : r.top_logprobs].tolist()
+                    top = [(self._tok_text(int(j)), float(v)) for j, v in zip(ids_k, top_val_TNK[t, n, : r.top_logprobs].tolist())]
+                    top_b = [self._tok_bytes(int(j)) for j in ids_k]
                 lp = float(chosen_TN[t, n])
-                toks.append(TokenLogprob(self._tok_text(tid), lp if math.isfinite(lp) else -9999.0, top))
+                toks.append(TokenLogprob(self._tok_text(tid), lp if math.isfinite(lp) else -9999.0, top,
+                                         self._tok_bytes(tid), top_b))
             text = self.tokenizer.decode([int(t) for t in ids[: len(toks)]], skip_special_tokens=True)
             results[i] = Generation(text, toks, finish, int(prompt_lens[n]), self.served_name)
         return results  # type: ignore[return-value]
