@@ -33,6 +33,17 @@ def test_eps_and_constant_group():
     assert torch.allclose(out.adv[2:], torch.tensor([-0.5 / 0.5001, 0.5 / 0.5001]), atol=1e-6)
 
 
+def test_eps_in_the_batch_std_estimators():
+    # global_std: (r - mean_g) / (batch std + eps); gdpo: per-reward (z with eps), then batch z-score with eps
+    r = [1, 3, 0, 0, 3, 1]
+    std = torch.tensor(r, dtype=torch.float64).std(unbiased=False).item()
+    out = adv("global_std", r, [0, 0, 1, 1, 1, 1], eps=0.5)
+    assert torch.allclose(out.adv, torch.tensor([-1, 1, -1, -1, 2, 0], dtype=torch.float32) / (std + 0.5), atol=1e-6)
+    g = adv("gdpo", [1, 3, 0, 0], [0, 0, 1, 1], eps=0.5)
+    z = torch.tensor([-1 / 1.5, 1 / 1.5, 0.0, 0.0])  # group {1, 3}: std 1 (+0.5); group {0, 0}: constant -> 0
+    assert torch.allclose(g.adv, (z - z.mean()) / (z.std(unbiased=False) + 0.5), atol=1e-6)
+
+
 def test_mean_only_drgrpo():
     out = adv("mean_only", [1, 3, 0, 0, 3, 1], [0, 0, 1, 1, 1, 1])
     assert torch.allclose(out.adv, torch.tensor([-1.0, 1, -1, -1, 2, 0]))

@@ -62,6 +62,19 @@ def test_unit_weights_token_and_seq_mean():
     assert inval[1].sum() == 0 and torch.allclose(inval[0].sum(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean"])
+def test_unit_weights_of_rank_slices_with_global_counts_are_the_whole_batch_weights(mode):
+    # two processes each hold half the rows; with the global counts their weights are the one-process weights
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, False, False],
+                         [True, True, True, True]])
+    valid = torch.tensor([True, False, True, True])  # (row 1 abstained)
+    whole = unit_weights(mask, valid, mode)
+    rows, units = float(valid.sum()), float((mask & valid[:, None]).sum())
+    halves = [unit_weights(mask[s], valid[s], mode, total_rows=rows, total_units=units) for s in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(torch.cat(halves), whole)
+    assert whole.sum().item() == pytest.approx(1.0)
+
+
 def test_chunked_accumulation_equals_full_batch():
     torch.manual_seed(0)
     logits = torch.randn(6, 5, requires_grad=True)

@@ -43,6 +43,14 @@ def test_flow_grpo_std_formula_and_sigma_cap():
     assert torch.isfinite(st.log_prob).all()
 
 
+def test_dance_std_is_constant_diffusion_times_sqrt_dt():
+    # DanceGRPO: g = eta (no sigma dependence), std = eta * sqrt(sigma - sigma_next)
+    x, v, z = _xv(n=3)
+    sig, sig_n = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.7, 0.4, 0.0])
+    st = sde.dance_step(x, v, sig, sig_n, 0.3, noise=z)
+    torch.testing.assert_close(st.std, 0.3 * torch.sqrt(sig - sig_n))
+
+
 @pytest.mark.parametrize("kind", SDES)
 def test_zero_noise_recovers_euler(kind):
     x, v, z = _xv()
