@@ -56,7 +56,7 @@ def render() -> str:
         "At the top level of a file, dotted keys work as in overrides (`train.steps: 5`).",
         "The `rollout` section serves every family: Janus reads temperature / top_k / top_p / cuda_graph, flow models",
         "read the SDE settings (num_steps, sde, noise_level, sde_window*, shared_noise, timestep_shift, cfg_in_training,",
-        "eval_num_steps, algorithm.timestep_fraction). A training run that changes one its family does not read prints",
+        "eval_num_steps, algorithm.timestep_fraction, algorithm.log_prob). A training run that changes one its family does not read prints",
         "a `note:` line naming it; a KL estimator the family cannot compute (mean / velocity on Janus) is an error.",
         "",
     ]
@@ -74,7 +74,10 @@ def render() -> str:
                     lines.append(f"| `{name}.{f.name}.{g.name}` | `{fmt(getattr(d, g.name))}` | {com.get((type(d).__name__, g.name), '')} |")
                 continue
             if isinstance(d, list) and d and dataclasses.is_dataclass(d[0]):
-                lines.append(f"| `{name}.{f.name}` | list of {type(d[0]).__name__} | {com.get((cls.__name__, f.name), '')} (entries have the keys of `data.datasets`) |")
+                lines.append(f"| `{name}.{f.name}` | list of {type(d[0]).__name__} | {com.get((cls.__name__, f.name), '')} |")
+                for g in dataclasses.fields(d[0]):  # the entries' keys
+                    lines.append(f"| `{name}.{f.name}.N.{g.name}` | `{fmt(getattr(d[0], g.name))}` | "
+                                 f"{com.get((type(d[0]).__name__, g.name), '')} |")
                 continue
             key = f"{name}.N.{f.name}" if isinstance(val, list) else f"{name}.{f.name}"
             lines.append(f"| `{key}` | `{fmt(d)}` | {com.get((cls.__name__, f.name), '')} |")

@@ -117,8 +117,8 @@ class RolloutConfig:
     sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
     sde_window_range: list[int] = field(default_factory=list)  # [lo, hi) where the window may start
     shared_noise: bool = False  # same initial noise for the G samples of a prompt
-    timestep_shift: float = 0.0  # 0 = resolution-dependent shift from the model's scheduler config
-    cfg_in_training: bool = True  # flow: apply CFG when recomputing log-probs (False = DeepGen-RL)
+    timestep_shift: float = 0.0  # 0 = the family default (SD3: static 3.0; FLUX / Qwen-Image: resolution-dependent mu)
+    cfg_in_training: bool = True  # flow: CFG in training rollouts and their log-probs (False = neither, DeepGen-RL)
     # evaluation
     eval_num_steps: int = 0  # 0 = num_steps
     eval_cfg_scale: float = 0.0  # 0 = cfg_scale
@@ -151,7 +151,7 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW (decoupled) weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW moment decays
     eps: float = 1e-8  # AdamW denominator epsilon
-    warmup_steps: int = 0  # training steps of linear warm-up from lr / warmup_steps to lr (inner epochs share a step's lr)
+    warmup_steps: int = 0  # training steps of linear warm-up from lr / warmup_steps to lr (every optimizer step of a training step shares its lr)
     schedule: str = "constant"  # constant | cosine | linear
     min_lr_ratio: float = 0.0  # cosine / linear decay ends at lr * min_lr_ratio at train.steps
     grad_clip: float = 1.0  # max grad norm (0 = off)
