@@ -432,6 +432,48 @@ def test_eval_covers_eval_prompts_in_rounds_and_equals_one_prompt_at_a_time(tmp_
     assert abs(m["eval/e2/reward/mean"] - m["eval/e2/reward/color_position/mean"]) > 1e-3
 
 
+def test_first_update_deviation_metric_sees_a_log_prob_mismatch(tmp_path):
+    # the ratio-1 check every test relies on must be able to fail: a training log-prob 0.01 above the rollout's
+    # shows up as max |ratio - 1| = e^0.01 - 1 in the first update
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=0"))
+    orig = t.policy.log_prob
+
+    def shifted(*a, **kw):
+        out = orig(*a, **kw)
+        out.logp = out.logp + 0.01
+        return out
+
+    t.policy.log_prob = shifted
+    t.train()
+    assert metrics(tmp_path)[0]["ratio/first_epoch_max_dev"] == pytest.approx(math.exp(0.01) - 1, rel=1e-3)
+
+
+def test_kl_penalty_reaches_the_gradient(tmp_path):
+    # same seeds, a large KL coefficient against a tiny one: the penalty must hold the policy near the reference
+    kl = {}
+    for c in (1e-4, 10.0):
+        GRPOTrainer(cfg_for("janus", tmp_path / str(c), "train.steps=3", "checkpoint.every=0", "optim.lr=1e-2",
+                            f"algorithm.kl_coef={c}", "algorithm.kl_estimator=k3")).train()
+        kl[c] = metrics(tmp_path / str(c))[-1]["kl"]
+    assert kl[10.0] < 0.5 * kl[1e-4]
+
+
+def test_scoring_fallback_and_max_abstain_fraction(tmp_path):
+    # half the prompts name no colour: with a fallback their samples are scored by it (no abstains logged), and a
+    # max_abstain_fraction below one half stops the run with the fraction
+    (tmp_path / "half.txt").write_text("a photo of a cat\na red square on the left\n")
+    data = f"data.datasets.0.path={tmp_path}/half.txt"
+    means = {}
+    for fb in (0.3, 0.9):  # same seeds, same samples: only the fallback's value differs
+        GRPOTrainer(cfg_for("janus", tmp_path / f"f{fb}", "train.steps=1", data, f"scoring.fallback={fb}")).train()
+        m = metrics(tmp_path / f"f{fb}")[0]
+        assert m["reward/abstain"] == 0 and m["reward/color_position/abstain"] == 0
+        means[fb] = m["reward/mean"]
+    assert means[0.9] - means[0.3] == pytest.approx(0.5 * (0.9 - 0.3), abs=1e-6)  # half the samples take it
+    with pytest.raises(TrainingError, match=r"^50% of samples have no reward"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "g", "train.steps=1", data, "scoring.max_abstain_fraction=0.4")).train()
+
+
 def test_mini_batches_take_several_optimizer_steps_per_rollout(tmp_path):
     # 4 prompts in 2 updates of 2 groups each: the first update's ratios are 1, the second's are not (the policy
     # moved), so the tiny clip range clips there; the LR schedule counts 2 optimizer steps per training step
@@ -499,8 +541,11 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
     if variant == "lora+kl":
         extra += ["model.lora.enabled=true", "model.lora.r=4"]
     if (family, strategy, variant) == ("janus", "ddp", ""):  # two optimizer steps per rollout, each on whole groups
+        # (and an estimator with a whole-batch statistic: the batch std must be the global batch's)
         extra += ["data.prompts_per_step=4", "algorithm.mini_batches=2", "algorithm.clip_eps_low=1e-3",
-                  "algorithm.clip_eps_high=1e-3"]
+                  "algorithm.clip_eps_high=1e-3", "algorithm.advantage=global_std"]
+    if (family, strategy, variant) == ("sd3", "deepspeed", "full+kl"):
+        extra += ["algorithm.advantage=gdpo"]  # per-group z-scores, then a batch z-score over all processes' samples
     if variant == "ema":  # each rank averages its shards; the step-2 evaluation runs on the average
         # 3 eval prompts in rounds of 2 split over the ranks: the padding and the reduction are checked too
         extra += ["optim.ema_decay=0.9", "train.eval_every=2", "train.eval_prompts=3"]
