@@ -704,3 +704,30 @@ def test_sharded_resume_reproduces_the_uninterrupted_run(tmp_path, strategy):
         p = subprocess.run([sys.executable, "-m", "imagerl.cli", "eval", f"run.output_dir={tmp_path / 'cut'}"],
                            capture_output=True, text=True, env=env)
         assert p.returncode == 0 and (ck.parent.parent / "eval" / "step_000003.json").exists(), p.stderr[-2000:]
+
+
+def test_sft_term_enters_the_gradient_with_its_weight(tmp_path):
+    """With algorithm.sft_weight = w the update's gradient is (1 - w) x the GRPO gradient + w x the SFT loss's
+    gradient, each computed on its own from the same rollout and the same SFT pairs."""
+    w = 0.3
+    sft = ["data.sft_datasets=[{path: builtin:color_shapes}]", "algorithm.sft_batch_size=2"]
+    common = ["train.steps=1", "checkpoint.every=0", "optim.lr=0", "optim.grad_clip=0", "algorithm.inner_epochs=1",
+              "optim.warmup_steps=0"]
+
+    def grads(trainer):
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in trainer.params]
+
+    both = GRPOTrainer(cfg_for("sd3", tmp_path / "a", *common, *sft, f"algorithm.sft_weight={w}"))
+    both.step(1)
+    g_both = grads(both)
+    grpo = GRPOTrainer(cfg_for("sd3", tmp_path / "b", *common))
+    grpo.step(1)  # (the same seeds: the same rollout)
+    g_grpo = grads(grpo)
+    both.optimizer.zero_grad(set_to_none=True)
+    both._sft_step(1, 0, 0)  # the same pairs and noise as in the update above: w x the SFT gradient alone
+    g_sft = grads(both)
+    for a, b, c in zip(g_both, g_grpo, g_sft):
+        torch.testing.assert_close(a, (1 - w) * b + c, atol=1e-6, rtol=1e-4)
+    assert max(float(c.abs().max()) for c in g_sft) > 0 and max(float(b.abs().max()) for b in g_grpo) > 0
+    both.close()
+    grpo.close()
