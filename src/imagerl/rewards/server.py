@@ -129,14 +129,6 @@ def to_jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _input_rows(inp: RewardInput, lo: int, hi: int) -> RewardInput:
-    """Rows [lo, hi) of a coalesced batch: one request's input again."""
-    return RewardInput(images=inp.images[lo:hi], prompts=inp.prompts[lo:hi], metadata=inp.metadata[lo:hi],
-                       group_ids=None if inp.group_ids is None else inp.group_ids[lo:hi],
-                       texts=None if inp.texts is None else inp.texts[lo:hi],
-                       source_images=None if inp.source_images is None else inp.source_images[lo:hi])
-
-
 def _slice_detail(v: Any, n_total: int, lo: int, hi: int) -> Any:
     """Per-sample detail values (length N of the coalesced batch) are cut back to one request's rows."""
     if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n_total:
@@ -161,20 +153,19 @@ class ScoreJob:
     metadata: list[dict[str, Any]]
     texts: list[str] | None
     source_images: list[Any] | None
-    group_ids: torch.Tensor | None  # [n]
+    group_ids: torch.Tensor  # [n] (a request without group ids is one group: zeros, set at parse time)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def key(self) -> tuple[Any, ...]:
-        return (self.names, tuple(self.images.shape[1:]), self.texts is not None, self.source_images is not None,
-                self.group_ids is not None)
+        return (self.names, tuple(self.images.shape[1:]), self.texts is not None, self.source_images is not None)
 
     def chunk(self, lo: int, hi: int) -> "ScoreJob":
         return ScoreJob(self.names, self.images[lo:hi], self.prompts[lo:hi], self.metadata[lo:hi],
                         self.texts[lo:hi] if self.texts is not None else None,
                         self.source_images[lo:hi] if self.source_images is not None else None,
-                        self.group_ids[lo:hi] if self.group_ids is not None else None)
+                        self.group_ids[lo:hi])
 
 
 @dataclass
@@ -217,28 +208,31 @@ class RewardServer:
         self.app = self._build_app()
 
     # -- scoring (runs in the batcher's worker thread) ----------------------------------------
+    @staticmethod
+    def _batch_input(jobs: list[ScoreJob]) -> RewardInput:
+        """One RewardInput for coalesced jobs (of one key). Group ids are renumbered per job: two clients' group 0
+        are different groups (a request without group ids is one group), so no client's samples join another's."""
+        parts, offset = [], 0
+        for j in jobs:
+            _, inv = torch.unique(j.group_ids, return_inverse=True)
+            parts.append(inv + offset)
+            offset += int(inv.max()) + 1 if len(j) else 0
+        return RewardInput(
+            images=torch.cat([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images,
+            prompts=[p for j in jobs for p in j.prompts],
+            metadata=[m for j in jobs for m in j.metadata],
+            group_ids=torch.cat(parts),
+            texts=[t for j in jobs for t in j.texts] if jobs[0].texts is not None else None,  # type: ignore[union-attr]
+            source_images=[s for j in jobs for s in j.source_images] if jobs[0].source_images is not None else None,  # type: ignore[union-attr]
+        )
+
     def _score_batch(self, jobs: list[ScoreJob]) -> list[JobResult]:
         names = jobs[0].names
         bounds, n = [], 0
         for j in jobs:
             bounds.append((n, n + len(j)))
             n += len(j)
-        # renumber per job: two clients' group 0 are different groups (a request without group ids is one group,
-        # set at parse time), so no client's samples ever join another client's group
-        parts, offset = [], 0
-        for j in jobs:
-            _, inv = torch.unique(j.group_ids, return_inverse=True)
-            parts.append(inv + offset)
-            offset += int(inv.max()) + 1 if len(j) else 0
-        group_ids = torch.cat(parts)
-        inp = RewardInput(
-            images=torch.cat([j.images for j in jobs]) if len(jobs) > 1 else jobs[0].images,
-            prompts=[p for j in jobs for p in j.prompts],
-            metadata=[m for j in jobs for m in j.metadata],
-            group_ids=group_ids,
-            texts=[t for j in jobs for t in j.texts] if jobs[0].texts is not None else None,  # type: ignore[union-attr]
-            source_images=[s for j in jobs for s in j.source_images] if jobs[0].source_images is not None else None,  # type: ignore[union-attr]
-        )
+        inp = self._batch_input(jobs)
         # name -> (scores [n], each job's details)
         per_reward: dict[str, tuple[torch.Tensor, list[dict[str, Any]]]] = {}
         for name in names:
@@ -252,9 +246,9 @@ class RewardServer:
                     scores, per_job = torch.full((n,), math.nan), [{"error": f"{type(e).__name__}: {e}", "failed_samples": n}]
                 else:  # one client's bad input must not wipe the others' scores: each job on its own
                     scores, per_job = torch.full((n,), math.nan), []
-                    for lo, hi in bounds:
+                    for job, (lo, hi) in zip(jobs, bounds):
                         try:
-                            s_j, d_j = self._run_reward(name, _input_rows(inp, lo, hi))
+                            s_j, d_j = self._run_reward(name, self._batch_input([job]))
                             scores[lo:hi] = s_j
                             per_job.append(d_j)
                         except Exception as e_j:  # noqa: BLE001
