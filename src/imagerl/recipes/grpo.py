@@ -40,7 +40,7 @@ from ..checkpoint import (
     unlock_run_dir,
 )
 from ..config import Config, to_dict, to_yaml
-from ..data.pairs import check_sft_datasets
+from ..data.pairs import check_sft_datasets, sft_batch
 from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
 from ..devices import resolve_device
 from ..ema import WeightEMA
@@ -335,12 +335,12 @@ class GRPOTrainer:
                                 "the model settings that wrote it, or give a new run.output_dir") from None
         self.start_step = int(state["state"]["step"])
         if self.ema is not None:
-            if (ck / EMA_DIR).exists() and not dist.dcp_complete(ck / EMA_DIR):
-                raise TrainingError(f"{ck / EMA_DIR} is incomplete (a damaged checkpoint): remove {ck} to resume from the "
-                                    "checkpoint before it")
             if dist.dcp_complete(ck / EMA_DIR):
                 dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
                 self.ema.start = int(state["state"].get("ema_start", 0))
+            elif (ck / EMA_DIR).exists():
+                raise TrainingError(f"{ck / EMA_DIR} is incomplete (a damaged checkpoint): remove {ck} to resume from the "
+                                    "checkpoint before it")
             else:  # EMA switched on for a run that had none: average from the resumed weights on, warm-up included
                 self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
                                      self.cfg.optim.ema_every, start=int(state["scheduler"].get("last_epoch", 0)))
@@ -480,9 +480,15 @@ class GRPOTrainer:
         # the count, shifted by the epoch; that depends on the group only, so K processes form the same updates as
         # one (each holds an equal share of every update: the divisibility is checked at start)
         n_upd = max(1, a.mini_batches)
-        update_of = (ro.group_ids.cpu().long() % n_upd) if n_upd > 1 else torch.zeros(n, dtype=torch.long)
+        update_of = ro.group_ids.cpu().long() % n_upd
+        grpo_scale = 1.0 - a.sft_weight
+        adv_dev = adv.adv.to(ro.mask.device)
         for epoch in range(a.inner_epochs):
             epoch_order = torch.randperm(n, generator=gen) if a.inner_epochs > 1 else torch.arange(n)
+            # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that depends on
+            # (seed, step, epoch) only, identically for every update, micro-batch and rank, so the update does not
+            # depend on micro-batch size or process count.
+            units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
             for j in range(n_upd):
                 order = epoch_order[((update_of[epoch_order] + epoch) % n_upd) == j]
                 first_update = epoch == 0 and j == 0  # the only update whose ratios are exactly 1
@@ -492,10 +498,6 @@ class GRPOTrainer:
                 # global batch.
                 plan = []
                 sel = torch.zeros_like(ro.mask)
-                # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that
-                # depends on (seed, step, epoch) only, identically for every micro-batch and every rank, so the
-                # update does not depend on micro-batch size or process count.
-                units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
                 for lo in range(0, len(order), mb):
                     idx = order[lo: lo + mb]
                     sub = ro.select(idx)
@@ -508,12 +510,10 @@ class GRPOTrainer:
                 tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
                 tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
                 w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
-                grpo_scale = 1.0 - a.sft_weight
                 if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
                     self.optimizer.zero_grad(set_to_none=True)
                 acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0, "sft": 0.0}
                 rmax, rmin = -math.inf, math.inf
-                adv_dev = adv.adv.to(eff.device)
                 for idx, sub, chunks in plan:
                     idx_d = idx.to(eff.device)
                     adv_n = adv_dev[idx_d]
@@ -590,8 +590,6 @@ class GRPOTrainer:
         mean over the step's algorithm.sft_batch_size pairs). The pairs are drawn the same on every rank and split
         in equal slices, and each pair's noise comes from its own stream, so K processes train on the same pairs
         and noise as one process, and the gradients, summed over ranks, are the one-process mean's."""
-        from ..data.pairs import sft_batch  # prompt+image pairs for the auxiliary loss
-
         a, seed, world = self.cfg.algorithm, self.cfg.run.seed, self.dist.world
         per = a.sft_batch_size // world  # (divisibility checked at start)
         mine = range(self.dist.rank * per, (self.dist.rank + 1) * per)
