@@ -29,6 +29,8 @@ _PUNCT = str.maketrans({
 })
 
 _NUM = r"[-+]?\d+(?:\.\d+)?"
+_OUT_OF = r"(?:/|out of)\s*(\d+(?:\.\d+)?)"  # the " / 10" or " out of 5" after a score (captures the scale)
+_SCORE = rf"{_NUM}(?:\s*{_OUT_OF})?"  # a score with its optional scale, one text for `to_number`
 
 
 def normalize_text(text: str | None) -> str:
@@ -117,7 +119,7 @@ def to_number(v: Any, scale: float | None = None) -> float | None:
         f = float(v)
         return f if math.isfinite(f) else None
     if isinstance(v, str):
-        m = re.fullmatch(rf"\s*({_NUM})\s*(?:(?:/|out of)\s*(\d+(?:\.\d+)?))?\s*\.?\s*", v)
+        m = re.fullmatch(rf"\s*({_NUM})\s*(?:{_OUT_OF})?\s*\.?\s*", v)
         if m:
             x, den = float(m.group(1)), m.group(2)
             if den is not None and scale is not None and math.isfinite(scale) and float(den) > 0 and float(den) != scale:
@@ -173,7 +175,7 @@ def parse_score_list(
         if m:
             values = [x for x in re.split(r"[,;]", m.group(1)) if x.strip()]
         else:
-            m = re.search(rf"[\"']?{kpat}[\"']?\s*[:=]\s*[\"']?({_NUM}(?:\s*(?:/|out of)\s*\d+(?:\.\d+)?)?)", s, flags=re.I)
+            m = re.search(rf"[\"']?{kpat}[\"']?\s*[:=]\s*[\"']?({_SCORE})", s, flags=re.I)
             if m:
                 values = [m.group(1)]
     if not values:
@@ -203,7 +205,7 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
     patterns = [
         rf"({_NUM})\s*(?:/|out of)\s*{re.escape(hi_txt)}(?:\.0+)?\b",  # 8/10, 8 out of 10
         # Score: 8 / I rate it 8 / Rating: 3 out of 5 (a fraction on another scale is rescaled)
-        rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}?({_NUM}(?:\s*(?:/|out of)\s*\d+(?:\.\d+)?)?)",
+        rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}?({_SCORE})",
     ]
     for pat in patterns:
         m = re.search(pat, body, flags=re.I)
