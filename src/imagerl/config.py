@@ -399,8 +399,13 @@ _LIST_SECTIONS = {
 }
 
 
+def _list_section(path: list[str]) -> Any:
+    """The entry class of the list of sections at `path` (indices ignored: rewards.0 -> RewardSpec), else None."""
+    return _LIST_SECTIONS.get(".".join(p for p in path if not p.isdigit()))
+
+
 def _list_elem_default(path: list[str]) -> Any:
-    cls = _LIST_SECTIONS.get(".".join(p for p in path if not p.isdigit()))
+    cls = _list_section(path)
     return cls() if cls else None
 
 
@@ -411,7 +416,7 @@ def _schema_type(parts: list[str]) -> Any:
     path: list[str] = []
     for i, part in enumerate(parts):
         if part.isdigit():
-            cls = _LIST_SECTIONS.get(".".join(p for p in path if not p.isdigit()))
+            cls = _list_section(path)
             if cls is None:
                 return None
             path.append(part)
@@ -428,6 +433,11 @@ def _schema_type(parts: list[str]) -> Any:
     return None
 
 
+def _yaml_value(raw: str) -> Any:
+    """The value of `key=raw` as OmegaConf's dotlist reads it (YAML: numbers, lists, null; interpolations kept)."""
+    return OmegaConf.to_container(OmegaConf.from_dotlist([f"_={raw}"]), resolve=False)["_"]
+
+
 def _override_value(key: str, raw: str) -> Any:
     """A text field keeps the text as typed: YAML would read model.revision=0123456 as an octal number (42798) and
     1234e56 as a float. Quotes around it are removed; an empty value is ""; null stays None where allowed."""
@@ -437,7 +447,7 @@ def _override_value(key: str, raw: str) -> Any:
         raise ConfigError(f"{key} is a section, not a value: set its keys (e.g. {key}.{first}=...); "
                           f"`imagerl print-config` lists them")
     if t in (int, float) and not raw.strip().startswith("${"):
-        v = OmegaConf.to_container(OmegaConf.from_dotlist([f"_={raw}"]), resolve=False)["_"]
+        v = _yaml_value(raw)
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (t is float or isinstance(v, int))
         if not ok:
             raise ConfigError(f"{key}={raw}: {key} takes {'an integer' if t is int else 'a number'}")
@@ -449,7 +459,7 @@ def _override_value(key: str, raw: str) -> Any:
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
             return raw[1:-1]
         return raw
-    return OmegaConf.to_container(OmegaConf.from_dotlist([f"_={raw}"]), resolve=False)["_"]
+    return _yaml_value(raw)
 
 
 def _parse_overrides(overrides: list[str]) -> Any:
@@ -499,14 +509,13 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> d
 def _listify_indexed(data: Any, path: list[str]) -> Any:
     """`rewards.0.weight=2` arrives as {'rewards': {'0': {...}}} when the file had no list; make it a list."""
     if isinstance(data, dict):
-        if data and all(str(k).isdigit() for k in data) and not _schema_at_list(path) and path \
-                and typing.get_origin(_schema_type(path)) is list:
-            key = ".".join(path)
+        indexed = bool(data) and all(str(k).isdigit() for k in data)
+        key = ".".join(path)
+        if indexed and not _schema_at_list(path) and path and typing.get_origin(_schema_type(path)) is list:
             raise ConfigError(f"{key}.{next(iter(data))}: {key} is a list of values; give it whole, e.g. {key}=[a,b]")
-        if data and all(str(k).isdigit() for k in data) and _schema_at_list(path):
+        if indexed and _schema_at_list(path):
             idx = sorted(int(k) for k in data)
             if idx != list(range(len(idx))):
-                key = ".".join(path)
                 raise ConfigError(f"{key}.{idx[-1]}: {key} is not set in the config, so its entries must be given from "
                                   f"{key}.0 on without gaps (got indices {idx})")
             return [_listify_indexed(data[k], path + [str(k)]) for k in sorted(data, key=lambda x: int(x))]
@@ -517,7 +526,7 @@ def _listify_indexed(data: Any, path: list[str]) -> Any:
 
 
 def _schema_at_list(path: list[str]) -> bool:
-    return ".".join(p for p in path if not p.isdigit()) in _LIST_SECTIONS
+    return _list_section(path) is not None
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
