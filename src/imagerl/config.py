@@ -440,7 +440,7 @@ def _yaml_value(raw: str) -> Any:
 
 def _override_value(key: str, raw: str) -> Any:
     """A text field keeps the text as typed: YAML would read model.revision=0123456 as an octal number (42798) and
-    1234e56 as a float. Quotes around it are removed; an empty value is ""; null stays None where allowed."""
+    1234e56 as a float. Quotes around it are removed; an empty value is ""; null is None (an error where not allowed)."""
     t = _schema_type(key.split("."))
     if dataclasses.is_dataclass(t):
         first = dataclasses.fields(t)[0].name
@@ -454,8 +454,8 @@ def _override_value(key: str, raw: str) -> Any:
         return v
     optional = typing.get_origin(t) in (typing.Union, types.UnionType) and set(typing.get_args(t)) == {str, type(None)}
     if t is str or optional:
-        if raw in ("null", "~") and optional:
-            return None
+        if raw in ("null", "~"):
+            return None  # a non-Optional text field then fails validation with its name, as `key: null` in YAML does
         if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
             return raw[1:-1]
         return raw

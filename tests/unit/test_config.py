@@ -25,6 +25,10 @@ def test_text_fields_keep_the_text_of_an_override():
                              "run.output_dir=runs/${model.family}"])  # (other fields: YAML values, interpolations)
     assert (cfg.train.steps, cfg.rewards[0].weight, cfg.data.eval_datasets[0].path) == (16, 2.0, "e.txt")
     assert cfg.run.output_dir == "runs/janus"
+    # null means null, as in a YAML file: an error on a field that cannot be empty, the text only when quoted
+    assert load_config(None, ["model.revision='null'"]).model.revision == "null"
+    with pytest.raises(ConfigError, match="model.revision"):
+        load_config(None, ["model.revision=null"])
 
 
 def test_bundled_recipe_by_name():
