@@ -97,6 +97,58 @@ class StepResult:
     metrics: dict[str, float]
 
 
+@dataclass
+class _Tally:
+    """One update's sums over its passes (then over ranks, so K processes log what one process would): the
+    weighted policy / KL / SFT losses, clipped-unit and ratio sums over the trained units, ratio extremes."""
+    pg: float = 0.0
+    kl: float = 0.0  # kl_coef x the weighted KL (the loss term)
+    kl_raw: float = 0.0  # the weighted KL estimate
+    sft: float = 0.0
+    clip: float = 0.0
+    rsum: float = 0.0
+    cnt: float = 0.0
+    rmax: float = -math.inf
+    rmin: float = math.inf
+    first_dev: float = 0.0  # max |ratio - 1| in the step's first update (where ratios are exactly 1 in exact math)
+    grad_norm: float = 0.0
+
+    _SUMS = ("pg", "kl", "kl_raw", "sft", "clip", "rsum", "cnt")
+
+    def add_ratios(self, ratio: torch.Tensor, clipped: torch.Tensor, m: torch.Tensor, first_update: bool) -> None:
+        r = ratio[m]
+        self.clip += float(clipped[m].float().sum())
+        self.rsum += float(r.sum())
+        self.cnt += float(m.sum())
+        if r.numel():
+            self.rmax, self.rmin = max(self.rmax, float(r.max())), min(self.rmin, float(r.min()))
+            if first_update:
+                self.first_dev = max(self.first_dev, float((r - 1).abs().max()))
+
+    def reduced(self, d: Any) -> "_Tally":
+        sums = dist.all_reduce_sum(torch.tensor([getattr(self, k) for k in self._SUMS], dtype=torch.float64), d).tolist()
+        ext = dist.all_reduce_max(torch.tensor([self.rmax, -self.rmin, self.first_dev], dtype=torch.float64), d).tolist()
+        return _Tally(**dict(zip(self._SUMS, sums)), rmax=ext[0], rmin=-ext[1], first_dev=ext[2], grad_norm=self.grad_norm)
+
+    @staticmethod
+    def summary(ts: list["_Tally"], grpo_scale: float, sft_weight: float, kl: bool) -> dict[str, float]:
+        """Metrics of a step: means over its updates; ratio extremes and the first-update deviation over all."""
+        def mean(f) -> float:
+            return float(np.mean([f(t) for t in ts]))
+        out = {
+            "loss": mean(lambda t: grpo_scale * (t.pg + t.kl) + sft_weight * t.sft),
+            "loss/policy": mean(lambda t: t.pg), "loss/sft": mean(lambda t: t.sft),
+            "clip_frac": mean(lambda t: t.clip / max(t.cnt, 1.0)), "ratio/mean": mean(lambda t: t.rsum / max(t.cnt, 1.0)),
+            "grad_norm": mean(lambda t: t.grad_norm),
+            "ratio/max": max((t.rmax for t in ts if t.rmax > -math.inf), default=1.0),
+            "ratio/min": min((t.rmin for t in ts if t.rmin < math.inf), default=1.0),
+            "ratio/first_epoch_max_dev": max(t.first_dev for t in ts),
+        }
+        if kl:  # (without a reference forward there is no KL estimate to log: a 0 would read as "no drift")
+            out["kl"], out["loss/kl"] = mean(lambda t: t.kl_raw), mean(lambda t: t.kl)
+        return out
+
+
 def _model_config_changes(saved: dict | None, cfg: Config) -> str:
     """' It was written with model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's
     config ('' when none differ or the checkpoint has no config)."""
@@ -468,122 +520,106 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------------------------------------
     def train_on(self, ro: Rollout, adv: AdvantageOutput, step: int) -> dict[str, float]:
-        cfg, a = self.cfg, self.cfg.algorithm
-        gen = seeded_generator(cfg.run.seed, step, self.dist.rank, TRAIN)
-        n = len(ro)
-        mb = a.micro_batch_size
-        need_kl = a.kl_coef > 0
-        stats: dict[str, list[float]] = {k: [] for k in ("loss", "loss/policy", "loss/kl", "loss/sft", "kl", "clip_frac", "ratio/mean", "ratio/max", "ratio/min", "grad_norm")}
-        first_dev = 0.0
+        """algorithm.inner_epochs x algorithm.mini_batches optimizer steps on one step's rollout -> metrics."""
+        a = self.cfg.algorithm
+        gen = seeded_generator(self.cfg.run.seed, step, self.dist.rank, TRAIN)
         self.policy.eval()  # no dropout: the recomputed distribution must be the sampling distribution
-        # algorithm.mini_batches optimizer steps per epoch: update j trains the groups whose (global) id is j modulo
-        # the count, shifted by the epoch; that depends on the group only, so K processes form the same updates as
-        # one (each holds an equal share of every update: the divisibility is checked at start)
+        # Update j of an epoch trains the groups whose (global) id is j modulo algorithm.mini_batches, shifted by the
+        # epoch: that depends on the group only, so K processes form the same updates as one (each holds an equal
+        # share of every update: the divisibility is checked at start).
         n_upd = max(1, a.mini_batches)
         update_of = ro.group_ids.cpu().long() % n_upd
-        grpo_scale = 1.0 - a.sft_weight
-        adv_dev = adv.adv.to(ro.mask.device)
+        tallies: list[_Tally] = []
         for epoch in range(a.inner_epochs):
-            epoch_order = torch.randperm(n, generator=gen) if a.inner_epochs > 1 else torch.arange(n)
+            epoch_order = torch.randperm(len(ro), generator=gen) if a.inner_epochs > 1 else torch.arange(len(ro))
             # Which units are trained this epoch (flow: the timestep subset) is drawn from a stream that depends on
             # (seed, step, epoch) only, identically for every update, micro-batch and rank, so the update does not
             # depend on micro-batch size or process count.
-            units_seed = int(seeded_generator(cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
+            units_seed = int(seeded_generator(self.cfg.run.seed, step, 0, TRAIN + 100 * (epoch + 1)).initial_seed())
             for j in range(n_upd):
                 order = epoch_order[((update_of[epoch_order] + epoch) % n_upd) == j]
-                first_update = epoch == 0 and j == 0  # the only update whose ratios are exactly 1
-                in_update = torch.zeros(n, dtype=torch.bool)
-                in_update[order] = True
-                # Plan every (micro-batch, unit chunk) first so loss weights use the counts of the update's whole
-                # global batch.
-                plan = []
-                sel = torch.zeros_like(ro.mask)
-                for lo in range(0, len(order), mb):
-                    idx = order[lo: lo + mb]
-                    sub = ro.select(idx)
-                    chunks = self.policy.unit_chunks(sub, torch.Generator().manual_seed(units_seed))
-                    for units in chunks:
-                        sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
-                    plan.append((idx, sub, chunks))
-                eff = sel & ro.mask
-                valid = adv.valid.to(eff.device) & in_update.to(eff.device)
-                tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
-                tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
-                w_NT = unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
-                if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
-                    self.optimizer.zero_grad(set_to_none=True)
-                acc = {"pg": 0.0, "kl": 0.0, "kl_raw": 0.0, "clip": 0.0, "rsum": 0.0, "cnt": 0.0, "sft": 0.0}
-                rmax, rmin = -math.inf, math.inf
-                for idx, sub, chunks in plan:
-                    idx_d = idx.to(eff.device)
-                    adv_n = adv_dev[idx_d]
-                    for units in chunks:
-                        w = w_NT[idx_d][:, units.to(eff.device)]
-                        if float(w.sum()) == 0.0 and not self.lockstep:
-                            continue
-                        with self.autocast():
-                            cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
-                        terms = clipped_surrogate(cur.logp, sub.old_logp[:, units], adv_n, a.clip_eps_low, a.clip_eps_high, a.dual_clip)
-                        loss_pg = (terms.loss * w).sum()
-                        loss = loss_pg
-                        if need_kl:
-                            with torch.no_grad(), self.policy.reference(), self.autocast():
-                                ref = self.policy.log_prob(sub, units, need_kl_terms=True)
-                            kl_u = kl_per_unit(a.kl_estimator, cur, ref)
-                            loss_kl = a.kl_coef * (kl_u * w).sum()
-                            loss = loss + loss_kl
-                            acc["kl"] += float(loss_kl.detach())
-                            acc["kl_raw"] += float((kl_u.detach() * w).sum())
-                        self._backward(loss * grpo_scale)
-                        m = w > 0
-                        r = terms.ratio.detach()[m]
-                        acc["pg"] += float(loss_pg.detach())
-                        acc["clip"] += float(terms.clipped[m].float().sum())
-                        acc["rsum"] += float(r.sum())
-                        acc["cnt"] += float(m.sum())
-                        rmax, rmin = max(rmax, float(r.max())), min(rmin, float(r.min()))
-                        if first_update:
-                            first_dev = max(first_dev, float((r - 1).abs().max()))
-                if a.sft_weight > 0:  # this rank's share of the mean over the step's pairs (summed over ranks below)
-                    acc["sft"] = self._sft_step(step, epoch, j)
-                if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
-                    gn = torch.tensor(self.zero.step())
-                else:
-                    if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
-                        dist.sum_gradients(self.params, self.dist)
-                    gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-                    if hasattr(gn, "full_tensor"):
-                        gn = gn.full_tensor()
-                if not torch.isfinite(gn):  # (DeepSpeed has skipped its update in that case; the others never ran it)
-                    raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
-                if self.zero is None:
-                    self.optimizer.step()
-                self.scheduler.step()
-                if self.ema is not None:
-                    self.ema.update(self.scheduler.last_epoch)  # (= optimizer steps so far, restored on resume)
-                # Logged numbers describe the global batch, so K processes log what one process would.
-                keys = sorted(acc)
-                tot = dist.all_reduce_sum(torch.tensor([acc[k] for k in keys], dtype=torch.float64), self.dist)
-                acc = dict(zip(keys, tot.tolist()))
-                ext = dist.all_reduce_max(torch.tensor([rmax, -rmin, first_dev], dtype=torch.float64), self.dist).tolist()
-                rmax, rmin, first_dev = ext[0], -ext[1], ext[2]
-                cnt = max(acc["cnt"], 1.0)
-                stats["loss/policy"].append(acc["pg"])
-                stats["loss/kl"].append(acc["kl"])
-                stats["loss/sft"].append(acc["sft"])
-                stats["loss"].append(grpo_scale * (acc["pg"] + acc["kl"]) + a.sft_weight * acc["sft"])
-                stats["kl"].append(acc["kl_raw"])
-                stats["clip_frac"].append(acc["clip"] / cnt)
-                stats["ratio/mean"].append(acc["rsum"] / cnt)
-                stats["ratio/max"].append(rmax if rmax > -math.inf else 1.0)
-                stats["ratio/min"].append(rmin if rmin < math.inf else 1.0)
-                stats["grad_norm"].append(float(gn))
-        out = {k: float(np.mean(v)) for k, v in stats.items() if v}
-        out["ratio/max"], out["ratio/min"] = max(stats["ratio/max"]), min(stats["ratio/min"])  # over all updates
-        out["ratio/first_epoch_max_dev"] = first_dev
-        if not need_kl:  # no reference forward ran: no KL estimate to log (a 0 would read as "no drift")
-            del out["kl"], out["loss/kl"]
-        return out
+                plan, w_NT = self._plan_update(ro, adv, order, units_seed)
+                tally = self._accumulate_gradients(plan, w_NT, adv, first_update=epoch == 0 and j == 0)
+                if a.sft_weight > 0:  # this rank's share of the mean over the step's pairs (summed over ranks)
+                    tally.sft = self._sft_step(step, epoch, j)
+                tally.grad_norm = self._optimizer_step(step)
+                tallies.append(tally.reduced(self.dist))
+        return _Tally.summary(tallies, grpo_scale=1.0 - a.sft_weight, sft_weight=a.sft_weight, kl=a.kl_coef > 0)
+
+    def _plan_update(self, ro: Rollout, adv: AdvantageOutput, order: torch.Tensor, units_seed: int
+                     ) -> tuple[list[tuple[torch.Tensor, Rollout, list[torch.Tensor]]], torch.Tensor]:
+        """The update's passes [(rows, their sub-rollout, unit chunks)] in micro-batches of the rows in `order`, and
+        the per-unit loss weights [N, T], normalised with the counts of the update's whole global batch."""
+        a = self.cfg.algorithm
+        plan = []
+        sel = torch.zeros_like(ro.mask)
+        for lo in range(0, len(order), a.micro_batch_size):
+            idx = order[lo: lo + a.micro_batch_size]
+            sub = ro.select(idx)
+            chunks = self.policy.unit_chunks(sub, torch.Generator().manual_seed(units_seed))
+            for units in chunks:
+                sel[idx.to(sel.device).unsqueeze(1), units.to(sel.device).unsqueeze(0)] = True
+            plan.append((idx, sub, chunks))
+        eff = sel & ro.mask
+        in_update = torch.zeros(len(ro), dtype=torch.bool, device=eff.device)
+        in_update[order.to(eff.device)] = True
+        valid = adv.valid.to(eff.device) & in_update
+        tot_units = dist.all_reduce_sum(torch.tensor(float((eff & valid.unsqueeze(1)).sum())), self.dist)
+        tot_rows = dist.all_reduce_sum(torch.tensor(float(valid.sum())), self.dist)
+        return plan, unit_weights(eff, valid, a.loss_agg, total_rows=float(tot_rows), total_units=float(tot_units))
+
+    def _accumulate_gradients(self, plan: list, w_NT: torch.Tensor, adv: AdvantageOutput, first_update: bool) -> _Tally:
+        """Backward of (1 - sft_weight) x (clipped surrogate + kl_coef x KL) over the planned passes -> their sums."""
+        a = self.cfg.algorithm
+        need_kl = a.kl_coef > 0
+        if self.zero is None:  # DeepSpeed clears its gradient partitions after each step itself
+            self.optimizer.zero_grad(set_to_none=True)
+        t = _Tally()
+        adv_dev = adv.adv.to(w_NT.device)
+        for idx, sub, chunks in plan:
+            idx_d = idx.to(w_NT.device)
+            for units in chunks:
+                w = w_NT[idx_d][:, units.to(w_NT.device)]
+                if float(w.sum()) == 0.0 and not self.lockstep:
+                    continue
+                with self.autocast():
+                    cur = self.policy.log_prob(sub, units, need_kl_terms=need_kl)
+                terms = clipped_surrogate(cur.logp, sub.old_logp[:, units], adv_dev[idx_d], a.clip_eps_low,
+                                          a.clip_eps_high, a.dual_clip)
+                loss_pg = (terms.loss * w).sum()
+                loss = loss_pg
+                if need_kl:
+                    with torch.no_grad(), self.policy.reference(), self.autocast():
+                        ref = self.policy.log_prob(sub, units, need_kl_terms=True)
+                    kl_u = kl_per_unit(a.kl_estimator, cur, ref)
+                    loss_kl = a.kl_coef * (kl_u * w).sum()
+                    loss = loss + loss_kl
+                    t.kl += float(loss_kl.detach())
+                    t.kl_raw += float((kl_u.detach() * w).sum())
+                self._backward(loss * (1.0 - a.sft_weight))
+                t.pg += float(loss_pg.detach())
+                t.add_ratios(terms.ratio.detach(), terms.clipped, w > 0, first_update)
+        return t
+
+    def _optimizer_step(self, step: int) -> float:
+        """Sum the gradients over ranks, clip, step the optimizer, scheduler and EMA -> the gradient norm."""
+        cfg = self.cfg
+        if self.zero is not None:  # reduce-scatter, clip and AdamW on this rank's partition
+            gn = torch.tensor(self.zero.step())
+        else:
+            if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
+                dist.sum_gradients(self.params, self.dist)
+            gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            if hasattr(gn, "full_tensor"):
+                gn = gn.full_tensor()
+        if not torch.isfinite(gn):  # (DeepSpeed has skipped its update in that case; the others never ran it)
+            raise TrainingError(f"step {step}: gradient norm is {float(gn)} (NaN/inf); lower optim.lr or check the rewards")
+        if self.zero is None:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.scheduler.last_epoch)  # (= optimizer steps so far, restored on resume)
+        return float(gn)
 
     def _sft_step(self, step: int, epoch: int, update: int = 0) -> float:
         """Backward of sft_weight x the SFT loss's share of this rank -> that share (the ranks' shares sum to the
