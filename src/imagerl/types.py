@@ -110,6 +110,17 @@ class RewardInput:
     texts: list[str] | None = None  # [N] generated text (planners)
     source_images: list[Any] | None = None  # [N] editing sources (PIL or tensors)
 
+    def __post_init__(self) -> None:
+        # A diverged generator (NaN weights, a bf16 overflow in the VAE) yields NaN pixels, which every 8-bit encoder
+        # turns into black: judges would score a black picture and JPEG compressibility would reward it. Stop instead.
+        if self.images.is_floating_point():
+            bad = (~torch.isfinite(self.images.flatten(1))).any(1).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(
+                    f"{len(bad)} of {len(self)} generated images contain NaN/inf pixels (samples {bad[:8]}, first prompt "
+                    f"{self.prompts[bad[0]]!r}): the generator diverged. Lower optim.lr, use run.dtype=fp32, or resume "
+                    f"from an earlier checkpoint")
+
     def __len__(self) -> int:
         return len(self.prompts)
 

@@ -109,7 +109,9 @@ def test_parse_openai_response_format():
     assert r.text == "No" and r.top_logprobs == [{"No": -0.2, "Yes": -1.9}, {".": -0.01}]
     assert r.usage["finish_reason"] == "stop" and r.usage["completion_tokens"] == 2
     assert parse_chat_response({"choices": [{"message": {"content": None}, "logprobs": None}]}).top_logprobs is None
-    for bad in ({}, {"choices": []}, {"choices": [{"message": {"content": 3}}]}, [1]):
+    # malformed shapes are the retried "unreadable response" errors (TypeError/KeyError...), never AttributeError
+    for bad in ({}, {"choices": []}, {"choices": [{"message": {"content": 3}}]}, [1], {"choices": [{"message": None}]},
+                {"choices": [{"message": {"content": "y"}, "logprobs": [{"token": "y"}]}]}):
         with pytest.raises((KeyError, IndexError, TypeError, ValueError)):
             parse_chat_response(bad)
 

@@ -178,3 +178,4 @@ def test_bad_metadata_text_names_the_field():
     # a numeric text ({"text": 2024} from JSONL/parquet) is that text, as from a CSV; a blank one is missing
     assert r.targets("x", {"text": 2024}) == ["2024"]
     assert r.targets('a sign that says "SALE"', {"text": ""}) == ["SALE"]
+    assert r.targets('a sign that says "SALE"', {"text": float("nan")}) == ["SALE"]  # pandas' empty cell

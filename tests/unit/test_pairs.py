@@ -37,6 +37,26 @@ def test_relative_images_next_to_a_file_given_with_a_tilde(tmp_path, monkeypatch
     assert torch.allclose(b["images"][0, 2], torch.ones(4, 4))
 
 
+def test_images_load_as_displayed(tmp_path):
+    from imagerl.data.pairs import load_image
+
+    # transparency onto white (not black), 16-bit greyscale scaled (not clipped to white), EXIF orientation applied
+    im = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    im.putpixel((0, 0), (255, 0, 0, 255))
+    im.save(tmp_path / "a.png")
+    t = load_image(tmp_path / "a.png", 4, "f")
+    assert t[:, 1, 1].tolist() == [1.0, 1.0, 1.0] and t[:, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    Image.fromarray(__import__("numpy").full((4, 4), 32768, dtype="uint16")).save(tmp_path / "g16.png")
+    assert abs(float(load_image(tmp_path / "g16.png", 4, "f").mean()) - 0.5) < 0.01
+    im = Image.new("RGB", (4, 2), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 2, 2))  # stored: left half white; orientation 6 shows it rotated 90 degrees
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    shown = load_image(tmp_path / "r.jpg", 4, "f").mean(0)  # displayed 2 wide, 4 tall: white on top
+    assert float(shown[:2].mean()) > 0.9 and float(shown[2:].mean()) < 0.1
+
+
 def test_image_files_and_errors(tmp_path):
     Image.new("RGB", (20, 10), (255, 0, 0)).save(tmp_path / "red.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")

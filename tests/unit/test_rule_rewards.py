@@ -45,6 +45,8 @@ def test_color_position_abstains_without_colour():
     from imagerl.rewards.rule import ColorPositionReward
 
     assert ColorPositionReward.parse("a red square on the left", {"color": "", "position": ""}) == ("red", "left")
+    # metadata as a person types it in a CSV ("Red", " Left") is the prompt's words
+    assert ColorPositionReward.parse("a square", {"color": "Red", "position": " Left"}) == ("red", "left")
 
 
 def test_brightness_and_jpeg():
@@ -76,6 +78,35 @@ def test_reward_set_weights_and_per_dataset_overrides():
     t = rs.score(inp(torch.ones(2, 3, 4, 4), ["a", "b"]), [{}, {"dark": 5.0}])
     assert torch.allclose(t.weights, torch.tensor([[2.0, 1.0], [2.0, 5.0]]))
     assert torch.allclose(t.weighted_total(), torch.tensor([2.0, 2.0]))
+
+
+def test_nan_pixels_are_an_error_naming_the_samples():
+    imgs = torch.rand(3, 3, 4, 4)
+    imgs[1, 0, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"1 of 3 generated images contain NaN/inf pixels \(samples \[1\], first prompt 'b'\)"):
+        inp(imgs, ["a", "b", "c"])
+
+
+def test_null_args_are_no_args_and_other_args_are_named():
+    assert build_reward({"type": "brightness", "args": None}).name == "brightness"  # YAML `args:` with nothing after
+    with pytest.raises(ValueError, match=r"rewards\[2\].args must be a mapping"):
+        build_reward({"type": "brightness", "args": [1]}, 2)
+
+
+def test_score_count_is_checked_also_for_async_rewards():
+    from imagerl.rewards.base import Reward
+    from imagerl.types import RewardOutput
+
+    class Short(Reward):  # overrides score_async (as a remote reward does), so Reward.__call__'s check never runs
+        is_remote = True
+
+        async def score_async(self, inp):
+            return RewardOutput(scores=torch.zeros(len(inp) - 1))
+
+    rs = RewardSet([{"type": "brightness"}])
+    rs.rewards, rs.names = [Short("short")], ["short"]
+    with pytest.raises(RuntimeError, match=r"reward 'short' returned scores of shape \(3,\) for 4 samples"):
+        rs.score(inp(torch.rand(4, 3, 4, 4), list("abcd")))
 
 
 def test_infinite_score_is_an_error():

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..imageio import to_rgb
 from ..tiny import COLORS, POSITIONS, SHAPES
 from .prompts import DataError, builtin_dataset, load_rows
 
@@ -51,7 +52,7 @@ def load_image(path: Path, size: int, field: str) -> torch.Tensor:
         im.load()
     except (UnidentifiedImageError, OSError) as e:
         raise DataError(f"{field}: image '{path}' is corrupt or not an image ({e}); remove the row or fix the file") from None
-    im = im.convert("RGB").resize((size, size), Image.BICUBIC)
+    im = to_rgb(im).resize((size, size), Image.BICUBIC)
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return t.permute(2, 0, 1).float() / 255.0
 

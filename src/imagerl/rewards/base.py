@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,8 +60,12 @@ class NaNRewardError(RewardError):
     pass
 
 
-def check_scores(name: str, out: RewardOutput) -> RewardOutput:
-    """Infinite scores are a bug in the scorer, not an abstain: fail loudly, naming the reward."""
+def check_scores(name: str, out: RewardOutput, n: int) -> RewardOutput:
+    """A score count other than the sample count, or an infinite score, is a bug in the scorer, not an abstain:
+    fail loudly, naming the reward (also for rewards that override score_async and so bypass __call__)."""
+    if tuple(out.scores.shape) != (n,):
+        raise RuntimeError(f"reward '{name}' returned scores of shape {tuple(out.scores.shape)} for {n} samples "
+                           f"(one score per sample, NaN to abstain)")
     if torch.isinf(out.scores).any():
         raise NaNRewardError(
             f"reward '{name}' returned an infinite score; fix the scorer (NaN is allowed and means 'abstain')"
@@ -71,9 +76,12 @@ def check_scores(name: str, out: RewardOutput) -> RewardOutput:
 def build_reward(spec: Any, index: int | str = 0) -> Reward:
     """Instantiate one reward from a `RewardSpec`-like object (type, name, weight, args)."""
     rtype = spec["type"] if isinstance(spec, dict) else spec.type
-    args = dict(spec.get("args", {}) if isinstance(spec, dict) else spec.args)
+    args = spec.get("args") if isinstance(spec, dict) else spec.args
     name = (spec.get("name", "") if isinstance(spec, dict) else spec.name) or rtype.split(":")[-1]
     field = f"rewards[{index}]"
+    if args is not None and not isinstance(args, Mapping):
+        raise ValueError(f"{field}.args must be a mapping of keyword arguments (e.g. args: {{tolerance: 0.3}}), got {args!r}")
+    args = dict(args or {})  # (`args:` with nothing after it is YAML null: no arguments)
     try:
         cls = REWARDS.get(rtype, field=f"{field}.type")
     except KeyError as e:
@@ -202,8 +210,8 @@ class RewardSet:
         details: dict[str, Any] = {}
         cols = []
         for name, out in zip(self.names, outs):
-            check_scores(name, out)
-            cols.append(out.scores)
+            check_scores(name, out, len(inp))
+            cols.append(out.scores.float().cpu())
             for k, v in out.details.items():
                 details[f"{name}/{k}"] = v
         scores = torch.stack(cols, 1) if cols else torch.zeros(len(inp), 0)

@@ -358,6 +358,8 @@ def parse_chat_response(d: Any) -> ChatResult:
     if not isinstance(d, dict):
         raise TypeError(f"expected a JSON object, got {type(d).__name__}")
     choice = d["choices"][0]
+    if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+        raise TypeError("choices[0].message is not a JSON object")
     content = choice["message"].get("content")
     if content is None:
         content = ""
@@ -365,6 +367,8 @@ def parse_chat_response(d: Any) -> ChatResult:
         raise TypeError("choices[0].message.content is not a string")
     top = None
     lp = choice.get("logprobs")
+    if lp and not isinstance(lp, dict):
+        raise TypeError("choices[0].logprobs is not a JSON object (a chat-completions response has logprobs.content)")
     if lp and lp.get("content") is not None:
         top = []
         for pos in lp["content"]:

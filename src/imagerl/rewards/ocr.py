@@ -200,6 +200,8 @@ class OCRReward(Reward):
 
     def targets(self, prompt: str, metadata: dict[str, Any] | None) -> list[str]:
         v = (metadata or {}).get(self.metadata_key)
+        if isinstance(v, float) and v != v:
+            v = None  # a NaN cell (pandas' empty value) is a missing one
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
             v = str(v)  # a numeric text column ({"text": 2024}) is the text 2024, as it is when read from a CSV
         if v is not None and not (isinstance(v, str) and not v.strip()):  # (a blank value is a missing one)

@@ -30,6 +30,7 @@ import httpx
 import torch
 
 from ..algorithms.advantages import combined_reward
+from ..imageio import to_rgb
 from ..types import RewardInput, RewardOutput
 from .base import RewardError, Reward, group_chunks, run_sync
 from .http_client import BackgroundLoop, HTTPPool, PoolStats, normalize_base_urls, read_api_key
@@ -237,5 +238,5 @@ def _encode_any(img: Any) -> str:
     import io
 
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG", compress_level=1)
+    to_rgb(img).save(buf, format="PNG", compress_level=1)
     return base64.b64encode(buf.getvalue()).decode()

@@ -75,8 +75,9 @@ class ColorPositionReward(Reward):
 
     @staticmethod
     def parse(prompt: str, meta: dict) -> tuple[str | None, str | None]:
-        color = meta.get("color") or None  # (a blank value, e.g. an empty CSV cell, is a missing one)
-        position = meta.get("position") or None
+        # (a blank value, e.g. an empty CSV cell, is a missing one; "Red" in a CSV is the prompt's "red")
+        color = str(meta.get("color") or "").strip().lower() or None
+        position = str(meta.get("position") or "").strip().lower() or None
         words = re.findall(r"[a-z]+", prompt.lower())
         if color is None:
             color = next((w for w in words if w in COLOR_RGB), None)

@@ -43,7 +43,7 @@ import torch
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the string annotations here
 from fastapi.responses import JSONResponse
 
-from ..imageio import to_pil
+from ..imageio import to_pil, to_rgb
 from ..types import RewardInput
 from .base import Reward, group_chunks
 from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
@@ -93,7 +93,7 @@ def decode_image(b64: Any, field: str, max_pixels: int) -> Any:
         img.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise APIError(400, f"{field} is a corrupt image (truncated or bad data): {e}") from None
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 def pil_to_tensor(img: Any) -> torch.Tensor:

@@ -12,6 +12,8 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from ...imageio import to_rgb
+
 
 @dataclass
 class ChatResult:
@@ -70,13 +72,7 @@ def data_uri_to_image(uri: str) -> Any:
         img.load()
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image bytes are not a readable image (corrupt or unsupported format): {e}") from e
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # transparency onto white, as transformers' image processors (convert_to_rgb) do; a plain convert("RGB")
-        # drops alpha and shows transparent pixels as black
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        white.alpha_composite(img.convert("RGBA"))
-        return white.convert("RGB")
-    return img.convert("RGB")
+    return to_rgb(img)
 
 
 # Backend types selectable from a judge's `backend: {type: ..., ...}` argument.
