@@ -632,6 +632,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("algorithm.clip_eps_low / clip_eps_high must be >= 0")
     if cfg.algorithm.dual_clip and cfg.algorithm.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip={cfg.algorithm.dual_clip} must be > 1 (or 0 to turn it off)")
+    if cfg.model.lora.enabled and cfg.model.trainable:
+        raise ConfigError(f"model.trainable={list(cfg.model.trainable)} selects modules for full fine-tuning, but "
+                          "model.lora.enabled=true trains only the LoRA adapters: remove model.trainable, or set "
+                          "model.lora.enabled=false to fine-tune those modules")
     if cfg.rollout.group_size < 2:
         raise ConfigError("rollout.group_size must be >= 2: group advantages need at least two samples per prompt")
     if not cfg.model.tiny and not cfg.model.path:

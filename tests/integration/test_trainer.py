@@ -295,6 +295,14 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
                                          r"use one of k1, k2, k3$"):
         GRPOTrainer(cfg_for("janus", tmp_path / "d", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1"))
     GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
+    # settings that used to fail only after the first rollout: no SFT loss (janus), a KL without a reference
+    for args, msg in [(("algorithm.sft_weight=0.5", "data.sft_datasets.0.path=builtin:color_shapes"),
+                       r"^algorithm.sft_weight=0.5: model.family=janus has no auxiliary SFT loss"),
+                      (("model.reference=none", "algorithm.kl_coef=0.04"), r"^algorithm.kl_coef=0.04 needs a reference"),
+                      (("model.reference=lora_disabled", "model.lora.enabled=false", "algorithm.kl_coef=0.04"),
+                       r"^model.reference=lora_disabled needs model.lora.enabled=true")]:
+        with pytest.raises(ValueError, match=msg):
+            GRPOTrainer(cfg_for("janus", tmp_path / "f", *args))
 
 
 @pytest.mark.parametrize("steps,every,saved", [(4, 2, [2, 4]), (3, 2, [2, 3]), (2, 0, [2])])

@@ -208,3 +208,7 @@ def test_cfg_decode_without_padding_passes_no_mask():
     cfg_decode(forward, lambda h: torch.zeros(h.shape[0], 5), lambda tok: torch.zeros(tok.shape[0], 1, 4),
                torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.rand(2, 3), SamplingParams())
     assert seen == [None, None, None]
+    # u = 1 would draw past the last CDF step (a filtered token of log-prob -inf): refused
+    with pytest.raises(ValueError, match=r"uniforms must lie in \[0, 1\)"):
+        cfg_decode(forward, lambda h: torch.zeros(h.shape[0], 5), lambda tok: torch.zeros(tok.shape[0], 1, 4),
+                   torch.zeros(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 3), SamplingParams())

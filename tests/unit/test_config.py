@@ -31,6 +31,13 @@ def test_text_fields_keep_the_text_of_an_override():
         load_config(None, ["model.revision=null"])
 
 
+def test_trainable_modules_with_lora_is_a_contradiction():
+    # with LoRA only the adapters train: model.trainable used to be ignored without a word
+    with pytest.raises(ConfigError, match=r"model.trainable=\['generation_head'\] selects modules for full fine-tuning"):
+        load_config(None, ["model.lora.enabled=true", "model.trainable=[generation_head]"])
+    assert load_config(None, ["model.lora.enabled=false", "model.trainable=[generation_head]"]).model.trainable
+
+
 def test_bundled_recipe_by_name():
     assert load_config("demo").model.family == "janus"
 

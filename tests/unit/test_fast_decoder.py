@@ -151,7 +151,7 @@ def test_bf16_weights_with_fp32_lora_adapters_without_autocast():
 
 def test_prepared_weights_are_copies_and_rebuilt_per_rollout():
     """The prepared path copies the weights at build time: a later weight update is seen only by a new
-    build (the Janus policy builds one per `sample_tokens` call)."""
+    build (the Janus policy builds one per rollout, shared by its micro-batches)."""
     model = tiny_llama()
     emb = torch.randn(1, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     valid = torch.ones(1, 5, dtype=torch.bool)
@@ -178,3 +178,31 @@ def test_path_choice_by_size_and_dtype():
         assert FastLlamaDecoder.build(model).prepared is None
     finally:
         FastLlamaDecoder.FUSE_MAX_BYTES = old
+
+
+def test_fast_decoder_sees_through_fsdp2(tmp_path):
+    """fully_shard turns LlamaModel into a dynamic FSDPLlamaModel subclass; the lean decoder (and with it
+    rollout.cuda_graph) must still apply under dist.strategy=fsdp2 (one real gloo process here)."""
+    import torch.distributed as tdist
+    from torch.distributed.fsdp import fully_shard
+
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert type(model).__name__ == "FSDPLlamaModel"
+        emb = torch.randn(2, 5, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        valid = torch.ones(2, 5, dtype=torch.bool)
+        with torch.no_grad():
+            model.unshard()
+            for layer in model.layers:
+                layer.unshard()
+            dec = FastLlamaDecoder.build(model)
+            assert dec is not None
+            got = fast_hidden(dec, emb, valid, prefill=2)
+            ref = reference_hidden(model, emb, valid)
+        assert (got - ref).abs().max() < 1e-5
+    finally:
+        tdist.destroy_process_group()

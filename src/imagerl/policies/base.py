@@ -159,6 +159,16 @@ class Policy(nn.Module):
         """Raise ValueError, naming the field and the fix, when the config samples nothing this policy can train
         on (the trainer calls it before training; evaluation and sampling do not). Subclasses extend it."""
         a = self.cfg.algorithm
+        # settings that would only fail after the first rollout (minutes on a real model): fail before it
+        if a.sft_weight > 0 and type(self).sft_loss is Policy.sft_loss:
+            raise ValueError(f"algorithm.sft_weight={a.sft_weight}: model.family={self.cfg.model.family} has no auxiliary "
+                             "SFT loss; set algorithm.sft_weight=0")
+        if a.kl_coef > 0 and self.reference_mode() == "none":
+            raise ValueError(f"algorithm.kl_coef={a.kl_coef} needs a reference policy but model.reference=none; set "
+                             "algorithm.kl_coef=0 or model.reference=auto")
+        if a.kl_coef > 0 and self.reference_mode() == "lora_disabled" and not self.uses_lora():
+            raise ValueError("model.reference=lora_disabled needs model.lora.enabled=true (the reference is the model "
+                             "with its adapters off); use model.reference=auto (a frozen copy for full fine-tuning)")
         if a.kl_coef > 0 and a.kl_estimator not in self.kl_estimators:
             raise ValueError(
                 f"algorithm.kl_estimator={a.kl_estimator} does not apply to model.family={self.cfg.model.family} "

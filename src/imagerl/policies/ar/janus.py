@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -539,6 +540,9 @@ class JanusPolicy(Policy):
         """What sampling `num_rows` images needs from the current weights: the lean decoder (None = the
         transformers forward) and the image-token embedding function (tokens [B] -> inputs [R, 1, D])."""
         fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
+        if fast is None and self.decode_static:
+            warnings.warn(f"rollout.cuda_graph=true has no effect on this language model "
+                          f"({type(self._base_lm()).__name__}): the fixed-shape step needs the lean Llama decoder", stacklevel=2)
         # image-token inputs in the text embeddings' dtype, as `log_prob` builds its sequence: under autocast the
         # aligner MLP returns bf16 while the (never autocast) text embeddings stay fp32, and decoding from bf16
         # inputs would make the rollout a different function from the training forward

@@ -132,7 +132,7 @@ def draw_tokens(logits_BV: torch.Tensor, u_B: torch.Tensor) -> TokenDraw:
     cdf_BV = logp_BV.exp().double().cumsum(-1)
     u_B1 = u_B.to(device=cdf_BV.device, dtype=torch.float64).reshape(-1, 1)
     tokens_B = torch.searchsorted(cdf_BV, u_B1 * cdf_BV[:, -1:], right=True).squeeze(-1)
-    tokens_B = tokens_B.clamp_max(cdf_BV.shape[-1] - 1)  # u * total rounding up to total (never seen)
+    tokens_B = tokens_B.clamp_max(cdf_BV.shape[-1] - 1)  # (u < 1, checked by cfg_decode: u * total < total)
     return TokenDraw(tokens_B, logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1))
 
 
@@ -268,6 +268,9 @@ def cfg_decode(
     T = uniforms_BT.shape[1]
     if uniforms_BT.shape[0] != B:
         raise ValueError(f"cfg_decode: {uniforms_BT.shape[0]} rows of uniforms for {B} samples")
+    if uniforms_BT.numel() and not bool(((uniforms_BT >= 0) & (uniforms_BT < 1)).all()):
+        # u = 1 would land past the last CDF step and draw a filtered (zero-probability, log-prob -inf) token
+        raise ValueError("cfg_decode: uniforms must lie in [0, 1)")
     u_BT = uniforms_BT.to(device)
     valid_RP = prompt_valid_RP.to(device=device, dtype=torch.bool)
     if static:
@@ -487,7 +490,9 @@ class FastLlamaDecoder:
 
     @classmethod
     def build(cls, lm: torch.nn.Module, fuse: bool | None = None) -> "FastLlamaDecoder | None":
-        if type(lm).__name__ != "LlamaModel" or getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        # (FSDP2's fully_shard turns the class into a dynamic FSDPLlamaModel subclass: look through it)
+        own = next(c for c in type(lm).__mro__ if not c.__name__.startswith("FSDP"))
+        if own.__name__ != "LlamaModel" or getattr(lm.config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
             return None
         if getattr(lm.config, "hidden_act", "silu") != "silu":
             return None
