@@ -500,6 +500,34 @@ def test_mini_batches_take_several_optimizer_steps_per_rollout(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path / "b", "data.prompts_per_step=4", "algorithm.mini_batches=3"))
 
 
+class EvenGroupsAbstain:
+    """color_position, except that every sample of an even (global) group abstains."""
+
+    def __new__(cls, **kw):
+        from imagerl.rewards.rule import ColorPositionReward
+        from imagerl.types import RewardOutput
+
+        class _R(ColorPositionReward):
+            def score(self, inp):
+                s = super().score(inp).scores.clone()
+                s[(inp.group_ids % 2) == 0] = math.nan
+                return RewardOutput(scores=s)
+
+        return _R(**kw)
+
+
+def test_an_update_without_trained_units_still_steps_every_parameter(tmp_path):
+    # mini-batch 0 holds only even groups, which all abstain: with one process no backward runs there, while with
+    # K processes the ranks join the gradient sum with zeros (and DeepSpeed backwards a zero loss) and AdamW steps.
+    # A missing gradient counts as zero, so every parameter takes both steps and one process updates as K do.
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "data.prompts_per_step=4", "algorithm.mini_batches=2",
+                            f"rewards.0.type={__name__}:EvenGroupsAbstain", "checkpoint.every=0"))
+    t.train()
+    steps = {int(t.optimizer.state[p]["step"]) for p in t.params}
+    t.close()
+    assert steps == {t.scheduler.last_epoch} == {4} and metrics(tmp_path)[0]["reward/abstain"] == 0.5
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2",
