@@ -15,6 +15,7 @@ kill at any moment leaves either the previous complete checkpoint or the new com
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -23,7 +24,7 @@ import shutil
 import socket
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,12 +60,18 @@ def rng_state() -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(saved: dict[str, Any] | list[dict[str, Any]], rank: int = 0, world: int = 1) -> None:
+    """Restore the global RNG states: `saved` is one `rng_state()` per rank of the run that wrote it (an older
+    checkpoint: rank 0's only). A rank gets its own entry when the process count is unchanged, else rank 0's; CUDA
+    states only for the devices this process sees (a resume may see fewer than the saving run did)."""
+    states = saved if isinstance(saved, list) else [saved]
+    state = states[rank] if len(states) == world else states[0]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def save_checkpoint(
@@ -76,6 +83,7 @@ def save_checkpoint(
     state: dict[str, Any],
     keep_last: int = 2,
     move_in: dict[str, Path] | None = None,
+    rng: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically. `move_in` {name: directory}: directories written beforehand (e.g. by
     every rank: DeepSpeed's optimizer partitions) that become `name/` inside the checkpoint before it is marked
@@ -90,7 +98,7 @@ def save_checkpoint(
     with open(tmp / "trainable.safetensors", "rb+") as f:
         os.fsync(f.fileno())
     with open(tmp / "optimizer.pt", "wb") as f:
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()}, f)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng or [rng_state()]}, f)
         f.flush()
         os.fsync(f.fileno())
     _write_bytes(tmp / "state.json", json.dumps({"step": step, **state}, indent=1, default=str).encode())
@@ -133,6 +141,22 @@ class CheckpointError(ValueError):
     """A checkpoint that is complete (it has its marker) but cannot be read back."""
 
 
+@contextlib.contextmanager
+def reading(part: Path, ckpt: Path) -> Iterator[None]:
+    """Whatever reading `part` of checkpoint `ckpt` raises (missing, truncated, garbled; DCP's CheckpointException is
+    a BaseException) becomes a CheckpointError naming the file and the way out. Checkpoints are written atomically,
+    so this is damage after the fact (disk, a copy, a hand edit)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001
+        lines = [x for x in str(e).splitlines() if x.strip()] or [""]
+        why = lines[-1].strip()[:300]  # (DCP's message is the ranks' tracebacks: their last line is the error)
+        raise CheckpointError(f"{part} cannot be read ({type(e).__name__}: {why}); the checkpoint is damaged: "
+                              f"remove {ckpt} to resume from the checkpoint before it") from None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
@@ -143,14 +167,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     }
     parts: dict[str, Any] = {}
     for name, read in readers.items():
-        try:
+        with reading(path / name, path):
             parts[name] = read(path / name)
-        except Exception as e:  # noqa: BLE001  (whatever the reader raises: missing, truncated, garbled)
-            # written atomically, so this is damage after the fact (disk, a copy, a hand edit): say so and how out
-            raise CheckpointError(
-                f"{path / name} cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged: remove {path} "
-                "to resume from the checkpoint before it"
-            ) from None
     return {"trainable": parts["trainable.safetensors"], **parts["optimizer.pt"], "state": parts["state.json"]}
 
 

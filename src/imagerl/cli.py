@@ -150,7 +150,8 @@ def _trained_policy(args: list[str], base: bool = False):
         raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)
-    return cfg, trainer, ck
+    # the checkpoint the trainer loaded: a run still training may have written a newer one since the check above
+    return cfg, trainer, None if base else trainer.resumed_from
 
 
 def _weights_tag(cfg, trainer, ck) -> str:

@@ -82,15 +82,20 @@ def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def sum_counters(counters: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Add up named counters over the ranks; a name missing on some ranks counts 0 there (the key sets may differ,
     e.g. a failure counter only a rank that saw failures reports)."""
-    if not info.enabled:
-        return dict(counters)
-    parts: list[dict[str, float] | None] = [None] * info.world
-    tdist.all_gather_object(parts, dict(counters))
     out: dict[str, float] = {}
-    for p in parts:
+    for p in gather_objects(dict(counters), info):
         for k, v in (p or {}).items():
             out[k] = out.get(k, 0.0) + v
     return out
+
+
+def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
+    """Every rank's `obj` in rank order (picklable objects; on every rank)."""
+    if not info.enabled:
+        return [obj]
+    parts: list[Any] = [None] * info.world
+    tdist.all_gather_object(parts, obj)
+    return parts
 
 
 def barrier(info: DistInfo) -> None:

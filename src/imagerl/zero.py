@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from . import dist
+from .checkpoint import reading
 from .config import Config, deep_merge
 from .dist import DistInfo
 
@@ -62,6 +63,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     conf["gradient_accumulation_steps"] = 1
     conf["zero_optimization"]["stage"] = int(d.zero_stage)
     conf["zero_optimization"]["compute_grad_norm"] = True
+    conf["zero_optimization"]["elastic_checkpoint"] = False  # (the partitions are saved and loaded per rank, see above)
     return conf
 
 
@@ -124,7 +126,9 @@ class ZeroEngine:
                 f"{ckpt} holds ZeRO optimizer partitions of {saved} processes and this run has {self.info.world}: "
                 f"DeepSpeed's partitions are tied to the process count; resume with --nproc_per_node {saved}"
             )
-        sd = torch.load(ckpt / PARTITIONS_DIR / f"rank_{self.info.rank:05d}.pt", map_location="cpu", weights_only=False)
+        part = ckpt / PARTITIONS_DIR / f"rank_{self.info.rank:05d}.pt"
+        with reading(part, ckpt):
+            sd = torch.load(part, map_location="cpu", weights_only=False)
         # DeepSpeed reads entry [rank] of the list; the fp32 master partition comes from the saved copy (exact)
         sds: list[Any] = [None] * self.info.world
         sds[self.info.rank] = sd

@@ -190,6 +190,13 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
     # directory gone) and an unknown layout each name the checkpoint and what to do
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
     ck = tmp_path / "checkpoints" / "step_000001"
+    from imagerl.checkpoint import CheckpointError
+
+    # a truncated shard (its metadata intact): DCP raises a BaseException, which no `except Exception` caught
+    shard = next((ck / "optimizer").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"step_000001/optimizer cannot be read \(CheckpointException.*remove"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
     shutil.rmtree(ck / "optimizer")
     with pytest.raises(TrainingError, match=r"step_000001/optimizer is missing or incomplete.*remove .*step_000001"):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
@@ -198,8 +205,6 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
     with pytest.raises(TrainingError, match=r"no optimizer state this version can read"):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
     # a truncated weights file or a garbled state.json: the file, the reader's complaint, and the way out
-    from imagerl.checkpoint import CheckpointError
-
     (ck / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"step_000001/state.json cannot be read \(JSONDecodeError.*remove .*step_000001"):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
@@ -346,6 +351,25 @@ def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.lr=1e-4")).train()  # other settings resume
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
     assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4  # (and a resumed run's config is recorded)
+    # model settings whose weights still load resume, with a note naming them (a moved path is fine, a slip is seen)
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=3", "model.revision=v2"))
+    assert t._resume_note.endswith("step_000002, whose weights load, but it was written with model.revision='' "
+                                   "(now 'v2'); check these are intended.")
+    t.close()
+
+
+def test_zero_partitions_resumed_by_one_process_name_the_process_count(tmp_path):
+    # one process with dist.strategy=deepspeed runs plain AdamW; a checkpoint holding 2 ranks' ZeRO partitions
+    # (its optimizer.pt's record edited here: writing one takes two DeepSpeed processes) needs 2 processes again
+    from imagerl.zero import ZERO_KEY
+
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
+    f = tmp_path / "checkpoints" / "step_000001" / "optimizer.pt"
+    ck = torch.load(f, weights_only=False)
+    torch.save({**ck, "optimizer": {ZERO_KEY: 2}}, f)
+    with pytest.raises(TrainingError, match=r"holds ZeRO optimizer partitions of 2 processes and this run has one "
+                                            r"process: resume with --nproc_per_node 2$"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "dist.strategy=deepspeed"))
 
 
 @pytest.mark.parametrize("family", ["janus", "sd3"])

@@ -24,7 +24,7 @@ def test_roundtrip_and_keep_last(tmp_path):
     assert ck["state"]["step"] == 3 and ck["state"]["sampler"] == {"draws": 3}
     assert torch.equal(ck["trainable"]["w"], torch.full((3,), 3.0))
     assert ck["optimizer"] == {"s": 3} and ck["scheduler"] == {"last_epoch": 3}
-    assert {"python", "numpy", "torch"} <= set(ck["rng"])
+    assert len(ck["rng"]) == 1 and {"python", "numpy", "torch"} <= set(ck["rng"][0])
     # a user's copies of a checkpoint are neither resumed from nor pruned by keep_last
     import shutil
 
@@ -33,6 +33,25 @@ def test_roundtrip_and_keep_last(tmp_path):
     _save(tmp_path, 4)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
     assert (tmp_path / "step_000003.bak").is_dir() and (tmp_path / "step_000002_keep").is_dir()
+
+
+def test_each_rank_gets_its_own_rng_state_back():
+    from imagerl.checkpoint import rng_state, set_rng_state
+
+    states = []
+    for seed in (1, 2):  # what two ranks' global RNGs were at the save
+        torch.manual_seed(seed)
+        states.append(rng_state())
+    for rank, seed in ((0, 1), (1, 2)):
+        torch.manual_seed(seed)
+        want = torch.rand(3)
+        torch.manual_seed(99)
+        set_rng_state(states, rank, world=2)
+        assert torch.equal(torch.rand(3), want)
+    torch.manual_seed(1)
+    want = torch.rand(3)
+    set_rng_state(states, 1, world=3)  # another process count: rank 0's states
+    assert torch.equal(torch.rand(3), want)
 
 
 def test_killed_write_is_ignored(tmp_path):

@@ -202,10 +202,13 @@ def test_deepspeed_config_keeps_the_keys_the_loop_owns():
                              "dist.deepspeed_extra.zero_optimization.reduce_bucket_size=1000",
                              "dist.deepspeed_extra.gradient_accumulation_steps=8",
                              "dist.deepspeed_extra.zero_optimization.stage=3",
-                             "dist.deepspeed_extra.zero_optimization.compute_grad_norm=false"])
+                             "dist.deepspeed_extra.zero_optimization.compute_grad_norm=false",
+                             "dist.deepspeed_extra.zero_optimization.elastic_checkpoint=true"])
     conf = deepspeed_config(cfg)
-    # extra merged; the stage and the gradient norm (logged, and checked for NaN) stay the loop's
-    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000, "compute_grad_norm": True}
+    # extra merged; the stage, the gradient norm (logged, and checked for NaN) and the per-rank partition layout of
+    # checkpoints (elastic ones broke every resume) stay the loop's
+    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000, "compute_grad_norm": True,
+                                         "elastic_checkpoint": False}
     assert cfg.dist.deepspeed_extra["zero_optimization"]["stage"] == 3  # the user's dict is not modified
     assert conf["gradient_accumulation_steps"] == 1 and conf["managed_gradient_accumulation"] is False
     assert conf["gradient_clipping"] == 0.5

@@ -35,6 +35,8 @@ from ..checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     lock_run_dir,
+    reading,
+    rng_state,
     save_checkpoint,
     set_rng_state,
     unlock_run_dir,
@@ -182,6 +184,10 @@ class GRPOTrainer:
         ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
         policy_cls = POLICIES.get(cfg.model.family, field="model.family")
         self.dist = dist.init(cfg.dist.backend, self.device)
+        if self.dist.enabled and self.device.type == "cuda" and self.device.index not in (None, self.dist.local_rank):
+            raise TrainingError(f"run.device={cfg.run.device} with {self.dist.world} processes would put them all on one GPU: "
+                                "each process uses the GPU of its LOCAL_RANK; set run.device=cuda (or auto) and choose "
+                                "the GPUs with CUDA_VISIBLE_DEVICES")
         if training and cfg.data.prompts_per_step % self.dist.world:  # (every rank raises: none waits on the others)
             raise TrainingError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be divisible by the number of "
                                 f"processes ({self.dist.world}): each takes an equal share of the prompts")
@@ -264,6 +270,7 @@ class GRPOTrainer:
         # every rank must run the same forward/backward passes (collectives inside them)
         self.lockstep = self.fsdp or self.zero is not None
         self.start_step = 0
+        self.resumed_from: Path | None = None  # the checkpoint loaded at start (what eval / sample name their files by)
         self._resume_note = ""
         if cfg.run.resume:
             self._maybe_resume(weights_only=not training)
@@ -380,15 +387,21 @@ class GRPOTrainer:
         if ck is None:
             return
         state = load_checkpoint(ck)
+        self.resumed_from = ck
         try:
             self.policy.load_trainable_state_dict(state["trainable"])
         except ValueError as e:
             raise TrainingError(f"{ck}: {e}.{_model_config_changes(state['state'].get('config'), self.cfg)} Resume with "
                                 "the model settings that wrote it, or give a new run.output_dir") from None
         self.start_step = int(state["state"]["step"])
+        changed = _model_config_changes(state["state"].get("config"), self.cfg)
+        if changed:  # the weights fit, but e.g. another model.path, lora.alpha or dtype: say so, in case it is a slip
+            said = changed.replace(" It was", " it was", 1).rstrip(".")
+            self._resume_note = f"note: resuming from {ck}, whose weights load, but{said}; check these are intended."
         if self.ema is not None:
             if dist.dcp_complete(ck / EMA_DIR):
-                dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
+                with reading(ck / EMA_DIR, ck):
+                    dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
                 self.ema.start = int(state["state"].get("ema_start", 0))
             elif (ck / EMA_DIR).exists():
                 raise TrainingError(f"{ck / EMA_DIR} is incomplete (a damaged checkpoint): remove {ck} to resume from the "
@@ -396,11 +409,18 @@ class GRPOTrainer:
             else:  # EMA switched on for a run that had none: average from the resumed weights on, warm-up included
                 self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
                                      self.cfg.optim.ema_every, start=int(state["scheduler"].get("last_epoch", 0)))
-                self._resume_note = f"{ck} holds no EMA (optim.ema_decay was 0): the average starts from its weights"
+                self._resume_note += ("\n" if self._resume_note else "") + f"{ck} holds no EMA (optim.ema_decay was 0): the average starts from its weights"
         if weights_only:
             return
         saved = state["optimizer"] if isinstance(state["optimizer"], dict) else {}
         zero_ckpt = ZERO_KEY in saved
+        if zero_ckpt and self.zero is None and self.cfg.dist.strategy == "deepspeed":  # (one process: plain AdamW)
+            raise TrainingError(f"{ck} holds ZeRO optimizer partitions of {saved[ZERO_KEY]} processes and this run has one "
+                                f"process: resume with --nproc_per_node {saved[ZERO_KEY]}")
+        if not zero_ckpt and self.zero is not None and saved.get(dist.OPTIM_KEY) == 1:
+            raise TrainingError(f"{ck} was written by one process, where dist.strategy=deepspeed runs plain AdamW (no ZeRO "
+                                f"partitions to load into {self.dist.world} processes): resume it with one process, or "
+                                "with dist.strategy=ddp or fsdp2, which load it with any process count")
         if zero_ckpt != (self.zero is not None):
             raise TrainingError(
                 f"{ck}: its optimizer state was written {'with' if zero_ckpt else 'without'} dist.strategy=deepspeed; "
@@ -416,14 +436,15 @@ class GRPOTrainer:
             if not dist.dcp_complete(ck / dist.OPTIM_DIR):
                 raise TrainingError(f"{ck / dist.OPTIM_DIR} is missing or incomplete (a damaged checkpoint): "
                                     f"remove {ck} to resume from the checkpoint before it")
-            dist.load_optimizer_state(self.policy.trainable_module(), self.optimizer, ck, self.dist)
+            with reading(ck / dist.OPTIM_DIR, ck):
+                dist.load_optimizer_state(self.policy.trainable_module(), self.optimizer, ck, self.dist)
         else:
             raise TrainingError(f"{ck} has no optimizer state this version can read (written by an older imagerl?); "
                                 "start a new run.output_dir")
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_config()
         self.sampler.load_state_dict(state["state"]["sampler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.dist.rank, self.dist.world)
 
     def _apply_optim_config(self) -> None:
         """After a resume: the AdamW hyper-parameters and the rate come from this run's config, not the checkpoint's
@@ -450,12 +471,13 @@ class GRPOTrainer:
                                                  self.dist)
         if self.ema is not None:  # (FSDP2: each rank's shards of the average, like the optimizer state)
             move_in.update(dist.stage_dcp(self.ema.state_dict(), self.ckpt_dir, step, EMA_DIR, self.dist))
+        rng = dist.gather_objects(rng_state(), self.dist)  # every rank's own global RNG states (for user code)
         if self.dist.is_main:
             path = save_checkpoint(
                 self.ckpt_dir, step, weights, opt_state,
                 self.scheduler.state_dict(), {"sampler": self.sampler.state_dict(), "config": to_dict(self.cfg),
                                               "ema_start": self.ema.start if self.ema is not None else 0},
-                keep_last=self.cfg.checkpoint.keep_last, move_in=move_in,
+                keep_last=self.cfg.checkpoint.keep_last, move_in=move_in, rng=rng,
             )
         dist.barrier(self.dist)
         return path
