@@ -262,6 +262,35 @@ def test_fail_over_to_the_healthy_url(fault):
         dead.stop()
 
 
+def test_a_url_that_refuses_connections_sits_out(fault):
+    # a dead server refuses at once, so it always has 0 requests in flight: least-in-flight alone would send it most
+    # requests (28 of 32 failed without retries). It failed the health check, so it sits out and none fails.
+    from imagerl.rewards.server import bind_socket
+
+    sock = bind_socket()  # bound, never listening: connections are refused
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    b = OpenAIChatBackend(base_urls=[dead, fault.url], timeout=0.5, max_retries=0, backoff=0.01)
+
+    async def many():
+        return await asyncio.gather(*(b.chat(MSG) for _ in range(16)))
+
+    try:
+        res = asyncio.run(many())
+        assert [r.text for r in res] == ["Yes"] * 16 and b.stats()["connection_errors"] == 0
+        # once its cooldown is over it is tried again (how a restarted server comes back), and a refusal puts it
+        # back out for twice as long
+        b.pool.down_until[dead] = 0.0
+        live = b.pool.base_urls[1]
+        b.pool.in_flight[live] += 1  # (so that the least-in-flight choice is the dead URL)
+        with pytest.raises(JudgeError, match="connection error"):
+            b.chat_sync(MSG)
+        b.pool.in_flight[live] -= 1
+        assert b.pool._down_streak[dead] == 2 and b.pool.down_until[dead] > time.monotonic() + 1.5 * b.pool.down_cooldown
+    finally:
+        b.close()
+        sock.close()
+
+
 def test_health_check_names_url_and_fix_when_down(fault):
     url = fault.url
     fault.stop()

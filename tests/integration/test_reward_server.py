@@ -24,7 +24,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from imagerl.rewards.base import Reward, build_reward, run_sync  # noqa: E402
+from imagerl.rewards.base import Reward, RewardError, build_reward, run_sync  # noqa: E402
 from imagerl.rewards.judges.backend import image_to_data_uri  # noqa: E402
 from imagerl.rewards.remote import RemoteReward  # noqa: E402
 from imagerl.rewards.server import RewardServer, ServerThread, encode_png  # noqa: E402
@@ -500,10 +500,15 @@ def test_remote_reward_with_key_from_env(guarded, rewards):
     bad = RemoteReward(name="b", url=url, rewards=["brightness"], api_key_env="IMAGERL_WRONG_KEY", retries=3)
     try:
         torch.testing.assert_close(ok(inp).scores, rewards["brightness"](inp).scores, atol=1e-6, rtol=0)
-        out = bad(inp)
-        assert torch.isnan(out.scores).all()  # rejected: abstain, never a neutral score
-        assert out.details["failed_samples"] == 2 and "401" in out.details["last_error"]
+        # a wrong key is the same for every request: the run stops with the fix (abstaining on every sample would
+        # silently drop this reward's signal when others stand beside it)
+        with pytest.raises(RewardError, match=r"remote reward 'b': .*HTTP 401 .*Set args.api_key_env"):
+            bad(inp)
         assert bad.stats()["attempts"] == 1, "a 401 must not be retried"
+        # so is a request over the server's size limit
+        big = RewardInput(images=torch.rand(4, 3, 48, 48), prompts=list("abcd"), metadata=[{}] * 4)
+        with pytest.raises(RewardError, match=r"HTTP 413 .*Lower args.batch_size .* server.max_request_bytes"):
+            ok(big)
     finally:
         ok.close()
         bad.close()

@@ -20,6 +20,11 @@ Retries: 408/429/5xx, connection errors (refused, reset, dropped), timeouts and 
 responses are retried up to ``max_retries`` times with exponential backoff and full jitter
 (``Retry-After`` is honoured, capped at ``backoff_max``); each retry prefers another base URL.
 Other 4xx (400 bad request, 401/403 auth, 404 wrong model) fail at once: retrying cannot fix them.
+
+A base URL that refuses or drops a connection (or failed the start-up health check) sits out a cooldown
+(``down_cooldown`` seconds, doubling while it keeps failing, at most 8x): a dead server answers at once, so a
+least-in-flight choice would otherwise send it most requests. While every URL is down, the one whose cooldown
+ends first is tried (that is how a restarted server comes back).
 """
 
 from __future__ import annotations
@@ -201,6 +206,7 @@ class HTTPPool:
         what: str = "server",
         fix_hint: str = "",
         key_field: str = "api_key_env",
+        down_cooldown: float = 5.0,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout={timeout} must be > 0 (seconds per request)")
@@ -221,6 +227,9 @@ class HTTPPool:
         self.key_field = key_field
         self.stats = PoolStats()
         self.in_flight = {u: 0 for u in base_urls}
+        self.down_cooldown = float(down_cooldown)
+        self.down_until = {u: 0.0 for u in base_urls}  # time.monotonic() until which a URL sits out
+        self._down_streak = {u: 0 for u in base_urls}
         self._rr = itertools.count()
         self._client: httpx.AsyncClient | None = None
         self._sem: asyncio.Semaphore | None = None
@@ -244,9 +253,22 @@ class HTTPPool:
             await self._client.aclose()
             self._client = None
 
+    def mark_down(self, url: str) -> None:
+        """`url` refused or dropped a connection: skip it for a cooldown that doubles while it keeps failing."""
+        self._down_streak[url] = min(self._down_streak[url] + 1, 4)
+        self.down_until[url] = time.monotonic() + self.down_cooldown * 2 ** (self._down_streak[url] - 1)
+
+    def mark_up(self, url: str) -> None:
+        self._down_streak[url], self.down_until[url] = 0, 0.0
+
     def pick(self, avoid: str | None = None) -> str:
-        """Least in-flight URL; ties broken round-robin; `avoid` (the URL that just failed) if possible."""
-        cands = [u for u in self.base_urls if u != avoid] or self.base_urls
+        """Least in-flight URL among those not cooling down after a connection failure (while all are, the one that
+        comes back first); ties broken round-robin; `avoid` (the URL that just failed) if possible."""
+        now = time.monotonic()
+        up = [u for u in self.base_urls if self.down_until[u] <= now]
+        if not up:
+            return min(self.base_urls, key=lambda u: self.down_until[u])
+        cands = [u for u in up if u != avoid] or up
         start = next(self._rr)
         order = cands[start % len(cands):] + cands[: start % len(cands)]
         return min(order, key=lambda u: self.in_flight[u])
@@ -286,9 +308,13 @@ class HTTPPool:
                 self.stats.attempts += 1
                 self.in_flight[url] += 1
                 try:
-                    return await self._attempt(client, f"{url}/{path.lstrip('/')}", payload, parse)
+                    out = await self._attempt(client, f"{url}/{path.lstrip('/')}", payload, parse)
+                    self.mark_up(url)
+                    return out
                 except _RetryableError as e:
                     errors.append(f"{url}: {e}")
+                    if e.kind == "connection":  # (a timeout is a busy server, not a dead one)
+                        self.mark_down(url)
                     if attempt == self.max_retries:
                         break
                     self.stats.retries += 1
@@ -444,6 +470,7 @@ class OpenAIChatBackend:
                 status, body = await self.pool.get_json(f"{url}/models")
             except httpx.HTTPError as e:
                 problems.append(f"{url}: cannot connect ({type(e).__name__})")
+                self.pool.mark_down(url)
                 continue
             if status in (401, 403):
                 raise BackendUnavailableError(

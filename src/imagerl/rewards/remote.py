@@ -22,6 +22,7 @@ per-sample scores are also reported in ``details`` (``<name>``) for logging.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from typing import Any
@@ -33,8 +34,10 @@ from ..algorithms.advantages import combined_reward
 from ..imageio import to_rgb
 from ..types import RewardInput, RewardOutput
 from .base import RewardError, Reward, group_chunks, run_sync
-from .http_client import BackgroundLoop, HTTPPool, PoolStats, normalize_base_urls, read_api_key
+from .http_client import BackgroundLoop, HTTPPool, PoolStats, RequestRejectedError, normalize_base_urls, read_api_key
 from .judges.backend import JudgeError
+
+log = logging.getLogger(__name__)
 
 
 
@@ -107,6 +110,7 @@ class RemoteReward(Reward):
                 status, body = await self.pool.get_json(f"{u}/health")
             except httpx.HTTPError as e:
                 problems.append(f"{u}: {type(e).__name__}")
+                self.pool.mark_down(u)
                 continue
             if status != 200 or not isinstance(body, dict) or "rewards" not in body:
                 problems.append(f"{u}: GET /health answered HTTP {status}")
@@ -117,6 +121,9 @@ class RemoteReward(Reward):
             if missing:
                 raise ValueError(f"remote reward '{self.name}': the server at {u} does not serve {missing}; it serves {served}. "
                                  f"Fix args.rewards or add them to the server's config")
+        if info is not None:
+            for p in problems:  # (the pool lets those URLs sit out a cooldown)
+                log.warning("remote reward '%s': %s (continuing with the servers that answered)", self.name, p)
         if info is None:
             raise RewardServerDownError(
                 f"reward server at {', '.join(self.urls)} is down ({'; '.join(problems)}): start it with "
@@ -181,6 +188,10 @@ class RemoteReward(Reward):
             if isinstance(res, BaseException):
                 if not isinstance(res, (JudgeError, httpx.HTTPError)):
                     raise res  # a bug, not a server failure
+                if isinstance(res, RequestRejectedError) and res.status in _SETUP_STATUS:
+                    # the same for every request until the setup changes: stop with the fix instead of abstaining on
+                    # every sample (with other rewards beside it, this one would silently stop carrying signal)
+                    raise RewardError(f"remote reward '{self.name}': {res}. {_SETUP_STATUS[res.status]}") from None
                 failed_samples += hi - lo
                 failed_requests += 1
                 last_error = str(res)
@@ -205,6 +216,8 @@ class RemoteReward(Reward):
         }
         if last_error:
             details["last_error"] = last_error
+            log.warning("remote reward '%s': %d of %d requests failed; their %d samples abstain. Last error: %s",
+                        self.name, failed_requests, len(payloads), failed_samples, last_error[:500])
         if len(names) > 1:
             for nm in names:
                 details[nm] = comp[nm]
@@ -227,6 +240,14 @@ def _json_safe_meta(m: Any) -> dict[str, Any]:
     from .server import to_jsonable
 
     return to_jsonable(dict(m or {}))
+
+
+_SETUP_STATUS = {  # HTTP statuses no retry or later request can change, with their fix
+    401: "Set args.api_key_env to the name of an env var holding the server's key (its server.api_key_env)",
+    403: "Set args.api_key_env to the name of an env var holding the server's key (its server.api_key_env)",
+    404: "Check args.url: it must be the reward server's base URL (http://host:port, no path)",
+    413: "Lower args.batch_size (images per request) or raise the server's server.max_request_bytes",
+}
 
 
 def _encode_any(img: Any) -> str:
