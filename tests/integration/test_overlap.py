@@ -2,7 +2,10 @@
 next is generated, with numbers identical to scoring after the rollout."""
 
 import json
+import math
 import threading
+
+import torch
 
 
 from imagerl.config import load_config
@@ -11,6 +14,7 @@ from imagerl.rewards.base import Reward
 from imagerl.types import RewardOutput
 
 CALLS: list[tuple[int, str]] = []
+LEFT_ROWS: list[int] = []
 
 
 class RecordingBrightness(Reward):
@@ -22,13 +26,22 @@ class RecordingBrightness(Reward):
         return RewardOutput(scores=img.mean((1, 2, 3)))
 
 
-def run(tmp_path, name, overlap):
+class AbstainOnLeft(Reward):
+    """Mean brightness, abstaining on prompts that say left (a whole group: one prompt per group)."""
+
+    def score(self, inp):
+        left = torch.tensor(["left" in p for p in inp.prompts])
+        LEFT_ROWS.append(int(left.sum()))
+        return RewardOutput(scores=torch.where(left, math.nan, inp.images.float().mean((1, 2, 3))))
+
+
+def run(tmp_path, name, overlap, *extra):
     CALLS.clear()
     cfg = load_config(None, [
         "model.tiny_size=test", "train.steps=2", "data.prompts_per_step=4", "rollout.group_size=4",
         "rollout.micro_batch_size=8", f"scoring.overlap={str(overlap).lower()}", f"run.output_dir={tmp_path / name}",
         "logging.progress_bar=false", "logging.sample_every=0", "checkpoint.every=0", "checkpoint.save_final=false",
-        "rewards.0.type=test_overlap:RecordingBrightness",
+        "rewards.0.type=test_overlap:RecordingBrightness", "data.datasets.0.path=builtin:color_shapes", *extra
     ])
     GRPOTrainer(cfg).train()
     rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -43,3 +56,16 @@ def test_overlap_scores_micro_batches_with_identical_numbers(tmp_path):
     assert [n for n, _ in seq_calls] == [16, 16]
     assert [n for n, _ in ovl_calls] == [8, 8, 8, 8]
     assert all(t != "MainThread" for _, t in ovl_calls)
+
+
+def test_composites_that_impute_with_the_batch_mean_score_as_without_overlap(tmp_path):
+    # weighted_sum (skip) counts a child that abstained on a whole group as the child's batch mean: scored per
+    # micro-batch, that mean would be the micro-batch's (a different reward for the same images), so the chunks'
+    # details are combined again over the whole batch after collection
+    spec = ["rewards.0.type=weighted_sum", "rewards.0.name=total",
+            "rewards.0.args.children=[{type: test_overlap:RecordingBrightness}, {type: test_overlap:AbstainOnLeft, weight: 3}]",
+            "train.steps=3"]
+    seq, _ = run(tmp_path, "seq", False, *spec)
+    ovl, calls = run(tmp_path, "ovl", True, *spec)
+    assert len(calls) == 6 and seq == ovl  # (3 steps x 2 micro-batches)
+    assert 0 < sum(LEFT_ROWS) < 6 * 8  # (some groups abstained on the child, not all)

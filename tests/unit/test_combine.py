@@ -198,3 +198,41 @@ def test_own_reward_module_imports_from_the_working_directory(tmp_path, monkeypa
     with pytest.raises(ValueError, match=r"rewards\[0\].type: cannot import module 'my_cwd_broken_mod'.*"
                                          r"No module named 'no_such_dependency_xyz'"):
         build_reward({"type": "my_cwd_broken_mod:X"})
+
+
+def test_chunked_tables_concatenate_per_sample_details_and_rescore_over_the_batch():
+    # scoring.overlap scores whole groups per rollout micro-batch; concat_tables joins them (per-sample tensors in
+    # details too, not the last chunk's) and RewardSet.rescore recombines what depends on the whole batch
+    from imagerl.rewards.base import RewardSet
+    from imagerl.rewards.remote import RemoteReward
+    from imagerl.rewards.runner import concat_tables
+
+    rs = RewardSet([{"type": "weighted_sum", "name": "ws", "args": {"children": [
+        {"type": "test_combine:MetadataScore", "name": "a", "args": {"key": "a"}},
+        {"type": "test_combine:MetadataScore", "name": "b", "args": {"key": "b"}, "weight": 2.0}]}}])
+    meta = [{"a": 1.0, "b": NAN}, {"a": 3.0, "b": NAN}, {"a": 0.0, "b": 4.0}, {"a": 2.0, "b": 8.0}]
+    gid = torch.tensor([0, 0, 1, 1])
+    inp = lambda rows: RewardInput(torch.zeros(len(rows), 3, 2, 2), ["p"] * len(rows), [meta[i] for i in rows], gid[rows])  # noqa: E731
+    whole = rs.score(inp([0, 1, 2, 3]))
+    chunked = concat_tables([rs.score(inp([0, 1])), rs.score(inp([2, 3]))])
+    # group 0 has no b: b counts as the batch's mean of b (6), not the chunk's (none there: 0)
+    assert close(whole.scores[:, 0], [1 + 12, 3 + 12, 0 + 8, 2 + 16])
+    assert not torch.equal(chunked.scores, whole.scores)
+    assert torch.equal(rs.rescore(chunked).scores, whole.scores)
+    # a remote reward of several names keeps per-sample tensors per name: joined over chunks, rescored likewise
+    t1 = ScoreTableFor(["r"], {"r/x": torch.tensor([1.0, 3.0]), "r/y": torch.tensor([NAN, NAN]), "r/failed_samples": 0}, [0, 0])
+    t2 = ScoreTableFor(["r"], {"r/x": torch.tensor([0.0, 2.0]), "r/y": torch.tensor([4.0, 8.0]), "r/failed_samples": 1}, [1, 1])
+    t = concat_tables([t1, t2])
+    assert torch.equal(t.details["r/x"], torch.tensor([1.0, 3.0, 0.0, 2.0])) and t.details["r/failed_samples"] == 1
+    r = RemoteReward(name="r", url="http://127.0.0.1:9", rewards=["x", "y"], weights={"y": 2.0})
+    try:
+        assert close(r.rescore({k[2:]: v for k, v in t.details.items()}, t.group_ids), [13.0, 15.0, 8.0, 18.0])
+    finally:
+        r.close()
+
+
+def ScoreTableFor(names, details, gids):
+    from imagerl.rewards.base import ScoreTable
+
+    n = len(gids)
+    return ScoreTable(names, torch.zeros(n, len(names)), torch.ones(n, len(names)), details, torch.tensor(gids))

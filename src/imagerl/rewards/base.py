@@ -48,6 +48,13 @@ class Reward:
         """Default: run the blocking scorer in a worker thread so other work proceeds."""
         return await asyncio.to_thread(self.__call__, inp)
 
+    def rescore(self, details: dict[str, Any], group_ids: torch.Tensor) -> torch.Tensor | None:
+        """Scores [N] recomputed over the whole batch from this reward's own `details` (its keys without the
+        '<name>/' prefix), concatenated over the scoring chunks of an overlapped step; None = the chunks' scores
+        stand. Only rewards whose score of a sample depends on other groups' samples (a composite that imputes an
+        abstaining child with the batch mean) need it: with it, overlapped scoring gives the sequential numbers."""
+        return None
+
     def close(self) -> None:
         """Release servers, sessions or models."""
 
@@ -196,6 +203,19 @@ class RewardSet:
                     if overrides and name in overrides:
                         w[i, j] = float(overrides[name])
         return w
+
+    def rescore(self, table: ScoreTable) -> ScoreTable:
+        """The table of a step scored in chunks (`scoring.overlap`), with every reward's column recomputed over
+        the whole batch where the reward needs it (`Reward.rescore`)."""
+        if table.group_ids is None:
+            return table
+        scores = table.scores.clone()
+        for j, (name, r) in enumerate(zip(self.names, self.rewards)):
+            own = {k[len(name) + 1:]: v for k, v in table.details.items() if k.startswith(name + "/")}
+            new = r.rescore(own, table.group_ids)
+            if new is not None:
+                scores[:, j] = new.float().cpu()
+        return ScoreTable(table.names, scores, table.weights, table.details, table.group_ids)
 
     async def score_async(self, inp: RewardInput, per_sample_weights: list[dict[str, float]] | None = None) -> ScoreTable:
         outs = await asyncio.gather(*(r.score_async(inp) for r in self.rewards))

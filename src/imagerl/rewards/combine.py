@@ -148,12 +148,24 @@ class _Combination(Reward):
             seen.add(c.name)
         self.is_remote = any(c.is_remote for c in self.children)
 
-    def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _combine(self, group_ids: torch.Tensor | None, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         raise NotImplementedError
+
+    def rescore(self, details: dict[str, Any], group_ids: torch.Tensor) -> torch.Tensor | None:
+        """Recombine the children's per-sample scores (`<child>/score`, children rescored first) over the batch."""
+        cols = []
+        for c in self.children:
+            own = {k[len(c.name) + 1:]: v for k, v in details.items() if k.startswith(c.name + "/")}
+            again = c.rescore(own, group_ids)
+            col = again if again is not None else own.get("score")
+            if col is None or len(col) != len(group_ids):
+                return None
+            cols.append(torch.as_tensor(col, dtype=torch.float32))
+        return self._combine(group_ids, torch.stack(cols, 1))[0]
 
     def _finish(self, inp: RewardInput, outs: list[RewardOutput]) -> RewardOutput:
         scores_NK = torch.stack([o.scores for o in outs], 1) if outs else torch.zeros(len(inp), 0)
-        combined_N, extra = self._combine(inp, scores_NK)
+        combined_N, extra = self._combine(inp.group_ids, scores_NK)
         details: dict[str, Any] = dict(extra)
         for c, o in zip(self.children, outs):
             details[f"{c.name}/score"] = o.scores.tolist()
@@ -194,8 +206,8 @@ class WeightedSum(_Combination):
         super().__init__(name, _child_specs(children, name or "weighted_sum"))
         self.nan_mode = nan_mode
 
-    def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        return weighted_sum_scores(scores_NK, torch.tensor(self.child_weights), self.nan_mode, inp.group_ids), {}
+    def _combine(self, group_ids: torch.Tensor | None, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return weighted_sum_scores(scores_NK, torch.tensor(self.child_weights), self.nan_mode, group_ids), {}
 
 
 class Gated(_Combination):
@@ -208,7 +220,7 @@ class Gated(_Combination):
         super().__init__(name, [("gate", gate), ("value", value)])
         self.threshold, self.below = float(threshold), float(below)
 
-    def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _combine(self, group_ids: torch.Tensor | None, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         gate_N, value_N = scores_NK[:, 0], scores_NK[:, 1]
         # counts, not rates: the trainer adds scalar details up over the micro-batches of a step
         passed = int((gate_N >= self.threshold).sum())
@@ -221,7 +233,7 @@ class Product(_Combination):
     def __init__(self, *, children: list[dict[str, Any]], name: str = "") -> None:
         super().__init__(name, _child_specs(children, name or "product"))
 
-    def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _combine(self, group_ids: torch.Tensor | None, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         return product_scores(scores_NK, torch.tensor(self.child_weights)), {}
 
 
@@ -235,9 +247,9 @@ class MaxDeviation(_Combination):
         super().__init__(name, _child_specs(children, name or "max_deviation"))
         self.eps = float(eps)
 
-    def _combine(self, inp: RewardInput, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _combine(self, group_ids: torch.Tensor | None, scores_NK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         n = scores_NK.shape[0]
-        group_N = inp.group_ids.reshape(-1).cpu() if inp.group_ids is not None else torch.zeros(n, dtype=torch.long)
+        group_N = group_ids.reshape(-1).cpu() if group_ids is not None else torch.zeros(n, dtype=torch.long)
         res = max_deviation_scores(scores_NK, group_N, torch.tensor(self.child_weights), self.eps)
         extra = {f"chosen/{c.name}": int((res.chosen == k).sum()) for k, c in enumerate(self.children)}  # counts
         return res.scores, extra

@@ -223,6 +223,16 @@ class RemoteReward(Reward):
                 details[nm] = comp[nm]
         return RewardOutput(scores, details)
 
+    def rescore(self, details: dict[str, Any], group_ids: torch.Tensor) -> torch.Tensor | None:
+        """Several names: their per-sample scores combined again over the whole batch (see `Reward.rescore`)."""
+        names = self.reward_names
+        cols = [details.get(nm) for nm in names]
+        if len(names) < 2 or not all(isinstance(c, torch.Tensor) and len(c) == len(group_ids) for c in cols):
+            return None
+        table = torch.stack(cols, 1).float()
+        w = torch.tensor([float(self.weights.get(nm, 1.0)) for nm in names])
+        return combined_reward(table, w.expand_as(table), group_ids)
+
     def stats(self) -> dict[str, int]:
         return dict(vars(self.pool.stats))
 

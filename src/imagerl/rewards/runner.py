@@ -4,8 +4,10 @@ One persistent asyncio event loop runs in a daemon thread for the whole run: asy
 judges are bound to the loop they were created in, so every scoring call of the run goes through this one
 loop. `submit` returns a `concurrent.futures.Future` at once; the trainer submits each rollout micro-batch
 (whole groups only: group-relative rewards such as pairwise judges need every member of a group) as soon as
-the policy has decoded it, and collects the futures after the rollout. Scores do not depend on timing, so an
-overlapped run produces the same numbers as a sequential one.
+the policy has decoded it, and collects the futures after the rollout. Scores do not depend on timing, and the
+few that depend on other groups' samples (a composite imputing an abstaining child with the batch mean) are
+recomputed over the whole batch after collection (`RewardSet.rescore`), so an overlapped run produces the same
+numbers as a sequential one.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def concat_tables(tables: list[ScoreTable]) -> ScoreTable:
                 details[k] = details.get(k, 0) + v  # counters (failures, retries) add up
             elif isinstance(v, list):
                 details.setdefault(k, []).extend(v)
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == t.scores.shape[0]:
+                prev = details.get(k)  # per-sample values: concatenated like the scores
+                details[k] = v if not isinstance(prev, torch.Tensor) else torch.cat([prev, v.to(prev.device)])
             else:
                 details[k] = v
     return ScoreTable(
@@ -105,4 +110,5 @@ class ChunkScorer:
         return self.submitted == self.n
 
     def collect(self) -> ScoreTable:
-        return concat_tables([f.result() for _, _, f in sorted(self.futures, key=lambda x: x[0])])
+        table = concat_tables([f.result() for _, _, f in sorted(self.futures, key=lambda x: x[0])])
+        return self.runner.rewards.rescore(table) if len(self.futures) > 1 else table
