@@ -213,10 +213,14 @@ def cmd_sample(args: list[str]) -> int:
         raise SystemExit(f"imagerl sample: --n and --seed take integers (got --n {n_s!r}, --seed {seed_s!r})") from None
     if n < 1:
         raise SystemExit(f"imagerl sample: --n {n} must be >= 1 (images per prompt)")
-    from .data.prompts import DataError, load_rows
+    from .data.prompts import DataError, PromptDataset, load_rows, make_batch
 
     try:
         rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, field_name="--prompts")
+        # (an editing prompt file's "image" column: source images, relative to the file, as in training)
+        source = PromptDataset("prompts", rows, image_field="" if texts else "image", field_name="--prompts",
+                               base_dir=None if texts else Path(prompt_file).expanduser().parent)
+        source.check_images()
     except DataError as e:
         raise SystemExit(f"imagerl sample: {e}") from None
     cfg, trainer, ck = _trained_policy(args, base=base)
@@ -226,7 +230,7 @@ def cmd_sample(args: list[str]) -> int:
     from .logging import make_sample_grid
     from .recipes.grpo import SAMPLE, seeded_generator
     from .rewards.base import RewardError
-    from .types import PromptBatch, RewardInput
+    from .types import RewardInput
 
     tag = _weights_tag(cfg, trainer, ck)
     # under torchrun every process samples the same prompts (FSDP2 ranks must run the same forwards); rank 0 writes
@@ -242,8 +246,7 @@ def cmd_sample(args: list[str]) -> int:
     lines = []
     for c, start in enumerate(range(0, len(rows), chunk)):
         part = rows[start:start + chunk]
-        batch = PromptBatch(prompts=[r["prompt"] for r in part],
-                            metadata=[{k: v for k, v in r.items() if k != "prompt"} for r in part])
+        batch = make_batch([(source, r) for r in part])
         ro = trainer.sample(batch, n, seeded_generator(seed, c, 0, SAMPLE), eval_mode=deterministic)
         scores, names, total = None, [], torch.full((len(ro),), float("nan"))
         if not no_score:

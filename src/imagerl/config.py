@@ -87,7 +87,7 @@ class DatasetConfig:
     name: str = ""  # defaults to the file stem
     weight: float = 1.0  # sampling weight in a mixture
     prompt_field: str = "prompt"
-    image_field: str = "image"  # source image column for editing data
+    image_field: str = "image"  # editing data: the source image column (a path, relative to the file) -> RewardInput.source_images ("" = none)
     reward_weights: dict[str, float] = field(default_factory=dict)  # per-dataset reward weights (overrides rewards[].weight)
     limit: int = 0  # use only the first N rows (0 = all)
 

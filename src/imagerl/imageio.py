@@ -33,6 +33,22 @@ def to_rgb(img: Any) -> Any:
     return img.convert("RGB")
 
 
+def load_pil(path: Any, field: str) -> Any:
+    """An image file -> PIL RGB as displayed (`to_rgb`); a missing or unreadable file is a DataError naming `field`."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data.prompts import DataError
+
+    try:
+        im = Image.open(path)
+        im.load()
+    except FileNotFoundError:
+        raise DataError(f"{field}: image file '{path}' does not exist") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{field}: image '{path}' is corrupt or not an image ({e}); remove the row or fix the file") from None
+    return to_rgb(im)
+
+
 def to_pil(img_3HW: torch.Tensor):
     """[3, H, W] float in [0, 1] -> PIL RGB image."""
     from PIL import Image

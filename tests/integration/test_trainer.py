@@ -552,6 +552,41 @@ def test_an_update_without_trained_units_still_steps_every_parameter(tmp_path):
     assert steps == {t.scheduler.last_epoch} == {4} and metrics(tmp_path)[0]["reward/abstain"] == 0.5
 
 
+SOURCES_SEEN: list = []
+
+
+class SourceSize:
+    """A reward of the source image's width (abstains without one), recording what it was given."""
+
+    def __new__(cls, **kw):
+        from imagerl.rewards.base import Reward
+        from imagerl.types import RewardOutput
+
+        class _R(Reward):
+            def score(self, inp):
+                SOURCES_SEEN.append(list(inp.source_images or []))
+                return RewardOutput(scores=torch.tensor([float(s.size[0]) if s is not None else math.nan
+                                                         for s in (inp.source_images or [None] * len(inp))]))
+
+        return _R(**kw)
+
+
+@pytest.mark.parametrize("overlap", ["true", "false"])
+def test_source_images_of_editing_data_reach_the_rewards(tmp_path, overlap):
+    from PIL import Image
+
+    for w in (4, 8):
+        Image.new("RGB", (w, 4), (w * 30, 0, 0)).save(tmp_path / f"s{w}.png")
+    (tmp_path / "edit.jsonl").write_text("\n".join(json.dumps({"prompt": f"edit {w}", "image": f"s{w}.png"}) for w in (4, 8)))
+    SOURCES_SEEN.clear()
+    GRPOTrainer(cfg_for("janus", tmp_path / "run", "train.steps=1", f"data.datasets.0.path={tmp_path / 'edit.jsonl'}",
+                        f"rewards.0.type={__name__}:SourceSize", f"scoring.overlap={overlap}", "rollout.micro_batch_size=4",
+                        "checkpoint.every=0")).train()
+    seen = [s for call in SOURCES_SEEN for s in call]
+    assert len(seen) == 8 and sorted({s.size[0] for s in seen}) == [4, 8]  # 2 prompts x 4 samples, each its source
+    assert metrics(tmp_path / "run")[0]["reward/mean"] == 6.0
+
+
 def test_kl_and_multiple_epochs_run(tmp_path):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2",

@@ -112,3 +112,27 @@ def test_slice_for_rank():
     assert parts[1][2] == 2
     with pytest.raises(ValueError, match="divisible"):
         slice_for_rank(batch, rw, 0, 3)
+
+
+def test_editing_rows_bring_their_source_images(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (6, 4), (255, 0, 0)).save(tmp_path / "img" / "red.png")
+    Image.new("RGBA", (4, 4), (0, 0, 255, 255)).save(tmp_path / "blue.png")
+    rows = [{"prompt": "make it green", "image": "img/red.png"}, {"prompt": "make it red", "image": str(tmp_path / "blue.png")},
+            {"prompt": "a cat"}]
+    (tmp_path / "edit.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = load_datasets([DatasetConfig(path=str(tmp_path / "edit.jsonl"))])
+    batch, _ = PromptSampler(ds, seed=0).next_batch(6)  # two epochs of three rows
+    for prompt, src, meta in zip(batch.prompts, batch.source_images, batch.metadata):
+        want = {"make it green": ((6, 4), (255, 0, 0)), "make it red": ((4, 4), (0, 0, 255)), "a cat": None}[prompt]
+        assert (src is None) if want is None else (src.mode == "RGB" and (src.size, src.getpixel((0, 0))) == want)
+        assert "image" in meta or prompt == "a cat"  # (the path stays in the metadata)
+    # image_field '' is text-to-image data; a batch with no source image at all has none
+    ds = load_datasets([DatasetConfig(path=str(tmp_path / "edit.jsonl"), image_field="")])
+    assert PromptSampler(ds, seed=0).next_batch(3)[0].source_images is None
+    # a missing file fails at start, naming the row, the file and the way out
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "gone.png"}))
+    with pytest.raises(DataError, match=r"^data.datasets\[0\]: row 0 names source image '.*gone.png' .*image_field: ''"):
+        load_datasets([DatasetConfig(path=str(tmp_path / "bad.jsonl"))])

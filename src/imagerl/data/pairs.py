@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..imageio import to_rgb
+from ..imageio import load_pil
 from ..tiny import COLORS, POSITIONS, SHAPES
 from .prompts import DataError, builtin_dataset, load_rows
 
@@ -43,16 +43,9 @@ def draw_shape(color: str, shape: str, position: str, size: int = 64) -> torch.T
 
 
 def load_image(path: Path, size: int, field: str) -> torch.Tensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    if not path.exists():
-        raise DataError(f"{field}: image file '{path}' does not exist")
-    try:
-        im = Image.open(path)
-        im.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{field}: image '{path}' is corrupt or not an image ({e}); remove the row or fix the file") from None
-    im = to_rgb(im).resize((size, size), Image.BICUBIC)
+    im = load_pil(path, field).resize((size, size), Image.BICUBIC)
     t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return t.permute(2, 0, 1).float() / 255.0
 

@@ -41,9 +41,46 @@ class PromptDataset:
     rows: list[dict[str, Any]]  # each has "prompt" and metadata
     weight: float = 1.0
     reward_weights: dict[str, float] = field(default_factory=dict)
+    # editing data: the column of a row's source image (a path, relative to the data file's folder) -> the row's
+    # PromptBatch.source_images entry; rows without one (or image_field "") have none
+    image_field: str = ""
+    base_dir: Path | None = None
+    field_name: str = "data.datasets[0]"
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def image_path(self, row: dict[str, Any]) -> Path | None:
+        v = row.get(self.image_field) if self.image_field else None
+        if v is None or (isinstance(v, float) and v != v) or not str(v).strip():
+            return None
+        p = Path(str(v)).expanduser()
+        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
+
+    def source_image(self, row: dict[str, Any]) -> Any:
+        """The row's source image (PIL RGB, as displayed), or None."""
+        from ..imageio import load_pil
+
+        p = self.image_path(row)
+        return None if p is None else load_pil(p, f"{self.field_name}.image_field")
+
+    def check_images(self) -> None:
+        """Every referenced source image exists: a missing file fails at start, not at the step that draws it."""
+        for i, row in enumerate(self.rows):
+            p = self.image_path(row)
+            if p is not None and not p.is_file():
+                raise DataError(f"{self.field_name}: row {i} names source image '{p}' (column '{self.image_field}'), "
+                                f"which does not exist; fix the path, or set image_field: '' for text-to-image data")
+
+
+def make_batch(picked: list[tuple[PromptDataset, dict[str, Any]]]) -> PromptBatch:
+    """A PromptBatch of (dataset, row) pairs: prompts, metadata (the other fields), dataset names and, where any row
+    has one, source images (None for the rows without)."""
+    sources = [ds.source_image(row) for ds, row in picked]
+    return PromptBatch(prompts=[row["prompt"] for _, row in picked],
+                       metadata=[{k: v for k, v in row.items() if k != "prompt"} for _, row in picked],
+                       source_images=sources if any(s is not None for s in sources) else None,
+                       dataset_names=[ds.name for ds, _ in picked])
 
 
 def builtin_dataset(name: str, field_name: str = "data.datasets[0].path") -> list[dict[str, Any]]:
@@ -164,7 +201,12 @@ def load_datasets(specs: list[Any], section: str = "data.datasets") -> list[Prom
         if s.limit:
             rows = rows[: s.limit]
         name = s.name or (s.path.split(":", 1)[1] if s.path.startswith("builtin:") else Path(s.path).stem)
-        out.append(PromptDataset(name=name, rows=rows, weight=s.weight, reward_weights=dict(s.reward_weights)))
+        builtin = s.path.startswith("builtin:")
+        ds = PromptDataset(name=name, rows=rows, weight=s.weight, reward_weights=dict(s.reward_weights),
+                           image_field="" if builtin else s.image_field,
+                           base_dir=None if builtin else Path(s.path).expanduser().parent, field_name=f"{section}[{i}]")
+        ds.check_images()
+        out.append(ds)
     return out
 
 
@@ -199,7 +241,7 @@ class PromptSampler:
         return int(torch.multinomial(w / w.sum(), 1, generator=g))
 
     def next_batch(self, batch_size: int) -> tuple[PromptBatch, list[dict[str, float]]]:
-        prompts, metas, names, rweights = [], [], [], []
+        picked, rweights = [], []
         for _ in range(batch_size):
             d = self._pick_dataset()
             self.state["draws"] += 1
@@ -209,11 +251,9 @@ class PromptSampler:
                 self.state["pos"][d] = 0
             row = ds.rows[int(self._perm(d, self.state["epoch"][d])[self.state["pos"][d]])]
             self.state["pos"][d] += 1
-            prompts.append(row["prompt"])
-            metas.append({k: v for k, v in row.items() if k != "prompt"})
-            names.append(ds.name)
+            picked.append((ds, row))
             rweights.append(ds.reward_weights)
-        return PromptBatch(prompts=prompts, metadata=metas, dataset_names=names), rweights
+        return make_batch(picked), rweights
 
     def state_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(self.state))

@@ -43,7 +43,7 @@ from ..checkpoint import (
 )
 from ..config import Config, to_dict, to_yaml
 from ..data.pairs import check_sft_datasets, sft_batch
-from ..data.prompts import PromptSampler, load_datasets, slice_for_rank
+from ..data.prompts import PromptSampler, load_datasets, make_batch, slice_for_rank
 from ..devices import resolve_device
 from ..ema import WeightEMA
 from ..policies import POLICIES
@@ -725,10 +725,10 @@ class GRPOTrainer:
         for k, start in enumerate(range(0, len(rows), B)):
             real = rows[start:start + B]
             part = real + [rows[i % len(rows)] for i in range(B - len(real))]
-            batch = PromptBatch(prompts=[r["prompt"] for r in part],
-                                metadata=[{kk: v for kk, v in r.items() if kk != "prompt"} for r in part])
-            # each prompt scored with its dataset's reward_weights, as in training
-            rw = [ds[int(row_ds[(start + i) % len(rows)])].reward_weights for i in range(B)]
+            # (the padding repeats rows from the start, so prompt i of the round is row (start + i) mod len(rows))
+            of = [ds[int(row_ds[(start + i) % len(rows)])] for i in range(B)]
+            batch = make_batch(list(zip(of, part)))
+            rw = [d.reward_weights for d in of]  # each prompt scored with its dataset's reward_weights, as in training
             local, lw, lo = slice_for_rank(batch, rw, self.dist.rank, self.dist.world)
             ro = self.sample(local, G, seeded_generator(cfg.run.seed, 0, 0, EVAL), eval_mode=True,
                              group_id_offset=start + lo)
