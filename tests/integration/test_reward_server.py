@@ -423,6 +423,37 @@ def test_yes_no_judge_served_by_score_endpoint():
         srv.close()
 
 
+def test_work_of_a_client_that_hung_up_is_dropped_from_the_queue():
+    # a client that timed out (and would retry) leaves; its request, still queued behind a slow batch, is not scored
+    calls: list[int] = []
+
+    class Slow(Reward):
+        def score(self, inp):
+            calls.append(len(inp))
+            time.sleep(1.0)
+            return RewardOutput(scores=inp.images.float().mean((1, 2, 3)))
+
+    srv = RewardServer({"slow": Slow("slow")}, max_wait_ms=0)
+    body = {"images": [_png(8, 8)] * 2, "prompts": ["a", "b"]}
+
+    async def three():
+        async with httpx.AsyncClient(timeout=0.4) as c:
+            first = asyncio.ensure_future(c.post(f"{url}/v1/score", json=body))
+            await asyncio.sleep(0.15)  # (its batch is running: the next two queue behind it)
+            rest = [c.post(f"{url}/v1/score", json=body) for _ in range(2)]
+            return await asyncio.gather(first, *rest, return_exceptions=True)
+
+    try:
+        with ServerThread(srv.app) as url:
+            res = asyncio.run(three())
+            assert all(isinstance(r, httpx.TimeoutException) for r in res)
+            time.sleep(1.5)  # the first batch finishes; the two queued requests' clients are gone by then
+            assert calls == [2]
+            assert httpx.post(f"{url}/v1/score", json=body, timeout=10).status_code == 200  # (and it still serves)
+    finally:
+        srv.close()
+
+
 def test_broken_scorer_abstains_with_error_and_server_survives(server):
     class Broken(Reward):
         def score(self, inp):

@@ -459,11 +459,11 @@ class RewardServer:
 
         @app.post("/v1/score")
         async def score(request: Request) -> JSONResponse:
-            return JSONResponse(await server.score(await read_json(request)))
+            return await while_connected(request, server.score(await read_json(request)))
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> JSONResponse:
-            return JSONResponse(await server.chat_completion(await read_json(request)))
+            return await while_connected(request, server.chat_completion(await read_json(request)))
 
         @app.get("/v1/models")
         async def models(request: Request) -> JSONResponse:
@@ -482,6 +482,29 @@ class RewardServer:
             self.chat.close()
         for r in self.rewards.values():
             r.close()
+
+
+async def while_connected(request: Request, work: Any) -> JSONResponse:
+    """Run `work` (a coroutine -> a JSON-able dict) unless the client hangs up first: then cancel it, which takes its
+    items out of the batcher's queue if they have not started. A client that timed out and retried would otherwise
+    leave the abandoned attempt queued, so an overloaded server scored every request (retries + 1) times."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.05)
+
+    watch = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        log.info("client disconnected from %s before its answer: its queued work is dropped", request.url.path)
+        return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled", "code": None}},
+                            status_code=499)
+    return JSONResponse(task.result())
 
 
 class BodyLimit:
