@@ -63,24 +63,57 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (TrainingError, RewardError, RegistryError, ValueError, OSError)
 
 
+def _fail(e: BaseException, what: str = "imagerl") -> SystemExit:
+    """The one line a user error ends with. Builtin ValueError / OSError / KeyError may also come from a bug (in a
+    custom reward, say): those lines say how to get the traceback, which IMAGERL_DEBUG=1 prints above the line."""
+    from .checkpoint import CheckpointError, RunDirInUse
+    from .config import ConfigError
+    from .data.prompts import DataError
+    from .recipes.grpo import TrainingError
+    from .registry import RegistryError
+    from .rewards.base import RewardError
+
+    debug = os.environ.get("IMAGERL_DEBUG", "") not in ("", "0")
+    if debug:
+        import traceback
+
+        traceback.print_exception(e)
+    ours = isinstance(e, (TrainingError, RewardError, RegistryError, ConfigError, DataError, CheckpointError, RunDirInUse))
+    hint = "" if ours or debug else " (IMAGERL_DEBUG=1 prints the traceback)"
+    return SystemExit(f"{what}: {type(e).__name__}: {e}{hint}")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, Slurm, Kubernetes, docker stop): handled as Ctrl-C is, so that the logging backends
+    flush (W&B buffers whole steps), the reward curve is drawn and the terminal's cursor comes back."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def cmd_train(args: list[str]) -> int:
     cfg = _load(args)
+    import signal
+
     from .recipes.grpo import train
 
+    signal.signal(signal.SIGTERM, _on_sigterm)  # (every rank: torchrun passes SIGTERM on to its workers)
     try:
         result = train(cfg)
     except _user_errors() as e:
-        raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
-    except KeyboardInterrupt:
-        # Ctrl-C (or torchrun passing it on): say what is kept and how to go on, not a traceback
+        raise _fail(e) from None
+    except KeyboardInterrupt as e:
+        # Ctrl-C, SIGTERM (or torchrun passing them on): say what is kept and how to go on, not a traceback
         from .checkpoint import latest_checkpoint
 
         ck = latest_checkpoint(Path(cfg.run.output_dir) / "checkpoints")
+        term = isinstance(e, _Terminated)
         if int(os.environ.get("RANK", "0")) == 0:
             kept = (f"the last checkpoint is {ck}; run the same command to resume from it (the steps after it are "
                     "redone, with the same numbers)") if ck else "no checkpoint was written yet; the run starts over"
-            print(f"\nimagerl: interrupted; {kept}", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"\nimagerl: {'terminated (SIGTERM)' if term else 'interrupted'}; {kept}", file=sys.stderr)
+        raise SystemExit(143 if term else 130) from None
     if int(os.environ.get("RANK", "0")) == 0:
         paths = result.get("paths") or {}
         out = cfg.run.output_dir
@@ -141,13 +174,13 @@ def _trained_policy(args: list[str], base: bool = False):
     ck = None if base else latest_checkpoint(ckpt_dir)
     if ck is None and not base:
         raise SystemExit(
-            f"imagerl: no checkpoint in {ckpt_dir}: train first (imagerl train ...), point run.output_dir= at a run, "
-            "or sample the initial weights with --base"
+            f"imagerl: no checkpoint in {ckpt_dir}: train first (imagerl train ...) or point run.output_dir= at a run"
+            + (", or sample the initial weights with --base" if _command == "sample" else "")
         )
     try:
         trainer = GRPOTrainer(cfg, training=False)
     except _user_errors() as e:
-        raise SystemExit(f"imagerl: {type(e).__name__}: {e}") from None
+        raise _fail(e) from None
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)
     # the checkpoint the trainer loaded: a run still training may have written a newer one since the check above
@@ -164,8 +197,12 @@ def cmd_eval(args: list[str]) -> int:
     from .logging import make_sample_grid
 
     # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints
-    metrics, ro, total = trainer.eval_rollout()
-    trainer.close()
+    try:
+        metrics, ro, total = trainer.eval_rollout()
+    except _user_errors() as e:  # (a reward server that is down, say: one line, as train prints it)
+        raise _fail(e) from None
+    finally:
+        trainer.close()
     if not trainer.dist.is_main:
         return 0
     out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
@@ -182,7 +219,7 @@ def cmd_eval(args: list[str]) -> int:
     return 0
 
 
-SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE) [--n 4 | --images 4] "
+SAMPLE_USAGE = ("imagerl sample [CONFIG] [key=value ...] (--prompt TEXT [--prompt TEXT ...] | --prompts FILE [--prompt-field prompt]) [--n 4 | --images 4] "
                 "[--seed 0] [--out DIR] [--base] [--deterministic] [--no-score] [--no-ema]")
 
 
@@ -193,6 +230,7 @@ def cmd_sample(args: list[str]) -> int:
     evaluation sampler. Prompts go through the policy in chunks of data.prompts_per_step."""
     texts, args = _take_all(args, "--prompt")
     prompt_file, args = _take_flag(args, "--prompts")
+    prompt_field, args = _take_flag(args, "--prompt-field")
     n_s, args = _take_flag(args, "--n")
     # --images is the same option under a name torchrun lets through: torchrun's own argparse reads every argument,
     # also those after the script, and stops at `--n` as an ambiguous prefix of its --nnodes/--nproc-per-node
@@ -216,13 +254,13 @@ def cmd_sample(args: list[str]) -> int:
     from .data.prompts import DataError, PromptDataset, load_rows, make_batch
 
     try:
-        rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, field_name="--prompts")
+        rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, prompt_field or "prompt", "--prompts")
         # (an editing prompt file's "image" column: source images, relative to the file, as in training)
         source = PromptDataset("prompts", rows, image_field="" if texts else "image", field_name="--prompts",
                                base_dir=None if texts else Path(prompt_file).expanduser().parent)
         source.check_images()
     except DataError as e:
-        raise SystemExit(f"imagerl sample: {e}") from None
+        raise SystemExit(f"imagerl sample: {str(e).replace('Set prompt_field: <name> on the dataset', 'Pass --prompt-field <name>')}") from None
     cfg, trainer, ck = _trained_policy(args, base=base)
     import torch
 
@@ -247,7 +285,11 @@ def cmd_sample(args: list[str]) -> int:
     for c, start in enumerate(range(0, len(rows), chunk)):
         part = rows[start:start + chunk]
         batch = make_batch([(source, r) for r in part])
-        ro = trainer.sample(batch, n, seeded_generator(seed, c, 0, SAMPLE), eval_mode=deterministic)
+        try:
+            ro = trainer.sample(batch, n, seeded_generator(seed, c, 0, SAMPLE), eval_mode=deterministic)
+        except _user_errors() as e:
+            trainer.close()
+            raise _fail(e, "imagerl sample") from None
         scores, names, total = None, [], torch.full((len(ro),), float("nan"))
         if not no_score:
             try:
@@ -294,9 +336,13 @@ def cmd_export(args: list[str]) -> int:
                          "whole weights (gathered when written), so one process reads and exports them")
     cfg, trainer, ck = _trained_policy(args)
     target = _make_dir(Path(dest), "--to") if dest else _make_dir(Path(cfg.run.output_dir) / "export", "run.output_dir")
-    with trainer.eval_weights():  # the EMA of the weights when the run kept one
-        trainer.policy.save_pretrained(str(target))
-    trainer.close()
+    try:
+        with trainer.eval_weights():  # the EMA of the weights when the run kept one
+            trainer.policy.save_pretrained(str(target))
+    except _user_errors() as e:  # (a full disk, say)
+        raise _fail(e, "imagerl export") from None
+    finally:
+        trainer.close()
     ema = " (its EMA weights)" if trainer.ema is not None else ""
     print(f"exported {ck.name}{ema} of {cfg.model.family} to {target} (loadable by the family's own library)")
     return 0

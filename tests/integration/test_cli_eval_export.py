@@ -65,6 +65,15 @@ def test_train_eval_export(tmp_path, capsys):
     # reading the checkpoint with other model settings: one line naming what changed, not a traceback
     with pytest.raises(SystemExit, match=r"^imagerl: TrainingError: .*written with model.lora.enabled=False \(now True\)"):
         main(["eval", f"run.output_dir={run}", "model.lora.enabled=true"])
+    # a reward that fails during eval (a reward server that is down): one line too, as train prints it
+    with pytest.raises(SystemExit, match=r"^imagerl: RewardServerDownError: reward server at http://127.0.0.1:9 is down"):
+        main(["eval", f"run.output_dir={run}", "rewards.0.type=remote", "rewards.0.args={url: 'http://127.0.0.1:9', timeout: 1}"])
+    # another prompt column for sample --prompts
+    (tmp_path / "cap.jsonl").write_text(json.dumps({"caption": "a red square"}) + "\n")
+    with pytest.raises(SystemExit, match=r"has no 'prompt' field \(fields: caption\)\. Pass --prompt-field <name>"):
+        main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "cap.jsonl"), "--base", "--no-score"])
+    assert main(["sample", f"run.output_dir={run}", "--prompts", str(tmp_path / "cap.jsonl"), "--prompt-field", "caption",
+                 "--n", "2", "--base", "--no-score", "--out", str(tmp_path / "s4")]) == 0
     # a mistyped option, or an output directory that cannot be made: one line naming it, before any work
     with pytest.raises(SystemExit, match=r"^imagerl: unknown option '--nn': `imagerl sample --help` lists the options$"):
         main(["sample", f"run.output_dir={run}", "--prompt", "x", "--nn", "2"])
@@ -81,7 +90,7 @@ def test_train_eval_export(tmp_path, capsys):
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint in .*train first"):
+    with pytest.raises(SystemExit, match="no checkpoint in .*train first .* at a run$"):  # (no --base: sample's option)
         main(["eval", f"run.output_dir={tmp_path / 'empty'}"])
     with pytest.raises(SystemExit, match="no checkpoint in .*sample the initial weights with --base"):
         main(["sample", f"run.output_dir={tmp_path / 'empty'}", "--prompt", "a red square"])
@@ -97,3 +106,18 @@ def test_export_under_a_launcher_says_to_run_one_process(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         main(["export", f"run.output_dir={tmp_path}"])
     assert e.value.code == 1
+
+
+def test_errors_that_may_be_bugs_say_how_to_get_the_traceback(capsys, monkeypatch):
+    from imagerl.cli import _fail
+    from imagerl.data.prompts import DataError
+
+    # ours name the field and the fix: one line; a builtin ValueError may be a bug in a custom reward: the hint
+    assert str(_fail(DataError("data.datasets[0].path: gone"))) == "imagerl: DataError: data.datasets[0].path: gone"
+    assert str(_fail(ValueError("invalid literal"))).endswith("invalid literal (IMAGERL_DEBUG=1 prints the traceback)")
+    monkeypatch.setenv("IMAGERL_DEBUG", "1")
+    try:
+        raise ValueError("invalid literal")
+    except ValueError as e:
+        assert str(_fail(e)) == "imagerl: ValueError: invalid literal"
+    assert "Traceback" in capsys.readouterr().err

@@ -55,3 +55,7 @@ def test_sigkill_or_ctrl_c_then_rerun_equals_uninterrupted(tmp_path):
     assert "run the same command to resume from it" in err
     train(tmp_path / "c")
     assert metrics(tmp_path / "c") == metrics(tmp_path / "a")
+    # SIGTERM (kill, timeout, Slurm, Kubernetes) is stopped like Ctrl-C: the backends flush, the curve is drawn
+    rc, err = interrupt_after_first_checkpoint(tmp_path / "d", signal.SIGTERM)
+    assert rc == 143 and "Traceback" not in err, err[-2000:]
+    assert "imagerl: terminated (SIGTERM); the last checkpoint is" in err and (tmp_path / "d" / "reward_curve.png").is_file()
