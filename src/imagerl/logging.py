@@ -63,6 +63,20 @@ class BackendNotInstalledError(ConfigError, ImportError):
     """An enabled logging backend (logging.tensorboard / wandb / swanlab) is not installed."""
 
 
+class BackendStartError(ConfigError):
+    """An enabled logging backend is installed but would not start (online mode without a login, say)."""
+
+
+def _start(what: str, fix: str, init: Any, **kw: Any) -> Any:
+    """`init(**kw)`, with any failure (W&B's UsageError without an API key, SwanLab's no-TTY login) as one line
+    naming the imagerl key and the fix."""
+    try:
+        return init(**kw)
+    except Exception as e:  # noqa: BLE001  (each library has its own exception types)
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise BackendStartError(f"{what} could not start ({type(e).__name__}: {first}); {fix}") from None
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
@@ -165,8 +179,6 @@ def summarize(metrics: dict[str, Any], total_steps: int | None = None, max_rewar
                 parts.append(f"{label} {v:.1e}")
             else:
                 parts.append(f"{label} {_fmt(v)}")
-    if "time/step" in metrics and _is_num(metrics["time/step"]):
-        parts.append(f"{metrics['time/step']:.2f} s/step")
     return " | ".join(parts)
 
 
@@ -613,7 +625,9 @@ class _WandB(_Backend):
         id_file = output_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else uuid.uuid4().hex[:12]
         id_file.write_text(run_id + "\n")
-        self.run = self.wandb.init(
+        self.run = _start(
+            f"logging.wandb=true with logging.wandb_mode={cfg.logging.wandb_mode}: W&B",
+            "log in (`wandb login`, or export WANDB_API_KEY=...) or set logging.wandb_mode=offline", self.wandb.init,
             project=cfg.logging.wandb_project,
             name=run_name,
             id=run_id,
@@ -636,14 +650,23 @@ class _WandB(_Backend):
 class _SwanLab(_Backend):
     name = "swanlab"
 
-    def __init__(self, cfg: "Config", output_dir: Path, run_name: str) -> None:
+    def __init__(self, cfg: "Config", output_dir: Path, run_name: str, start_step: int) -> None:
         super().__init__()
         self.swanlab = _require("swanlab", "logging.swanlab", "swanlab")
         from .config import to_dict
 
         logdir = output_dir / "swanlab"
         logdir.mkdir(parents=True, exist_ok=True)
-        self.run = self.swanlab.init(
+        # a stable experiment id in output_dir lets a resumed run continue the same SwanLab experiment
+        id_file = output_dir / "swanlab_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else uuid.uuid4().hex[:21]
+        id_file.write_text(run_id + "\n")
+        self.run = _start(
+            f"logging.swanlab=true with logging.swanlab_mode={cfg.logging.swanlab_mode}: SwanLab",
+            "log in (`swanlab login`, or export SWANLAB_API_KEY=...) or set logging.swanlab_mode=offline",
+            self.swanlab.init,
+            id=run_id,
+            resume="allow",
             project=cfg.logging.swanlab_project,
             experiment_name=run_name,
             logdir=str(logdir),
@@ -715,7 +738,7 @@ class RunLogger:
             if lc.wandb:
                 self._backends.append(_WandB(cfg, self.output_dir, self.run_name, self.start_step))
             if lc.swanlab:
-                self._backends.append(_SwanLab(cfg, self.output_dir, self.run_name))
+                self._backends.append(_SwanLab(cfg, self.output_dir, self.run_name, self.start_step))
         except BaseException:
             for b in self._backends:
                 b.close()
@@ -749,16 +772,27 @@ class RunLogger:
 
     def _start_progress(self) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.table import Column
+        from rich.text import Text
 
-        self._progress = Progress(
+        class TwoLines(Progress):
+            """The bar, step k/N, elapsed, ETA and speed on one line, the live stats on the next: in one table row
+            rich squeezes the first columns away when the stats are long (at 80 columns, bar and k/N vanished)."""
+
+            def get_renderables(self):
+                yield self.make_tasks_table(self.tasks)
+                for t in self.tasks:
+                    if t.fields.get("stats"):
+                        yield Text("  " + t.fields["stats"], no_wrap=True, overflow="ellipsis")
+
+        self._progress = TwoLines(
             SpinnerColumn(),
-            TextColumn("[bold]{task.description}"),
-            BarColumn(bar_width=28),
+            TextColumn("[bold]{task.description}", table_column=Column(max_width=24, no_wrap=True, overflow="ellipsis")),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("eta [cyan]{task.fields[eta]}"),
             TextColumn("{task.fields[speed]}"),
-            TextColumn("{task.fields[stats]}"),
             console=self.console,
             transient=False,
             refresh_per_second=4,
@@ -798,11 +832,10 @@ class RunLogger:
         self._metrics_f.write(json.dumps(rec, allow_nan=False) + "\n")
         self._metrics_f.flush()
 
+        # ETA and speed from the wall clock between steps: time/step covers rollout, scoring and update only, and
+        # would leave out evaluation, checkpoints and sample grids (half the real time with eval every step)
         now = time.perf_counter()
-        ts = rec.get("time/step")
-        if _is_num(ts):
-            self._durations.append(float(ts))
-        elif step > self._last_step:
+        if step > self._last_step:
             self._durations.append((now - self._last_t) / (step - self._last_step))
         self._last_t, self._last_step = now, step
 
@@ -821,7 +854,7 @@ class RunLogger:
                                   speed=speed, stats=stats.replace(" | ", " · "))
         elif step % self._log_every == 0 or step == self.total_steps:
             line = summarize(rec, self.total_steps)
-            if "time/step" not in rec and speed:
+            if speed:
                 line += f" | {speed}"
             line += f" | eta {format_duration(eta)}"
             self.console.print(line, markup=False)

@@ -129,7 +129,7 @@ def test_summarize_compact_line():
                       "clip_frac": 0.031, "time/step": 1.5, "ratio/max": 3.0}, total_steps=100)
     assert line.startswith("step 12/100 | reward 0.5321±0.12 (ocr 0.41, clip 0.62)")
     assert "abstain 12%" in line and "loss n/a" in line and "kl 4.00e-04" in line
-    assert "clip 3.1%" in line and "1.50 s/step" in line
+    assert "clip 3.1%" in line and "s/step" not in line  # (the logger adds the wall-clock speed)
     assert "ratio" not in line  # unknown keys stay in metrics.jsonl only
     assert summarize({}) == ""
     assert reward_names(["reward/mean", "reward/std", "reward/abstain", "reward/ocr/mean", "reward/ocr/std",
@@ -269,7 +269,8 @@ def test_plain_lines_every_log_every_when_not_a_tty(tmp_path):
     lg.finish()
     lines = buf.getvalue().splitlines()
     assert [l.split(" |")[0] for l in lines[:3]] == ["step 2/5", "step 4/5", "step 5/5"]  # + always the last
-    assert "reward 0.4±0.05" in lines[1] and "eta" in lines[1]
+    assert "reward 0.4±0.05" in lines[1] and "eta" in lines[1] and lines[1].count("s/step") == 1
+    assert "0.50 s/step" not in lines[1]  # the wall clock between steps, not the metrics' time/step (0.5 here)
     assert lines[3] == "hello [rank0]"  # markup is not interpreted
     assert "\x1b[" not in buf.getvalue()  # no control characters in a log file
 
@@ -368,6 +369,26 @@ def test_installed_optional_backend_logs_offline(tmp_path, key, package, monkeyp
     lg.finish()
     assert lg._backends[0].failures == 0
     assert (tmp_path / package).is_dir() and any((tmp_path / package).rglob("*.png"))
+    # a resumed run continues the same run / experiment (its id is kept in the run directory)
+    run_id = (tmp_path / f"{key}_run_id.txt").read_text()
+    lg = RunLogger(make_cfg(**{key: True}), tmp_path, total_steps=3, start_step=2, stream=io.StringIO())
+    run_steps(lg, range(3, 4))
+    lg.finish()
+    assert lg._backends[0].failures == 0 and (tmp_path / f"{key}_run_id.txt").read_text() == run_id
+
+
+@pytest.mark.parametrize("key,package,mode", [("wandb", "wandb", "online"), ("swanlab", "swanlab", "cloud")])
+def test_online_backend_without_a_login_is_one_clear_error(tmp_path, key, package, mode, monkeypatch):
+    pytest.importorskip(package)
+    for var in ("WANDB_API_KEY", "SWANLAB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no saved login)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    from imagerl.logging import BackendStartError
+
+    with pytest.raises(BackendStartError, match=rf"^logging.{key}=true with logging.{key}_mode={mode}: .* could not start "
+                                                 rf"\(.*\); log in .* or set logging.{key}_mode=offline$"):
+        RunLogger(make_cfg(**{key: True, f"{key}_mode": mode}), tmp_path / "run", total_steps=2, stream=io.StringIO())
 
 
 def test_narrow_grid_widens_to_show_its_title():
@@ -380,3 +401,25 @@ def test_narrow_grid_widens_to_show_its_title():
     px = grid.convert("RGB").load()
     ink = [x for x in range(grid.width) for y in range(4, 20) if px[x, y] != px[0, 0]]
     assert ink and max(ink) < grid.width - 2
+
+
+def test_progress_bar_keeps_bar_and_step_count_at_80_columns(tmp_path):
+    # a long run name and live stats used to squeeze the bar, k/N and the elapsed time out of one table row
+    from rich.console import Console
+
+    buf = io.StringIO()
+    cfg = make_cfg()
+    cfg.run.name = "janus_pro_7b_lr1e-6_kl004_run2"
+    lg = RunLogger(cfg, tmp_path, total_steps=100, stream=buf, tty=True)
+    lg.console = Console(file=buf, force_terminal=True, width=80)
+    lg._stop_progress()
+    lg._start_progress()
+    lg.log_step(2, {"reward/mean": 0.5321, "reward/std": 0.1234, "loss": 0.0123, "kl": 4e-4})
+    out = io.StringIO()
+    Console(file=out, width=80, force_terminal=True, color_system="standard").print(*lg._progress.get_renderables())
+    lg.finish()
+    import re
+
+    first, second = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue()).splitlines()[:2]
+    assert "2/100" in first and "━" in first and "0:00:0" in first and "eta" in first
+    assert second.strip().startswith("reward 0.5321±0.1234") and "kl 4.00e-04" in second
