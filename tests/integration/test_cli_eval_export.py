@@ -121,3 +121,19 @@ def test_errors_that_may_be_bugs_say_how_to_get_the_traceback(capsys, monkeypatc
     except ValueError as e:
         assert str(_fail(e)) == "imagerl: ValueError: invalid literal"
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_export_and_sample_do_not_need_the_training_prompts(tmp_path, monkeypatch):
+    # a run trained on a relative prompt path, exported and sampled from another directory: neither reads it
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "p.txt").write_text("a red square on the left\n")
+    monkeypatch.chdir(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "model.tiny_size=test", "train.steps=1", "data.prompts_per_step=1", "rollout.group_size=2",
+                 "data.datasets.0.path=p.txt", f"run.output_dir={run}", "logging.progress_bar=false",
+                 "logging.sample_every=0"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", f"run.output_dir={run}", "--to", str(tmp_path / "exp")]) == 0
+    assert main(["sample", f"run.output_dir={run}", "--prompt", "x", "--n", "1", "--no-score", "--out", str(tmp_path / "s")]) == 0
+    with pytest.raises(SystemExit, match=r"data.datasets\[0\].path: prompt file 'p.txt' does not exist"):
+        main(["eval", f"run.output_dir={run}"])  # (eval without an eval set does read them)

@@ -220,10 +220,14 @@ class GRPOTrainer:
             except RunDirInUse as e:
                 raise TrainingError(str(e)) from None
             self._refuse_overwrite()
-        self.datasets = load_datasets(cfg.data.datasets)
-        self.sampler = PromptSampler(self.datasets, cfg.run.seed)
-        # read now, so that a bad eval or SFT file fails at start, not at the first evaluation (steps or hours in)
-        self.eval_sets = load_datasets(cfg.data.eval_datasets, "data.eval_datasets") if cfg.data.eval_datasets else []
+        # Training reads every prompt file now, so that a bad eval or SFT file fails at start, not at the first
+        # evaluation (steps or hours in). eval / sample / export read them when they use them (eval: its prompts):
+        # a run's relative data path need not resolve from wherever `imagerl export` is called.
+        self._datasets: list | None = None
+        self._eval_sets: list | None = None
+        if training:
+            self.sampler = PromptSampler(self.datasets, cfg.run.seed)
+            _ = self.eval_sets
         if training and cfg.algorithm.sft_weight > 0:
             check_sft_datasets(cfg.data.sft_datasets)
         self.rewards = RewardSet(cfg.rewards)
@@ -304,6 +308,19 @@ class GRPOTrainer:
                               "mode throughout, so that recomputed log-probs equal the rollout's")
 
     # ------------------------------------------------------------------------------------------------
+    @property
+    def datasets(self) -> list:
+        if self._datasets is None:
+            self._datasets = load_datasets(self.cfg.data.datasets)
+        return self._datasets
+
+    @property
+    def eval_sets(self) -> list:
+        if self._eval_sets is None:
+            d = self.cfg.data.eval_datasets
+            self._eval_sets = load_datasets(d, "data.eval_datasets") if d else []
+        return self._eval_sets
+
     def _banner(self) -> str:
         """One line at the start of training: what trains on what, against what, for how long."""
         cfg, m = self.cfg, self.cfg.model
