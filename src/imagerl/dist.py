@@ -81,12 +81,20 @@ def all_reduce_max(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 def sum_counters(counters: dict[str, float], info: DistInfo) -> dict[str, float]:
     """Add up named counters over the ranks; a name missing on some ranks counts 0 there (the key sets may differ,
-    e.g. a failure counter only a rank that saw failures reports)."""
+    e.g. a failure counter only a rank that saw failures reports). Durations (names ending in `_s`, e.g. a remote
+    reward's latency_s) take the maximum instead, the slowest rank's: a sum would grow with the process count."""
     out: dict[str, float] = {}
     for p in gather_objects(dict(counters), info):
         for k, v in (p or {}).items():
-            out[k] = out.get(k, 0.0) + v
+            out[k] = combine_detail(k, out.get(k), v)
     return out
+
+
+def combine_detail(key: str, a: float | None, b: float) -> float:
+    """Two parts' value of a numeric detail: a count adds up, a duration (`*_s`) is the longer one."""
+    if a is None:
+        return b
+    return max(a, b) if key.endswith("_s") else a + b
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:

@@ -224,6 +224,8 @@ def test_chunked_tables_concatenate_per_sample_details_and_rescore_over_the_batc
     t2 = ScoreTableFor(["r"], {"r/x": torch.tensor([0.0, 2.0]), "r/y": torch.tensor([4.0, 8.0]), "r/failed_samples": 1}, [1, 1])
     t = concat_tables([t1, t2])
     assert torch.equal(t.details["r/x"], torch.tensor([1.0, 3.0, 0.0, 2.0])) and t.details["r/failed_samples"] == 1
+    t1.details["r/latency_s"], t2.details["r/latency_s"] = 0.5, 0.25  # overlapped chunks: the longest, not the sum
+    assert concat_tables([t1, t2]).details["r/latency_s"] == 0.5
     r = RemoteReward(name="r", url="http://127.0.0.1:9", rewards=["x", "y"], weights={"y": 2.0})
     try:
         assert close(r.rescore({k[2:]: v for k, v in t.details.items()}, t.group_ids), [13.0, 15.0, 8.0, 18.0])

@@ -17,7 +17,8 @@ def _rank_without_gradients(rank, store, out):
     # the next collective must pair with the same collective on the other rank, not with the gradient all-reduce
     tail = dist.all_reduce_sum(torch.tensor([float(rank + 1)], dtype=torch.float64), info)
     # reward counters: key sets may differ between ranks (only a rank that saw failures reports them)
-    counters = dist.sum_counters({"requests": 2.0, "failures": 1.0} if rank == 0 else {"requests": 3.0}, info)
+    counters = dist.sum_counters({"requests": 2.0, "failures": 1.0, "latency_s": 0.5} if rank == 0
+                                 else {"requests": 3.0, "latency_s": 0.25}, info)
     torch.save({"p": p.grad, "q": q.grad, "tail": tail, "counters": counters}, f"{out}.{rank}")
     tdist.destroy_process_group()
 
@@ -28,4 +29,4 @@ def test_gradient_sum_with_a_rank_that_ran_no_backward_and_counter_sums(tmp_path
         got = torch.load(tmp_path / f"r.{rank}")
         assert got["p"].tolist() == [1.0, 2.0, 3.0] and got["q"].tolist() == [0.0, 0.0]
         assert got["tail"].tolist() == [3.0]
-        assert got["counters"] == {"requests": 5.0, "failures": 1.0}
+        assert got["counters"] == {"requests": 5.0, "failures": 1.0, "latency_s": 0.5}  # (a duration: the longest)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..dist import combine_detail
 from ..types import RewardInput
 from .base import RewardSet, ScoreTable
 
@@ -52,7 +53,7 @@ def concat_tables(tables: list[ScoreTable]) -> ScoreTable:
     for t in tables:
         for k, v in t.details.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
-                details[k] = details.get(k, 0) + v  # counters (failures, retries) add up
+                details[k] = combine_detail(k, details.get(k), v)  # counters add up; durations (*_s): the longest
             elif isinstance(v, list):
                 details.setdefault(k, []).extend(v)
             elif isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == t.scores.shape[0]:
