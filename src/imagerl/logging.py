@@ -28,6 +28,7 @@ stdout is not a terminal (CI, ``| tee``, a job log) a compact one-line `summariz
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import logging as _stdlogging  # this module is imagerl.logging; the stdlib one is only used for warnings
 import math
@@ -263,9 +264,37 @@ _BELOW = (207, 34, 46)  # below: negative advantage
 _LEVEL = (175, 175, 175)  # equal to the mean, or abstained
 
 
-def _font(size: int) -> Any:
+_CJK = re.compile("[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
+_CJK_FAMILIES = ["Noto Sans CJK SC", "Noto Sans CJK JP", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+                 "WenQuanYi Micro Hei", "Droid Sans Fallback", "Microsoft YaHei", "SimHei", "PingFang SC", "Hiragino Sans GB"]
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int, cjk: bool = False) -> Any:
+    """Captions' font: matplotlib's bundled DejaVu Sans (Latin with accents, Greek, Cyrillic; Pillow's bundled font
+    has basic Latin only, so 'café' lost its accent and Cyrillic became boxes); with Chinese/Japanese/Korean text, an
+    installed CJK font where one exists (none is bundled anywhere we depend on)."""
     from PIL import ImageFont
 
+    paths = []
+    try:
+        import matplotlib
+        from matplotlib import font_manager
+
+        if cjk:
+            try:
+                paths.append(font_manager.findfont(font_manager.FontProperties(family=_CJK_FAMILIES),
+                                                   fallback_to_default=False))
+            except ValueError:
+                pass
+        paths.append(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"))
+    except ImportError:
+        pass
+    for path in paths:
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
     try:
         return ImageFont.load_default(size=size)  # FreeType build of the bundled font (Pillow >= 10.1)
     except (TypeError, ValueError, OSError, ImportError):
@@ -393,8 +422,9 @@ def make_sample_grid(
         imgs = imgs.expand(-1, 3, -1, -1)
     imgs_u8 = to_u8(imgs)  # [N, H, W, 3] (to_u8 detaches, casts, clamps and moves to the CPU)
 
-    font = _font(max(10, min(14, tw // 8)))
-    title_font = _font(14)
+    cjk = any(_CJK.search(t) for t in [title or "", *group_prompt[:rows]])
+    font = _font(max(10, min(14, tw // 8)), cjk)
+    title_font = _font(14, cjk)
     lh = _line_h(font)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     frame = 2
@@ -866,14 +896,19 @@ class RunLogger:
         prompts: list[str],
         rewards: torch.Tensor,
         group_ids: torch.Tensor | None = None,
+        batch_mean: float | None = None,
     ) -> Path | None:
-        """Write ``samples/step_{step:06d}.png`` (see `make_sample_grid`) and mirror it; returns the path."""
+        """Write ``samples/step_{step:06d}.png`` (see `make_sample_grid`) and mirror it; returns the path.
+        `batch_mean`: the step's reward mean for the title (under several processes the images are one rank's
+        share); by default the mean of `rewards`."""
         if not self.enabled:
             return None
         rew = rewards.detach().reshape(-1).float().cpu()
         fin = rew[torch.isfinite(rew)]
         title = f"{self.run_name} · step {step}"
-        if fin.numel():
+        if batch_mean is not None and math.isfinite(batch_mean):
+            title += f" · reward mean {_fmt(float(batch_mean))}"
+        elif fin.numel():
             title += f" · reward mean {_fmt(float(fin.mean()))}"
         if fin.numel() < rew.numel():
             title += f" · {rew.numel() - fin.numel()} abstained"

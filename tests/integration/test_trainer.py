@@ -587,12 +587,14 @@ def test_source_images_of_editing_data_reach_the_rewards(tmp_path, overlap):
     assert metrics(tmp_path / "run")[0]["reward/mean"] == 6.0
 
 
-def test_kl_and_multiple_epochs_run(tmp_path):
+def test_kl_and_multiple_epochs_run(tmp_path, capsys):
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.kl_coef=0.04", "algorithm.inner_epochs=2",
                             "algorithm.kl_estimator=k3", "checkpoint.every=0", "train.eval_every=2",
-                            "optim.warmup_steps=2"))
+                            "optim.warmup_steps=2", "logging.sample_every=1"))
     t.train()
     m = metrics(tmp_path)
+    # the evaluation is printed too (console=false silences only the per-step lines)
+    assert f"eval at step 2: reward/mean {m[1]['eval/reward/mean']:.4g}, reward/color_position/mean" in capsys.readouterr().out
     # the logged lr is the one the step's updates used: warm-up over training steps, both epochs at 1/2 then 2/2
     assert [r["lr"] for r in m] == pytest.approx([0.5e-3, 1e-3])
     assert m[1]["kl"] > 0  # the policy moved away from the frozen reference after the first update

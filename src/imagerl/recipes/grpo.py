@@ -797,10 +797,16 @@ class GRPOTrainer:
                 res = self.step(step)
                 last = res.metrics
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last.update(self.eval_rollout()[0])
+                    ev = self.eval_rollout()[0]
+                    last.update(ev)
+                    self.logger.print(f"eval at step {step}: " + ", ".join(
+                        f"{k[len('eval/'):]} {v:.4g}" for k, v in ev.items() if k.endswith("/mean") and math.isfinite(v)))
                 self.logger.log_step(step, last)
                 if cfg.logging.sample_every and (step % cfg.logging.sample_every == 0 or step == 1 or step == cfg.train.steps):
-                    self.logger.log_samples(step, res.rollout.images, res.rollout.prompts, res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids)
+                    # (this rank's samples; the title's mean is the whole step's, as logged)
+                    self.logger.log_samples(step, res.rollout.images, res.rollout.prompts,
+                                            res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids,
+                                            batch_mean=last.get("reward/mean"))
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     self.save(step)
             # (not again when the periodic save just wrote the last step: a second full write of the weights)
