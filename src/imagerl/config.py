@@ -604,13 +604,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={v} must be {'>= 0' if allow_zero else '> 0'}")
 
     for k in ("train.steps", "rollout.group_size", "data.prompts_per_step", "algorithm.inner_epochs", "algorithm.mini_batches",
-              "algorithm.micro_batch_size", "rollout.num_steps", "logging.samples_per_grid", "algorithm.sft_batch_size"):
+              "algorithm.micro_batch_size", "rollout.num_steps", "logging.samples_per_grid", "algorithm.sft_batch_size",
+              "logging.log_every"):
         positive(k)
     for k in ("checkpoint.every", "checkpoint.keep_last", "logging.sample_every", "optim.warmup_steps",
               "optim.lr", "algorithm.kl_coef", "rollout.temperature", "optim.grad_clip", "optim.weight_decay",
               "algorithm.adv_clip", "algorithm.adv_eps", "run.threads", "model.image_size", "rollout.micro_batch_size",
               "rollout.eval_num_steps", "rollout.sde_window", "rollout.noise_level", "rollout.eval_cfg_scale",
-              "train.eval_every", "train.eval_prompts", "logging.log_every"):
+              "train.eval_every", "train.eval_prompts"):
         positive(k, allow_zero=True)
     if cfg.optim.eps <= 0:
         raise ConfigError(f"optim.eps={cfg.optim.eps} must be > 0 (AdamW divides by sqrt(v) + eps; e.g. 1e-8)")
@@ -648,6 +649,8 @@ def validate(cfg: Config) -> None:
     for i, r in enumerate(cfg.rewards):
         if not r.type:
             raise ConfigError(f"rewards[{i}].type is empty: name a reward (e.g. color_position) or package.module:Class")
+        if "/" in r.name:  # (metric keys are reward/<name>/<stat>: a '/' would split the name)
+            raise ConfigError(f"rewards[{i}].name={r.name!r} contains '/'; use another separator, e.g. {r.name.replace('/', '_')!r}")
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: add at least one prompt file (data.datasets: [{path: prompts.txt}])")
     for i, d in enumerate(cfg.data.datasets):

@@ -15,26 +15,28 @@ import sys
 log = logging.getLogger(__name__)
 
 
-def _check_address(host: str, port: int) -> None:
-    """Fail now, naming the setting, when (host, port) cannot be bound: a port already in use or a host that is
-    not an address of this machine. uvicorn would only find out after the rewards have loaded. Bound the way
-    uvicorn binds (SO_REUSEADDR), then released; port 0 (any free port) always passes."""
+def _bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound now: a port already in use or a host that is not an address of this machine fails
+    here, naming the setting, before the rewards load (a VLM judge takes minutes). Bound the way uvicorn binds
+    (SO_REUSEADDR) and handed to it, so that port 0 (any free port) is known and printed."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ValueError(f"server.host={host}: not a host name or address here ({e.strerror}); "
                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)") from None
     family, kind, proto, _, addr = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(addr)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                raise ValueError(f"server.port={port}: {host}:{port} is already in use (another reward server or "
-                                 "program); stop it or choose another server.port") from None
-            raise ValueError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror or e}); "
-                             "use 127.0.0.1 or 0.0.0.0, and a port above 1023 unless running as root") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"server.port={port}: {host}:{port} is already in use (another reward server or "
+                             "program); stop it or choose another server.port") from None
+        raise ValueError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror or e}); "
+                         "use 127.0.0.1 or 0.0.0.0, and a port above 1023 unless running as root") from None
+    return sock
 
 
 def main(config_path: str, overrides: list[str] | None = None) -> int:
@@ -45,8 +47,12 @@ def main(config_path: str, overrides: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(config_path, ["model.tiny=true", *(overrides or [])])
-        _check_address(cfg.server.host, cfg.server.port)  # before loading the rewards (a VLM judge takes minutes)
-        server = build_server(cfg)
+        sock = _bind(cfg.server.host, cfg.server.port)  # before loading the rewards (a VLM judge takes minutes)
+        try:
+            server = build_server(cfg)
+        except BaseException:
+            sock.close()
+            raise
     except (ConfigError, ValueError) as e:
         print(f"imagerl serve-reward: {e}", file=sys.stderr)
         return 2
@@ -55,12 +61,15 @@ def main(config_path: str, overrides: list[str] | None = None) -> int:
         log.warning("serving on %s without an API key: anyone who can reach this address can use it. "
                     "Set server.api_key_env to the name of an env var holding a key.", sc.host)
     chat = f", chat model '{server.chat.served_name}' at /v1/chat/completions" if server.chat else ""
-    print(f"imagerl reward server: rewards {list(server.rewards)}{chat} on http://{sc.host}:{sc.port} "
+    port = sock.getsockname()[1]  # (server.port=0: the free port it got)
+    host = f"[{sc.host}]" if ":" in sc.host else sc.host
+    print(f"imagerl reward server: rewards {list(server.rewards)}{chat} on http://{host}:{port} "
           f"(auth {'on' if server.api_key else 'off'}; max_batch {sc.max_batch}, max_wait_ms {sc.max_wait_ms:g})",
           flush=True)
     try:
-        uvicorn.run(server.app, host=sc.host, port=sc.port, log_level="info", access_log=False, lifespan="off")
+        uvicorn.Server(uvicorn.Config(server.app, log_level="info", access_log=False, lifespan="off")).run(sockets=[sock])
     finally:
+        sock.close()
         server.close()
     return 0
 

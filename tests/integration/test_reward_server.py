@@ -12,7 +12,6 @@ import asyncio
 import base64
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -604,12 +603,6 @@ def test_chat_rejects_oversized_and_corrupt_images(server):
 # --------------------------------------------------------------------------- the CLI entry
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_demo_config_builds_a_working_server():
     """configs/reward_server_demo.yaml through the same path as `imagerl serve-reward` (load_config +
     build_server), served in-process."""
@@ -638,12 +631,19 @@ def test_demo_config_builds_a_working_server():
 def test_serve_reward_cli_entry_serves_demo_config():
     """`python -m imagerl.serve configs/reward_server_demo.yaml` (what `imagerl serve-reward` calls) comes up,
     serves the demo rewards and the tiny chat judge, and a RemoteReward scores against it."""
-    port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # server.port=0: any free port, which the start line names
     proc = subprocess.Popen([sys.executable, "-m", "imagerl.serve", str(REPO / "configs/reward_server_demo.yaml"),
-                             f"server.port={port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+                             "server.port=0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        import re
+
+        line = ""
+        while "imagerl reward server:" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the server exited before its start line"
+        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", line).group(1)
+        assert not url.endswith(":0")
         deadline = time.monotonic() + 45
         while True:
             assert proc.poll() is None, proc.stdout.read()

@@ -336,7 +336,7 @@ def test_finished_run_and_resume_false_on_an_existing_run(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path / "new", "train.steps=1", "run.resume=false")).train()  # a new dir is fine
 
 
-def test_resume_with_other_model_settings_names_what_changed(tmp_path):
+def test_resume_with_other_model_settings_names_what_changed(tmp_path, monkeypatch):
     # the same run.output_dir with another LoRA setting or model size: not a bare tensor error, but the
     # checkpoint, what does not fit, and the model.* settings that differ from the ones that wrote it
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
@@ -346,8 +346,14 @@ def test_resume_with_other_model_settings_names_what_changed(tmp_path):
     with pytest.raises(TrainingError, match=r"other shapes than the policy's .*q_proj.weight \(32, 32\) vs \(16, 16\).*"
                                             r"written with model.tiny_overrides.hidden_size=unset \(now 16\)\."):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "model.tiny_overrides.hidden_size=16"))
+    # a logging backend that cannot start (not installed here, or W&B online without a login): refused as well
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"logging.wandb"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "logging.wandb=true", "logging.wandb_mode=online"))
     # the refused attempts left the run's config.yaml (what eval / sample / export read) as the checkpoint's
     assert load_config(str(tmp_path / "config.yaml")).model.lora.enabled is False
+    assert load_config(str(tmp_path / "config.yaml")).logging.wandb is False
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.lr=1e-4")).train()  # other settings resume
     assert [r["step"] for r in metrics(tmp_path)] == [1, 2]
     assert load_config(str(tmp_path / "config.yaml")).optim.lr == 1e-4  # (and a resumed run's config is recorded)

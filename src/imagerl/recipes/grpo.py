@@ -280,13 +280,13 @@ class GRPOTrainer:
             self._maybe_resume(weights_only=not training)
         from ..logging import RunLogger, atomic_write_text
 
-        if training and self.dist.is_main:
-            # only now that setup and the resume succeeded: a refused resume (other model settings) must leave the
-            # run's config.yaml, which eval / sample / export read, as the checkpoints' own
-            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
-
         self.logger = RunLogger(cfg, self.out, total_steps=cfg.train.steps, start_step=self.start_step,
                                 is_main=self.dist.is_main and training)
+        if training and self.dist.is_main:
+            # only now that setup, the resume and the logging backends succeeded: a refused start (other model
+            # settings, a backend that is not installed) must leave the run's config.yaml, which eval / sample /
+            # export read, as the checkpoints' own
+            atomic_write_text(self.out / "config.yaml", to_yaml(cfg))
         if training and self.start_step < cfg.train.steps:
             self.logger.print(self._banner())
         if self.dist.enabled and training:  # (so a launcher that silently starts one process is noticed)
