@@ -335,7 +335,10 @@ def cmd_export(args: list[str]) -> int:
         raise SystemExit("imagerl export: run it as one process, without torchrun / accelerate launch: checkpoints hold "
                          "whole weights (gathered when written), so one process reads and exports them")
     cfg, trainer, ck = _trained_policy(args)
-    target = _make_dir(Path(dest), "--to") if dest else _make_dir(Path(cfg.run.output_dir) / "export", "run.output_dir")
+    # (by default one folder per checkpoint and weights kind, as eval and sample name theirs: --no-ema next to the EMA
+    # export used to overwrite it)
+    tag = _weights_tag(cfg, trainer, ck)
+    target = _make_dir(Path(dest), "--to") if dest else _make_dir(Path(cfg.run.output_dir) / "export" / tag, "run.output_dir")
     try:
         with trainer.eval_weights():  # the EMA of the weights when the run kept one
             trainer.policy.save_pretrained(str(target))
@@ -368,7 +371,8 @@ COMMANDS = {
     "train": (cmd_train, "train a policy: imagerl train [CONFIG] [key=value ...] (no CONFIG = the built-in demo)"),
     "eval": (cmd_eval, "evaluate the latest checkpoint deterministically: imagerl eval [CONFIG] [key=value ...] [--no-ema]"),
     "sample": (cmd_sample, "images for your prompts from the latest checkpoint: " + SAMPLE_USAGE[len("imagerl sample "):]),
-    "export": (cmd_export, "save the trained model for its own library: imagerl export [CONFIG] [key=value ...] [--to DIR] [--no-ema]"),
+    "export": (cmd_export, "save the trained model for its own library: imagerl export [CONFIG] [key=value ...] [--to DIR] [--no-ema] "
+                           "(default DIR: run.output_dir/export/<checkpoint>[_no_ema])"),
     "print-config": (cmd_print_config, "print the resolved config: imagerl print-config [CONFIG] [key=value ...]"),
     "serve-reward": (cmd_serve_reward, "serve rewards over HTTP: imagerl serve-reward CONFIG [key=value ...]"),
 }

@@ -103,8 +103,10 @@ def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
     with t.eval_weights():
         assert all(torch.equal(p, ema[n]) for n, p in named)
     assert all(torch.equal(p, trained[n]) for n, p in named)  # and they come back exactly
-    # `imagerl export` writes the average (a fresh process-like load: weights + EMA from the checkpoint)
-    assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "exp")]) == 0
+    # `imagerl export` writes the average (a fresh process-like load: weights + EMA from the checkpoint), by default
+    # into a folder named like eval's and sample's outputs (the --no-ema export below does not overwrite it)
+    assert main(["export", f"run.output_dir={tmp_path}"]) == 0
+    (tmp_path / "export" / "step_000003").rename(tmp_path / "exp")
     from safetensors.torch import load_file
 
     def weights(d):
@@ -114,8 +116,8 @@ def test_ema_weights_are_evaluated_sampled_and_exported(tmp_path):
     n = "language_model.layers.0.self_attn.q_proj.weight"  # (the trained module is JanusModel, exported as model.*)
     assert torch.equal(exported["model." + n], ema[n]) and not torch.equal(exported["model." + n], trained[n])
     # --no-ema: the trained weights
-    assert main(["export", f"run.output_dir={tmp_path}", "--to", str(tmp_path / "raw"), "--no-ema"]) == 0
-    raw = weights("raw")
+    assert main(["export", f"run.output_dir={tmp_path}", "--no-ema"]) == 0
+    raw = weights("export/step_000003_no_ema")
     assert torch.equal(raw["model." + n], trained[n])
     # eval of the average and of the trained weights, side by side
     assert main(["eval", f"run.output_dir={tmp_path}"]) == 0 and main(["eval", f"run.output_dir={tmp_path}", "--no-ema"]) == 0
