@@ -522,24 +522,30 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str
     if xs:
         window = max(1, min(50, len(xs) // 10))
         ma = _moving_average(ys, window)
-        ax.plot(xs, ys, color="C0", alpha=0.3, linewidth=1, label="reward/mean")
+        # (raw line unlabelled when there is no moving average: one legend entry per line actually drawn)
+        ax.plot(xs, ys, color="C0", alpha=0.3, linewidth=1, label="reward/mean" if window > 1 else None)
         sx, sd = series("reward/std")
         if len(sx) == len(xs) and sx == xs:
             lo = [m - s for m, s in zip(ys, sd)]
             hi = [m + s for m, s in zip(ys, sd)]
             ax.fill_between(xs, lo, hi, color="C0", alpha=0.08, linewidth=0, label="±std within batch")
         ax.plot(xs, ma, color="C0", linewidth=2.2, label=f"reward/mean (moving avg, {window} steps)" if window > 1 else "reward/mean")
+    # each reward its own colour from C1 on, skipping C3 and C4 (loss and kl below)
+    palette = [f"C{c}" for c in (1, 2, 5, 6, 7, 8, 9)]
     for j, name in enumerate(reward_names(keys)):
         key = f"reward/{name}/mean" if f"reward/{name}/mean" in keys else f"reward/{name}"
         rx, ry = series(key)
-        if rx:
+        if rx:  # (a reward that abstained on every step has no value, so no line and no legend entry)
             w = max(1, min(50, len(rx) // 10))
-            ax.plot(rx, _moving_average(ry, w), color=f"C{j + 1}", linewidth=1.3, alpha=0.9,
+            ax.plot(rx, _moving_average(ry, w), color=palette[j % len(palette)], linewidth=1.3, alpha=0.9,
                     label=f"{key} (moving avg)" if w > 1 else key)
     if not xs and not reward_names(keys):
         ax.text(0.5, 0.5, "no reward logged yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
     ax.set_ylabel("reward")
     ax.grid(True, alpha=0.25)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers (no 1.25 on a short run)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8, frameon=False)
     if xs:
