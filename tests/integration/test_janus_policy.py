@@ -370,6 +370,13 @@ def test_bad_model_path_error_names_the_field(tmp_path):
         JanusPolicy(cfg, torch.device("cpu"))
 
 
+def test_mps_is_refused_before_loading():
+    # the sampler's inverse CDF is fp64, which MPS lacks: one message at start, not a TypeError at the first token
+    # (the device object alone: this machine has no MPS, and nothing touches it before the check)
+    with pytest.raises(ValueError, match=r"run.device=mps: .*no float64; use run.device=cpu"):
+        JanusPolicy(load_config(None, ["model.tiny=true"]), torch.device("mps"))
+
+
 def test_fsdp2_needs_fp32_weights():
     # checked before any process group is touched (the 2-process FSDP2 runs are in test_trainer.py)
     pol = make("model.dtype=bf16")

@@ -255,6 +255,9 @@ class JanusPolicy(Policy):
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         m = cfg.model
+        if device.type == "mps":  # (before loading 7B weights onto it)
+            raise ValueError("run.device=mps: the Janus sampler draws tokens by an fp64 inverse CDF (exact log-probs for "
+                             "the ratio), and MPS has no float64; use run.device=cpu or a CUDA GPU")
         if m.tiny:
             # tiny presets keep their own resolution (model.image_size describes the real checkpoint, e.g. 384
             # in a recipe); model.tiny_overrides.image_size changes it
