@@ -15,6 +15,7 @@ from imagerl.types import RewardOutput
 
 CALLS: list[tuple[int, str]] = []
 LEFT_ROWS: list[int] = []
+GIDS: list[int] = []
 
 
 class RecordingBrightness(Reward):
@@ -22,6 +23,7 @@ class RecordingBrightness(Reward):
 
     def score(self, inp):
         CALLS.append((len(inp), threading.current_thread().name))
+        GIDS.extend(inp.group_ids.tolist())
         img = inp.images.float()
         return RewardOutput(scores=img.mean((1, 2, 3)))
 
@@ -37,6 +39,7 @@ class AbstainOnLeft(Reward):
 
 def run(tmp_path, name, overlap, *extra):
     CALLS.clear()
+    GIDS.clear()
     cfg = load_config(None, [
         "model.tiny_size=test", "train.steps=2", "data.prompts_per_step=4", "rollout.group_size=4",
         "rollout.micro_batch_size=8", f"scoring.overlap={str(overlap).lower()}", f"run.output_dir={tmp_path / name}",
@@ -45,13 +48,14 @@ def run(tmp_path, name, overlap, *extra):
     ])
     GRPOTrainer(cfg).train()
     rows = [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows], list(CALLS)
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows], list(CALLS), list(GIDS)
 
 
 def test_overlap_scores_micro_batches_with_identical_numbers(tmp_path):
-    seq, seq_calls = run(tmp_path, "seq", overlap=False)
-    ovl, ovl_calls = run(tmp_path, "ovl", overlap=True)
+    seq, seq_calls, seq_gids = run(tmp_path, "seq", overlap=False)
+    ovl, ovl_calls, ovl_gids = run(tmp_path, "ovl", overlap=True)
     assert seq == ovl
+    assert seq_gids == ovl_gids == [g for s in range(2) for g in range(4 * s, 4 * s + 4) for _ in range(4)]  # global ids
     # sequential: one call of 16 samples per step; overlapped: two micro-batches of 8 (two whole groups each)
     assert [n for n, _ in seq_calls] == [16, 16]
     assert [n for n, _ in ovl_calls] == [8, 8, 8, 8]
@@ -65,7 +69,7 @@ def test_composites_that_impute_with_the_batch_mean_score_as_without_overlap(tmp
     spec = ["rewards.0.type=weighted_sum", "rewards.0.name=total",
             "rewards.0.args.children=[{type: test_overlap:RecordingBrightness}, {type: test_overlap:AbstainOnLeft, weight: 3}]",
             "train.steps=3"]
-    seq, _ = run(tmp_path, "seq", False, *spec)
-    ovl, calls = run(tmp_path, "ovl", True, *spec)
+    seq, _, _ = run(tmp_path, "seq", False, *spec)
+    ovl, calls, _ = run(tmp_path, "ovl", True, *spec)
     assert len(calls) == 6 and seq == ovl  # (3 steps x 2 micro-batches)
     assert 0 < sum(LEFT_ROWS) < 6 * 8  # (some groups abstained on the child, not all)

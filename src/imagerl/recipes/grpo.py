@@ -513,15 +513,17 @@ class GRPOTrainer:
         # Rank-independent on purpose: adapters derive one random stream per sample row from it and the row's
         # global group id (Policy.row_generators), so K processes draw exactly the samples one process would.
         gen = seeded_generator(cfg.run.seed, step, 0, ROLLOUT)
+        offset = (step - 1) * B + first  # global group ids: unique over steps and ranks
         chunker = None
         if cfg.scoring.overlap:
-            chunker = ChunkScorer(self.scorer, local.prompts, local.metadata, G, per_sample, local.source_images)
+            chunker = ChunkScorer(self.scorer, local.prompts, local.metadata, G, per_sample, local.source_images,
+                                  group_id_offset=offset)
         self.policy.chunk_callback = chunker
         self.policy.eval()
         t0 = time.perf_counter()
         try:
             with torch.no_grad(), self.autocast():
-                ro = self.policy.rollout(local, G, gen, group_id_offset=(step - 1) * B + first)
+                ro = self.policy.rollout(local, G, gen, group_id_offset=offset)
         finally:
             self.policy.chunk_callback = None
         t1 = time.perf_counter()

@@ -74,8 +74,11 @@ class ChunkScorer:
     """Receives `(lo, hi, images)` callbacks from a policy's rollout and submits whole groups for scoring."""
 
     def __init__(self, runner: ScoringRunner, prompts: list[str], metadata: list[dict], group_size: int,
-                 per_sample_weights: list[dict[str, float]], source_images: list[Any] | None = None):
+                 per_sample_weights: list[dict[str, float]], source_images: list[Any] | None = None,
+                 group_id_offset: int = 0):
         self.runner = runner
+        self.group_id_offset = group_id_offset  # (the rollout's group ids: offset + prompt index, as rewards see them
+        # without overlap)
         self.prompts, self.metadata = prompts, metadata
         self.source_images = source_images
         self.G = group_size
@@ -102,7 +105,7 @@ class ChunkScorer:
             images=torch.stack([self.images[i] for i in rows]),  # type: ignore[misc]
             prompts=[self.prompts[i // self.G] for i in rows],
             metadata=[self.metadata[i // self.G] for i in rows],
-            group_ids=torch.tensor([i // self.G for i in rows]),
+            group_ids=torch.tensor([self.group_id_offset + i // self.G for i in rows]),
             source_images=[self.source_images[i // self.G] for i in rows] if self.source_images else None,
         )
         self.futures.append((lo, hi, self.runner.submit(inp, self.weights[lo:hi])))
