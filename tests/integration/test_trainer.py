@@ -302,6 +302,16 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
                                          r"use one of k1, k2, k3$"):
         GRPOTrainer(cfg_for("janus", tmp_path / "d", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1"))
     GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
+    # k3 of a flow step's log-prob (a mean over the latent elements) is no KL estimate: refused, saying why
+    with pytest.raises(ValueError, match=r"^algorithm.kl_estimator=k3 does not apply to model.family=sd3 \(a flow "
+                                         r"transition's log-density is averaged .*use one of mean, mean_dt, velocity$"):
+        GRPOTrainer(cfg_for("sd3", tmp_path / "g", "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.1"))
+    # the default, auto, is each family's estimator (and the run's config.yaml records which)
+    for family, want in (("sd3", "mean"), ("janus", "k3")):
+        t = GRPOTrainer(cfg_for(family, tmp_path / f"auto_{family}", "algorithm.kl_coef=0.1"))
+        t.close()
+        assert t.cfg.algorithm.kl_estimator == want
+        assert load_config(str(tmp_path / f"auto_{family}" / "config.yaml")).algorithm.kl_estimator == want
     # settings that used to fail only after the first rollout: no SFT loss (janus), a KL without a reference
     for args, msg in [(("algorithm.sft_weight=0.5", "data.sft_datasets.0.path=builtin:color_shapes"),
                        r"^algorithm.sft_weight=0.5: model.family=janus has no auxiliary SFT loss"),

@@ -1,7 +1,8 @@
 """KL penalties against the reference policy, per trained unit. Tensors in, tensors out.
 
 Token-level estimators of KL(pi || pi_ref) from samples of pi (Schulman, "Approximating KL divergence", 2020),
-with delta = ref_logp - logp:
+with delta = ref_logp - logp (for image tokens; a flow step's log-prob is a mean over latent elements, of which
+these estimate no KL, so flow policies refuse them):
     k1 = -delta                      unbiased, high variance, can be negative
     k2 = delta^2 / 2                 biased, low variance
     k3 = exp(delta) - delta - 1      unbiased, non-negative (GRPO's choice)
@@ -10,7 +11,8 @@ Flow policies (Gaussian transitions with a shared std):
               (the closed form of the Flow-GRPO paper);
     mean_dt   mean x |sigma_next - sigma|: what Flow-GRPO's code computes for its SDE, which divides by
               2 g^2 (the diffusion coefficient) instead of the transition variance g^2 |dt|. Its beta = 0.04
-              was tuned with this, which is 1/|dt| (4x to 28x at 10 steps) weaker per step than `mean`;
+              was tuned with this, which is 1/|dt| weaker per step than `mean` (about 4x to 25x over the first
+              nine of 10 steps of the SD3 schedule, over 100x at the last);
     velocity  ||v - v_ref||^2 averaged over latent elements (velocity-space KL used by DeepGen-RL; it does not
               blow up where the transition std is tiny).
 """

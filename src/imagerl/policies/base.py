@@ -32,6 +32,8 @@ class Policy(nn.Module):
     unused_settings: tuple[str, ...] = ()
     #: algorithm.kl_estimator values the family's log-prob outputs support
     kl_estimators: tuple[str, ...] = ("k1", "k2", "k3")
+    #: what algorithm.kl_estimator=auto (the default) means for the family
+    default_kl_estimator: str = "k3"
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__()
@@ -169,11 +171,17 @@ class Policy(nn.Module):
         if a.kl_coef > 0 and self.reference_mode() == "lora_disabled" and not self.uses_lora():
             raise ValueError("model.reference=lora_disabled needs model.lora.enabled=true (the reference is the model "
                              "with its adapters off); use model.reference=auto (a frozen copy for full fine-tuning)")
+        if a.kl_estimator == "auto":
+            a.kl_estimator = self.default_kl_estimator  # (recorded so in the run's config.yaml)
         if a.kl_coef > 0 and a.kl_estimator not in self.kl_estimators:
+            if a.kl_estimator in ("k1", "k2", "k3"):
+                why = ("a flow transition's log-density is averaged over the latent elements, and k1/k2/k3 of that "
+                       "average estimate no KL: k3 comes out near KL^2/2 with 1/D of the KL's gradient")
+            else:
+                why = f"it has no {'velocity predictions' if a.kl_estimator == 'velocity' else 'Gaussian transitions'}"
             raise ValueError(
                 f"algorithm.kl_estimator={a.kl_estimator} does not apply to model.family={self.cfg.model.family} "
-                f"(it has no {'velocity predictions' if a.kl_estimator == 'velocity' else 'Gaussian transitions'}); "
-                f"use one of {', '.join(self.kl_estimators)}"
+                f"({why}); use one of {', '.join(self.kl_estimators)}"
             )
 
     def unused_changes(self) -> list[str]:

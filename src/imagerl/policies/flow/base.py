@@ -122,7 +122,9 @@ class FlowPolicy(Policy):
 
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     unused_settings = ("rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.cuda_graph")
-    kl_estimators = ("k1", "k2", "k3", "mean", "mean_dt", "velocity")
+    # (not k1/k2/k3: the per-transition log-prob is a mean over the latent elements, see check_training_config)
+    kl_estimators = ("mean", "mean_dt", "velocity")
+    default_kl_estimator = "mean"
     #: static timestep shift of the family (SD3: 3.0), used when rollout.timestep_shift is 0
     default_shift: float = 3.0
     #: output resolution when model.image_size is 0
