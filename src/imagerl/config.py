@@ -140,7 +140,8 @@ class AlgorithmConfig:
     mini_batches: int = 1  # optimizer steps per inner epoch, each on 1/mini_batches of the step's groups (PPO mini-batches)
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
     log_prob: str = "gaussian"  # flow: gaussian (log-density of the transition) | sq_dist (-||x - mu||^2, Flow-GRPO's CPS code)
-    timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration (random, floor, >= 1)
+    timestep_fraction: float = 1.0  # flow: fraction of denoising steps trained per iteration (floor, >= 1)
+    timestep_selection: str = "random"  # flow: which steps: random (DanceGRPO) | first (Flow-GRPO's code: the first k SDE steps)
     sft_weight: float = 0.0  # lambda: total = (1-lambda)*GRPO + lambda*SFT
     sft_batch_size: int = 2  # prompt+image pairs per optimizer step for the SFT term, over all processes (split evenly)
 
@@ -574,6 +575,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.name": ("grpo",),  # (the one loop's objective; a name is reserved for each variant that lands)
     "algorithm.loss_agg": ("token_mean", "seq_mean"),
     "algorithm.log_prob": ("gaussian", "sq_dist"),
+    "algorithm.timestep_selection": ("random", "first"),
     "algorithm.kl_estimator": ("auto", "k1", "k2", "k3", "mean", "mean_dt", "velocity"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "logging.wandb_mode": ("offline", "online"),

@@ -93,6 +93,10 @@ def test_unit_chunks_timestep_fraction():
     # the floor, as Flow-GRPO's int(): its 0.99 of 10 steps trains 9 of them
     pol.cfg.algorithm.timestep_fraction = 0.99
     assert len(pol.unit_chunks(ro, gen(3))) == 9
+    # timestep_selection=first: the first 9 SDE steps in order, whatever the stream (the last step never trains)
+    pol.cfg.algorithm.timestep_selection = "first"
+    sde = [int(i) for i in torch.nonzero(ro.mask[0]).flatten()]
+    assert [int(c) for c in pol.unit_chunks(ro, gen(3))] == [int(c) for c in pol.unit_chunks(ro, gen(4))] == sde[:9]
 
 
 @pytest.mark.parametrize("lora", [False, True])

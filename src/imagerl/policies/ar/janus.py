@@ -244,7 +244,7 @@ class JanusPolicy(Policy):
     unused_settings = (
         "rollout.num_steps", "rollout.sde", "rollout.noise_level", "rollout.sde_window", "rollout.sde_window_range",
         "rollout.shared_noise", "rollout.timestep_shift", "rollout.cfg_in_training", "rollout.eval_num_steps",
-        "algorithm.timestep_fraction", "algorithm.log_prob")
+        "algorithm.timestep_fraction", "algorithm.timestep_selection", "algorithm.log_prob")
     #: full fine-tune default: these parts of `JanusModel` are trained (VQ model, vision encoder, lm_head frozen)
     full_ft_modules = ("language_model", "generation_embeddings", "generation_aligner", "generation_head")
     #: roll out with `FastLlamaDecoder` (a lean replica of the Llama stack); False = transformers modules

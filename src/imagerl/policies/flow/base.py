@@ -380,13 +380,16 @@ class FlowPolicy(Policy):
 
     # ============================ training ======================================================
     def unit_chunks(self, rollout: Rollout, generator: torch.Generator) -> list[torch.Tensor]:
-        """floor(timestep_fraction * #SDE steps) random SDE steps (>= 1), one chunk each; [] if none. (The floor is
-        Flow-GRPO's and DanceGRPO's int(): Flow-GRPO's 0.99 of 10 steps trains 9.)"""
+        """floor(timestep_fraction * #SDE steps) SDE steps (>= 1), one chunk each; [] if none: a random subset
+        (algorithm.timestep_selection=random, DanceGRPO) or the first ones (first: Flow-GRPO's code, which keeps the
+        last, sharpest step out of training). (The floor is both codes' int(): Flow-GRPO's 0.99 of 10 steps is 9.)"""
         sde_steps = torch.nonzero(rollout.mask.any(0).cpu()).reshape(-1)
         if sde_steps.numel() == 0:
             return []
         k = max(1, int(self.cfg.algorithm.timestep_fraction * sde_steps.numel() + 1e-9))  # (+eps: 0.6 * 10 is 5.999..)
         perm = torch.randperm(sde_steps.numel(), generator=generator, device=generator.device).cpu()[:k]
+        if self.cfg.algorithm.timestep_selection == "first":  # (the draw above still runs: one stream either way)
+            perm = torch.arange(k)
         return [sde_steps[j:j + 1] for j in perm.sort().values.tolist()]
 
     def _unit_logp(self, st: sde_math.SDEStep) -> torch.Tensor:
