@@ -77,6 +77,13 @@ def test_rollout_micro_batches_and_shared_noise():
     full = pol.rollout(batch(), 3, gen())
     lat0 = full.replay["latents"][:, 0]
     assert torch.equal(lat0[0], lat0[2]) and not torch.equal(lat0[0], lat0[3])
+    # every row's stream stays where an unshared run has it: a group's first row, whose start noise is the shared
+    # one, follows the same whole trajectory in both
+    pol.cfg.rollout.shared_noise = False
+    own = pol.rollout(batch(), 3, gen())
+    pol.cfg.rollout.shared_noise = True
+    for r in (0, 3):
+        assert torch.equal(own.replay["latents"][r], full.replay["latents"][r])
     pol.cfg.rollout.micro_batch_size = 2
     chunked = pol.rollout(batch(), 3, gen())
     torch.testing.assert_close(chunked.old_logp, full.old_logp, atol=1e-5, rtol=0)

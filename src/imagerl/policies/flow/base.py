@@ -333,8 +333,9 @@ class FlowPolicy(Policy):
         if ro.shared_noise:
             x = torch.stack([torch.randn(shape, generator=row_gens[b * G]) for b in range(B)]).to(self.device)
             x = x.repeat_interleave(G, 0)
-            for g in row_gens:  # keep every row's stream aligned whether or not the start noise is shared
-                torch.randn(shape, generator=g)
+            for i, g in enumerate(row_gens):  # keep every row's stream aligned whether or not the start noise is
+                if i % G:  # shared (each group's first row drew the shared noise from its own stream above)
+                    torch.randn(shape, generator=g)
         else:
             x = row_noise()
         lat = torch.empty((N, num_steps + 1, *shape), dtype=torch.float32, device=self.device)

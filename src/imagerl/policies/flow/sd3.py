@@ -146,10 +146,13 @@ class SD3Policy(FlowPolicy):
         self.setup_trainable(self.transformer)
         if not self.uses_lora():
             # The last MMDiT block is context_pre_only: its text-query projection feeds only text outputs that
-            # are discarded, so it never gets a gradient; leave it frozen instead of carrying dead optimizer state.
+            # are discarded, so it never gets a gradient; leave it frozen instead of carrying dead optimizer state
+            # (with SD3.5's RMS q/k norm, the norm of those queries as well).
             for blk in self.transformer.transformer_blocks:
                 if getattr(blk, "context_pre_only", False) and getattr(blk.attn, "add_q_proj", None) is not None:
                     blk.attn.add_q_proj.requires_grad_(False)
+                    if getattr(blk.attn, "norm_added_q", None) is not None:
+                        blk.attn.norm_added_q.requires_grad_(False)
         if mcfg.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.transformer.eval()
