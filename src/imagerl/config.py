@@ -200,7 +200,7 @@ class RewardSpec:
 
 @dataclass
 class ScoringConfig:
-    overlap: bool = True  # score each decoded rollout micro-batch while the next one is generated (same numbers, less waiting)
+    overlap: bool = True  # score each decoded rollout micro-batch while the next is generated (AR) or decoded (flow): same numbers, less waiting
     fallback: Optional[float] = None  # value used for abstaining samples only when asked for
     max_abstain_fraction: float = 1.0  # fail the step if more samples than this abstain
 

@@ -355,7 +355,13 @@ class FlowPolicy(Policy):
                 st = fn(xr, v, s, s_n, lvl, noise=None if noise is None else noise[rows], sigma_cap=sigma_cap)
                 lat[rows, i + 1] = st.prev_sample
                 logp_NT[rows, i] = self._unit_logp(st)
-        images = torch.cat([self.decode(lat[a:a + mb, -1]) for a in range(0, N, mb)], 0).float().clamp(0, 1)
+        # every row's last latent is ready only after the last step: decode per micro-batch and hand each over to the
+        # scoring thread (scoring.overlap), so the rewards of the first images overlap the decoding of the rest
+        chunks = []
+        for a in range(0, N, mb):
+            chunks.append(self.decode(lat[a:a + mb, -1]).float().clamp(0, 1))
+            self.emit_chunk(a, a + chunks[-1].shape[0], chunks[-1])
+        images = torch.cat(chunks, 0)
 
         def rep(x: Any) -> list[Any]:
             return [x[i // G] for i in range(N)]
