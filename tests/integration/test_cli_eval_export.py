@@ -10,12 +10,16 @@ from imagerl.cli import main
 def test_train_eval_export(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "model.tiny_size=test", "train.steps=2", "data.prompts_per_step=2", "rollout.group_size=4",
-                 f"run.output_dir={run}", "logging.progress_bar=false", "logging.sample_every=0"]) == 0
+                 f"run.output_dir={run}", "logging.progress_bar=false", "logging.sample_every=0", "train.eval_every=2",
+                 "optim.lr=1e-2"]) == 0
     before = (run / "metrics.jsonl").read_text()
     # the run's own config.yaml is used when only run.output_dir is given
     assert main(["eval", f"run.output_dir={run}"]) == 0
     res = json.loads((run / "eval" / "step_000002.json").read_text())
-    assert 0.0 <= res["eval/reward/mean"] <= 1.0 and res["checkpoint"].endswith("step_000002")
+    assert res["checkpoint"].endswith("step_000002")
+    # the checkpoint's weights: the same numbers as the evaluation the run made at step 2
+    logged = json.loads(before.splitlines()[-1])
+    assert res["eval/reward/mean"] == logged["eval/reward/mean"] and 0.0 <= res["eval/reward/mean"] <= 1.0
     assert (run / "eval" / "step_000002.png").stat().st_size > 0
     assert (run / "metrics.jsonl").read_text() == before  # evaluation leaves the training log alone
     # prompts every reward abstains on: the mean is null in strict JSON, not NaN
@@ -36,6 +40,10 @@ def test_train_eval_export(tmp_path, capsys):
     for x in lines:
         assert (tmp_path / "s1" / x["file"]).read_bytes() == (tmp_path / "s2" / x["file"]).read_bytes()
     assert len({(tmp_path / "s1" / x["file"]).read_bytes() for x in lines}) > 1  # the n samples differ
+    # the checkpoint, not the initial weights: the same prompts and seed from --base give other images
+    assert main(["sample", f"run.output_dir={run}", "--prompt", "a red square on the left", "--prompt",
+                 "a green circle at the top", "--n", "3", "--seed", "7", "--out", str(tmp_path / "s0"), "--base"]) == 0
+    assert any((tmp_path / "s0" / x["file"]).read_bytes() != (tmp_path / "s1" / x["file"]).read_bytes() for x in lines)
     assert (tmp_path / "s1" / "grid_000.png").stat().st_size > 0
     # the initial weights (no checkpoint needed), a prompt file, no scoring; default output under the run
     (tmp_path / "p.txt").write_text("a blue square on the right\n")

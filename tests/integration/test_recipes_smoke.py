@@ -27,6 +27,7 @@ def test_recipe_smoke(tmp_path, recipe):
     assert all(r["reward/mean"] == r["reward/mean"] for r in rows)  # not NaN
     if cfg.algorithm.sft_weight > 0:
         assert rows[0]["loss/sft"] > 0  # the auxiliary flow-matching loss ran
-    if cfg.run.dtype == "fp32":
-        assert rows[0]["ratio/first_epoch_max_dev"] < 1e-5
+    # the recipe's own settings (SDE windows, timestep subsets, mini-batches, CPS, CFG) keep the first update
+    # on-policy: ratio 1, up to bf16 rounding (every bundled recipe computes in bf16)
+    assert rows[0]["ratio/first_epoch_max_dev"] < (1e-5 if cfg.run.dtype == "fp32" else 2e-3)
     assert (tmp_path / "checkpoints" / "step_000002").is_dir()

@@ -136,3 +136,9 @@ def test_editing_rows_bring_their_source_images(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "image": "gone.png"}))
     with pytest.raises(DataError, match=r"^data.datasets\[0\]: row 0 names source image '.*gone.png' .*image_field: ''"):
         load_datasets([DatasetConfig(path=str(tmp_path / "bad.jsonl"))])
+
+
+def test_limit_keeps_the_first_rows(tmp_path):
+    (tmp_path / "p.txt").write_text("\n".join(f"p{i}" for i in range(10)))
+    ds = load_datasets([DatasetConfig(path=str(tmp_path / "p.txt"), limit=3)])
+    assert [r["prompt"] for r in ds[0].rows] == ["p0", "p1", "p2"]

@@ -146,7 +146,10 @@ def test_bf16_weights_with_fp32_lora_adapters_without_autocast():
         ref = reference_hidden(base, embeds, valid)
         got = fast_hidden(FastLlamaDecoder.build(base), embeds, valid, prefill=3)
     assert got.dtype == ref.dtype == torch.bfloat16
-    assert (got.float() - ref.float()).abs().max() < 0.05 * ref.float().abs().max()
+    with peft_model.disable_adapter():
+        without = reference_hidden(base, embeds, valid)
+    tol = 0.01 * ref.float().abs().max()  # (bf16 rounding; the adapters themselves move the output far more)
+    assert (got.float() - ref.float()).abs().max() < tol < (without.float() - ref.float()).abs().max() / 10
 
 
 def test_prepared_weights_are_copies_and_rebuilt_per_rollout():
