@@ -387,21 +387,39 @@ def test_local_vlm_loads_a_saved_checkpoint_directory(tmp_path):
         LocalVLMBackend()
 
 
+def leaning_yes(backend: LocalVLMBackend, margin: float = 1.0):
+    """The tiny random VLM answers neither yes nor no; set its 'yes' logit 30 above the largest and its 'No' logit
+    `margin` below that (a forward hook on the real model's lm_head), so it answers 'yes' with
+    P(yes) / (P(yes) + P(no)) = sigmoid(margin) whatever the image: the served log-probs then reach the judge's P(yes)
+    through the real path. Returns the hook's handle (remove() it)."""
+    (yes,), (no,) = (backend.tokenizer.encode(w, add_special_tokens=False) for w in ("yes", "No"))
+
+    def shift(_mod, _inp, logits):
+        top = logits.max(-1).values
+        logits = logits.clone()
+        logits[..., yes] = top + 30.0
+        logits[..., no] = top + 30.0 - margin
+        return logits
+
+    return backend.model.lm_head.register_forward_hook(shift)
+
+
 def test_yes_no_judge_through_our_chat_endpoint(server):
-    """The judge reward with an `http` backend pointed at our server: every sample gets a request and an
-    answer; the tiny random judge may not say yes/no, in which case the sample abstains (NaN) and is counted."""
-    _, url = server
+    """The judge reward with an `http` backend pointed at our server: every sample gets a request, and the served
+    top_logprobs give P(yes) (the tiny judge made to lean yes by a known margin)."""
+    srv, url = server
     judge = build_reward({"type": "yes_no_judge", "args": {"backend": {"type": "http", "base_urls": [f"{url}/v1"], "timeout": 20},
                                                            "top_logprobs": 5}})
     inp = color_batch(3)
+    hook = leaning_yes(srv.chat)
     try:
         out = judge(inp)
     finally:
+        hook.remove()
         judge.close()
     assert out.details["requests"] == 3 and out.details["request_failures"] == 0
-    ok = ~torch.isnan(out.scores)
-    assert ((out.scores[ok] >= 0) & (out.scores[ok] <= 1)).all()
-    assert out.details["abstained"] == int((~ok).sum()) == out.details["parse_failures"]
+    assert out.details["from_logprobs"] == 3 and out.details["abstained"] == 0
+    torch.testing.assert_close(out.scores, torch.full((3,), 1 / (1 + math.exp(-1.0))), atol=1e-4, rtol=0)
 
 
 def test_yes_no_judge_served_by_score_endpoint():
@@ -409,6 +427,7 @@ def test_yes_no_judge_served_by_score_endpoint():
                           "args": {"backend": {"type": "inprocess", "tiny": True}, "top_logprobs": 5}})
     srv = RewardServer({"judge": judge}, max_wait_ms=1)
     inp = color_batch(2)
+    hook = leaning_yes(judge.backend, margin=2.0)
     try:
         with ServerThread(srv.app) as url:
             r = httpx.post(f"{url}/v1/score", json={"images": [encode_png(x) for x in inp.images], "prompts": inp.prompts},
@@ -417,8 +436,9 @@ def test_yes_no_judge_served_by_score_endpoint():
         d = r.json()
         assert len(d["scores"]["judge"]) == 2
         assert d["details"]["judge"]["requests"] == 2 and d["details"]["judge"]["request_failures"] == 0
-        assert all(s is None or 0 <= s <= 1 for s in d["scores"]["judge"])
+        assert d["scores"]["judge"] == pytest.approx([1 / (1 + math.exp(-2.0))] * 2, abs=1e-4)
     finally:
+        hook.remove()
         srv.close()
 
 
