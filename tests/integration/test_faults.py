@@ -198,7 +198,8 @@ def test_transient_fault_is_retried_then_succeeds(fault, fault_action, counter):
         st = b.stats()
         assert st["retries"] == 2 and st[counter] == 2 and st["failures"] == 0
         assert fault.hits["/v1/chat/completions"] == 3
-        assert elapsed < 3.0  # two 0.5 s timeouts at most, never the 5 s hang
+        # (the one bound on time here, and what it tells apart: two 0.5 s timeouts, ~1 s, from one 5 s hang)
+        assert elapsed < 4.5
     finally:
         b.close()
 
@@ -219,10 +220,8 @@ def test_permanent_fault_gives_up_after_bounded_attempts(fault):
     fault.default["/v1/chat/completions"] = ("status", 500)
     b = client(fault.url, max_retries=2)
     try:
-        t0 = time.monotonic()
         with pytest.raises(JudgeError, match=r"failed after 3 attempt\(s\).*injected 500"):
             b.chat_sync(MSG)
-        assert time.monotonic() - t0 < 2.0
         assert fault.hits["/v1/chat/completions"] == 3
         assert b.stats()["failures"] == 1
     finally:
@@ -381,7 +380,7 @@ def test_remote_reward_hanging_server_is_bounded(fault):
     try:
         t0 = time.monotonic()
         out = r(inp(8))
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 8.0  # (tells ~0.6 s of timeouts apart from the 10 s hang, with room for load)
     finally:
         r.close()
     assert torch.isnan(out.scores).all()

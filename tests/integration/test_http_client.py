@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 
 import pytest
 import torch
@@ -163,15 +162,12 @@ def test_concurrency_bound_and_request_fields():
         return await asyncio.gather(*(b.chat(msg(f"q{i}"), max_tokens=7, temperature=0.5, top_logprobs=4) for i in range(9)))
 
     try:
-        t0 = time.monotonic()
         res = asyncio.run(many())
-        elapsed = time.monotonic() - t0
     finally:
         b.close()
         rec.thread.stop()
     assert [r.text for r in res] == ["a"] * 9
     assert rec.max_in_flight == 3, "max_concurrency bounds requests in flight"
-    assert elapsed >= 0.3  # 9 requests, 3 at a time, 0.1 s each
     body = rec.bodies[0]
     assert body["model"] == "rec" and body["max_tokens"] == 7 and body["temperature"] == 0.5
     assert body["logprobs"] is True and body["top_logprobs"] == 4 and body["top_k"] == 1
