@@ -106,6 +106,27 @@ def test_unit_chunks_timestep_fraction():
     assert [int(c) for c in pol.unit_chunks(ro, gen(3))] == [int(c) for c in pol.unit_chunks(ro, gen(4))] == sde[:9]
 
 
+def test_sft_loss_is_the_flow_matching_loss_on_the_vae_latents():
+    """sft_loss = mean ||v(x_sigma, sigma) - (eps - x0)||^2 with x_sigma = (1 - sigma) x0 + sigma eps, where x0 is
+    the VAE's posterior mean in the transformer's latent units ((z - shift) * scale: what decode undoes)."""
+    import torch.nn.functional as F
+
+    pol = make()
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    loss = pol.sft_loss({"prompts": PROMPTS, "images": imgs}, gen(5))
+    g, c = gen(5), pol.vae.config
+    with torch.no_grad():
+        z = pol.vae.encode(imgs * 2 - 1).latent_dist.mean
+        x0 = (z - c.shift_factor) * c.scaling_factor
+        torch.testing.assert_close(pol.decode(x0), (pol.vae.decode(z).sample + 1) / 2)  # (the units decode reads)
+        sigma = torch.rand((2,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        s = sigma.reshape(2, 1, 1, 1)
+        v = pol.transformer_forward((1 - s) * x0 + s * eps, sigma, pol.encode_prompts(PROMPTS)).float()
+    torch.testing.assert_close(loss, F.mse_loss(v, eps - x0))
+    assert not torch.allclose(loss, F.mse_loss(v, x0 - eps))  # (the target's sign matters)
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_loss_grads_only_on_trainable(lora):
     pol = make(lora__enabled=lora, lora__r=4)

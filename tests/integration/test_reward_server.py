@@ -281,6 +281,16 @@ def test_openai_client_chat_completions_with_logprobs(server):
         client.chat.completions.create(model="gpt-4o", messages=msg(img, "hi"), max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="n > 1"):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, n=2)
+    # what the server does not do is refused with the documented reason, never silently ignored
+    with pytest.raises(openai.BadRequestError, match="stream=true is not supported"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stream=True)
+    with pytest.raises(openai.BadRequestError, match="stop sequences are not supported"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stop=["."])
+    # and it fetches nothing: an image by URL (not an inline data: URL) is a 400, naming the field
+    remote_img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}},
+                                               {"type": "text", "text": "hi"}]}]
+    with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[0\].*only base64 'data:image"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=remote_img, max_tokens=2)
 
 
 def test_http_judge_equals_in_process_judge_and_batches(server):

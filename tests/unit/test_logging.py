@@ -328,6 +328,26 @@ def test_tensorboard_writes_scalars_and_images(tmp_path):
     assert acc.Tags()["images"] == ["samples"]
 
 
+def test_tensorboard_resume_replaces_the_redone_steps(tmp_path):
+    # killed after step 5 with a checkpoint at 3: the resumed run redoes 4 and 5, which must replace (purge) the
+    # first run's 4 and 5 in TensorBoard, not stand beside them
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=6, stream=io.StringIO())
+    for s in range(1, 6):
+        lg.log_step(s, {"reward/mean": 0.1 * s})
+    lg.finish()
+    lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=6, start_step=3, stream=io.StringIO())
+    for s in range(4, 7):
+        lg.log_step(s, {"reward/mean": 1.0 + s})
+    lg.finish()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    got = [(e.step, round(e.value, 6)) for e in acc.Scalars("reward/mean")]
+    assert got == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 5.0), (5, 6.0), (6, 7.0)]
+
+
 def test_failing_backend_warns_once_and_training_goes_on(tmp_path, caplog):
     pytest.importorskip("tensorboard")
     lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=3, stream=io.StringIO())
