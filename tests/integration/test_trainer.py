@@ -867,3 +867,28 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, family, ext
     assert max(float(g.abs().max()) for g in got[1]) > 0
     for a, b in zip(*got):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+class ShiftedSD3:
+    """A user's own policy adapter, referenced as model.family: test_trainer:ShiftedSD3 (the README's
+    'package.module:Class' form): SD3 with every latent's start noise scaled, a change a researcher might try."""
+
+    def __new__(cls, cfg, device):
+        from imagerl.policies.flow.sd3 import SD3Policy
+
+        class _P(SD3Policy):
+            def _randn(self, shape, generator):
+                return 0.9 * super()._randn(shape, generator)
+
+        return _P(cfg, device)
+
+
+def test_a_policy_adapter_of_ones_own_trains_by_module_and_class(tmp_path):
+    over = [o for o in FAMILY_OVERRIDES["sd3"] if not o.startswith("model.family")]
+    cfg = load_config(None, [f"model.family={__name__}:ShiftedSD3", *over, *COMMON, f"run.output_dir={tmp_path}",
+                             "train.steps=1", "checkpoint.every=0"])
+    t = GRPOTrainer(cfg)
+    assert type(t.policy).__mro__[1].__name__ == "SD3Policy"
+    t.train()
+    m = metrics(tmp_path)
+    assert m[0]["ratio/first_epoch_max_dev"] < 1e-5 and m[0]["grad_norm"] > 0
