@@ -668,7 +668,10 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         # 3 eval prompts in rounds of 2 split over the ranks: the padding and the reduction are checked too
         extra += ["optim.ema_decay=0.9", "train.eval_every=2", "train.eval_prompts=3"]
     if variant.endswith("kl"):  # full fine-tuning: the reference is this rank's shards of the initial weights
-        extra += ["algorithm.kl_coef=0.01", f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
+        # (a KL coefficient large enough that a wrong reference on one rank would move the weights measurably; the
+        # flow mean-space KL divides by the small late-step variances, so its term is already large at 0.1)
+        extra += [f"algorithm.kl_coef={0.1 if family == 'sd3' else 1.0}",
+                  f"algorithm.kl_estimator={'mean' if family == 'sd3' else 'k3'}"]
     if family == "sd3" and variant == "full+kl":  # with the auxiliary SFT loss: its pairs are split over the ranks
         extra += ["algorithm.sft_weight=0.3", "algorithm.sft_batch_size=4", "data.sft_datasets=[{path: builtin:color_shapes}]"]
     if (family, strategy, variant) == ("sd3", "fsdp2", "full+kl"):
@@ -700,9 +703,9 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
-        for k in ("reward/mean", "reward/std", "adv/abs_mean", "loss/policy", "loss", "grad_norm", "ratio/mean", "ratio/max",
-                  "ratio/min", "clip_frac", *(k for k in ("kl", "eval/reward/mean", "loss/sft") if k in ra)):
-            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-5), k
+        for k in ra:  # every logged number (but timings), to summation-order rounding: abs 1e-6 because a loss
+            if not k.startswith("time/"):  # near 0 is a sum of O(1) terms (advantages cancel), rounded in another order
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
     if variant == "ema":
         assert "eval/reward/mean" in b[1]
     from safetensors.torch import load_file
