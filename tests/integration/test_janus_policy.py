@@ -375,6 +375,17 @@ def test_bad_model_path_error_names_the_field(tmp_path):
     cfg = load_config(None, ["model.tiny=false", f"model.path={tmp_path / 'nope'}"])
     with pytest.raises(ValueError, match="model.path"):
         JanusPolicy(cfg, torch.device("cpu"))
+    # the original deepseek-ai/* remote-code format (model_type multi_modality), which transformers cannot load:
+    # the error names the transformers-format repos to use instead
+    import json
+
+    (tmp_path / "remote").mkdir()
+    (tmp_path / "remote" / "config.json").write_text(json.dumps({"model_type": "multi_modality", "architectures":
+                                                                 ["MultiModalityCausalLM"]}))
+    cfg = load_config(None, ["model.tiny=false", f"model.path={tmp_path / 'remote'}"])
+    with pytest.raises(ValueError, match=r"model.path='.*remote': cannot load a transformers Janus checkpoint .*"
+                                         r"deepseek-community/Janus-Pro-7B"):
+        JanusPolicy(cfg, torch.device("cpu"))
 
 
 def test_mps_is_refused_before_loading():

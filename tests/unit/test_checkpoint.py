@@ -129,9 +129,9 @@ def test_filesystem_without_locks_trains_unguarded_with_a_warning(tmp_path, monk
 
     from imagerl.checkpoint import lock_run_dir
 
-    def no_locks(*a):
+    def fake_nfs_without_locks(*a):  # (a fake: a filesystem without locks cannot be had here)
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(fcntl, "flock", fake_nfs_without_locks)
     with pytest.warns(UserWarning, match=r"cannot lock it \(No locks available\); a second run"):
         assert lock_run_dir(tmp_path) == ""

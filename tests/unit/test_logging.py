@@ -353,10 +353,10 @@ def test_failing_backend_warns_once_and_training_goes_on(tmp_path, caplog):
     lg = RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=3, stream=io.StringIO())
     tb = lg._backends[0]
 
-    def broken(*a, **k):  # simulate a backend that errors (e.g. a full disk under tb/)
+    def fake_disk_full(*a, **k):  # (a fake: a full disk under tb/ cannot be had here)
         raise OSError("disk full")
 
-    tb.writer.add_scalar = broken
+    tb.writer.add_scalar = fake_disk_full
     with caplog.at_level("WARNING", logger="imagerl"):
         run_steps(lg, range(1, 4))
         out = lg.finish()
