@@ -115,7 +115,7 @@ class RolloutConfig:
     sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode
     noise_level: float = 0.7  # a (Flow-GRPO), eta (CPS/Dance)
     sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
-    sde_window_range: list[int] = field(default_factory=list)  # [lo, hi) where the window may start
+    sde_window_range: list[int] = field(default_factory=list)  # [lo, hi) where the window may START (Flow-GRPO's bounds the whole window)
     shared_noise: bool = False  # same initial noise for the G samples of a prompt
     timestep_shift: float = 0.0  # 0 = the family default (SD3: static 3.0; FLUX / Qwen-Image: resolution-dependent mu)
     cfg_in_training: bool = True  # flow: CFG in training rollouts and their log-probs (False = neither, DeepGen-RL)
@@ -681,6 +681,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas={cfg.optim.betas} must have two values, e.g. [0.9, 0.999]")
     if cfg.rollout.sde_window_range and len(cfg.rollout.sde_window_range) != 2:
         raise ConfigError("rollout.sde_window_range must be [lo, hi] or empty")
+    if cfg.rollout.sde_window_range and not cfg.rollout.sde_window:
+        raise ConfigError(f"rollout.sde_window_range={list(cfg.rollout.sde_window_range)} has no effect with "
+                          "rollout.sde_window=0 (every step is SDE): set rollout.sde_window to the window's length")
 
 
 def to_yaml(cfg: Config) -> str:

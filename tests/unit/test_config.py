@@ -190,6 +190,7 @@ def test_cross_field_errors():
     ("run.threads=-1", r"run.threads=-1 must be >= 0"),  # (was: a RuntimeError traceback from torch)
     ("algorithm.adv_clip=-0.5", r"algorithm.adv_clip=-0.5 must be >= 0"),
     ("logging.log_every=0", r"logging.log_every=0 must be > 0"),  # (was: silently 1)
+    ("rollout.sde_window_range=[0,3]", r"rollout.sde_window_range=\[0, 3\] has no effect with rollout.sde_window=0"),
     ("rewards.0.name=a/b", r"rewards\[0\].name='a/b' contains '/'; use another separator, e.g. 'a_b'"),
 ])
 def test_out_of_range_numbers_fail_at_load(override, match):
