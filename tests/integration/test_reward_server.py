@@ -731,3 +731,25 @@ def test_serve_reward_busy_port_or_bad_host_fails_before_loading_rewards(tmp_pat
     assert main(str(cfg), ["server.host=no-such-host.invalid"]) == 2
     assert "server.host=no-such-host.invalid: not a host name or address here" in capsys.readouterr().err
     assert built == []
+
+
+def test_local_vlm_log_probs_are_the_models_next_token_distribution(server):
+    """The reported log-probs of the first generated position are log_softmax of the model's own forward at the
+    prompt's last position (raw logits: no temperature, no processors), the chosen token heading the top-k; checked
+    against a plain forward of the real model on the same inputs, outside generate()."""
+    from imagerl.rewards.vlm_local import expand_image_pads, split_messages
+
+    b = server[0].chat
+    messages = msg(color_batch(2).images[1], "Is the square red? Answer yes or no.")
+    g = b.complete_sync(messages, max_tokens=2, top_logprobs=5)
+    msgs, imgs = split_messages(messages, b.max_image_pixels)
+    im = b.image_processor(images=imgs, return_tensors="pt")
+    text = expand_image_pads(b._prompt(msgs), [int(x.prod()) // b.merge for x in im["image_grid_thw"]])
+    ids = b.tokenizer(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = b.model(input_ids=ids, pixel_values=im["pixel_values"].to(b.model.dtype),
+                         image_grid_thw=im["image_grid_thw"]).logits[0, -1]
+    top = logits.float().log_softmax(-1).topk(5)
+    assert [v for _, v in g.tokens[0].top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert [t for t, _ in g.tokens[0].top] == [b._tok_text(int(i)) for i in top.indices]
+    assert g.tokens[0].logprob == pytest.approx(float(top.values[0]), abs=1e-4)  # greedy: the top-1 token
