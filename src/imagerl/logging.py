@@ -492,12 +492,20 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str], title: str = "") -> Path:
     """reward/mean per step (raw and moving average, ±std band), one line per individual reward, and
     loss / kl in a second panel when present. Written with matplotlib's Agg backend (no display)."""
+    path = Path(path)
+    fig = reward_curve_figure(records, title)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def reward_curve_figure(records: list[dict[str, Any]], title: str = "") -> Any:
+    """The matplotlib Figure `plot_reward_curve` saves."""
     # A bare Figure on an Agg canvas: no pyplot, so no global backend switch and no display needed
     # (and nothing changes for a user who has pyplot open in a notebook).
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    path = Path(path)
 
     def series(key: str) -> tuple[list[float], list[float]]:
         xs, ys = [], []
@@ -570,10 +578,7 @@ def plot_reward_curve(records: list[dict[str, Any]], path: str | os.PathLike[str
         ax2.set_xlabel("step")
     else:
         ax.set_xlabel("step")
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------

@@ -257,6 +257,35 @@ def test_reward_curve_from_metrics_file(tmp_path):
     assert Image.open(plot_reward_curve([], tmp_path / "b.png")).size == (990, 462)
 
 
+def test_reward_curve_content():
+    """What the figure shows: the moving average over a tenth of the run (the NaN step skipped), one legend entry
+    per line drawn, the individual rewards in colours other than the loss's and kl's, a title with the last moving
+    average, kl on its own axis, integer steps."""
+    from matplotlib.colors import to_hex
+
+    from imagerl.logging import reward_curve_figure
+
+    recs = [{"step": s, "reward/mean": float("nan") if s == 7 else 0.02 * s, "reward/std": 0.1,
+             "reward/ocr/mean": 0.01 * s, "reward/clip/mean": 0.5, "reward/hps/mean": 0.3, "loss": 0.1, "kl": 1e-3}
+            for s in range(1, 41)]
+    fig = reward_curve_figure(recs, title="t")
+    ax, ax2 = fig.axes[0], fig.axes[1]
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["reward/mean", "±std within batch", "reward/mean (moving avg, 4 steps)", "reward/ocr/mean (moving avg)",
+                      "reward/clip/mean (moving avg)", "reward/hps/mean (moving avg)"]
+    ma = next(ln for ln in ax.get_lines() if ln.get_label().startswith("reward/mean (moving"))
+    y = list(ma.get_ydata())
+    assert y[7] == pytest.approx(0.02 * (4 + 5 + 6 + 8) / 4)  # step 8: the last 4 finite steps (7 is NaN)
+    assert y[-1] == pytest.approx(0.02 * (37 + 38 + 39 + 40) / 4)
+    assert ax.get_title() == f"t: 40 steps, reward/mean {0.02 * 38.5:.4g} (last, moving avg)"
+    loss_kl = {to_hex(ln.get_color()) for a in fig.axes[1:] for ln in a.get_lines()}
+    rewards = {to_hex(ln.get_color()) for ln in ax.get_lines() if "/mean (moving avg)" in ln.get_label()
+               and not ln.get_label().startswith("reward/mean")}
+    assert len(rewards) == 3 and not rewards & loss_kl
+    assert len(fig.axes) == 3 and fig.axes[2].get_ylabel() == "kl" and ax2.get_ylabel() == "loss"  # (twin axis)
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
 # --------------------------------------------------------------------------------------------------
 # Console
 # --------------------------------------------------------------------------------------------------
