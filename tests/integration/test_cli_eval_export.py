@@ -105,7 +105,8 @@ def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_export_under_a_launcher_says_to_run_one_process(tmp_path, monkeypatch):
-    # checkpoints hold whole weights: export is a one-process job, and rank 0 of a launch says so
+    # checkpoints hold whole weights: export is a one-process job, and rank 0 of a launch says so (the launch is
+    # faked by the variables torchrun sets: export stops before any process group would be made)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit, match=r"^imagerl export: run it as one process, without torchrun"):
