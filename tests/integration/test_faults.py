@@ -54,7 +54,7 @@ def score_ok(body: dict) -> dict:
 
 class FaultServer:
     """Scripted raw HTTP server. `script[path]` is a queue of actions used one per request; when it is
-    empty, `default[path]` (or "ok") applies. Actions: "ok", ("status", code[, retry_after]), ("hang", s),
+    empty, `default[path]` (or "ok") applies. Actions: "ok", ("slow", s), ("status", code[, retry_after]), ("hang", s),
     "garbage", "drop" (close without answering), "half" (headers and part of the body, then close)."""
 
     def __init__(self) -> None:
@@ -130,6 +130,9 @@ class FaultServer:
 
     async def _act(self, action: Any, path: str, body: bytes, writer: asyncio.StreamWriter) -> bool:
         kind = action if isinstance(action, str) else action[0]
+        if kind == "slow":  # a busy server: answers, after s seconds
+            await asyncio.sleep(action[1])
+            kind = "ok"
         if kind == "ok":
             if path == "/v1/models":
                 data = {"object": "list", "data": [{"id": "fault-judge", "object": "model"}]}
@@ -200,6 +203,18 @@ def test_transient_fault_is_retried_then_succeeds(fault, fault_action, counter):
         assert fault.hits["/v1/chat/completions"] == 3
         # (the one bound on time here, and what it tells apart: two 0.5 s timeouts, ~1 s, from one 5 s hang)
         assert elapsed < 4.5
+    finally:
+        b.close()
+
+
+def test_a_timed_out_request_is_retried_with_more_time(fault):
+    # a server that needs 0.8 s: the 0.5 s timeout alone would fail every attempt (each a full copy of the work on
+    # the server); the retry waits twice as long and gets the answer
+    fault.default["/v1/chat/completions"] = ("slow", 0.8)
+    b = client(fault.url, max_retries=2)  # (timeout 0.5)
+    try:
+        assert b.chat_sync(MSG).text == "Yes"
+        assert b.stats()["timeouts"] == 1 and b.stats()["retries"] == 1
     finally:
         b.close()
 

@@ -16,8 +16,9 @@ it from any loop: the trainer's ``asyncio.run`` per step, a server's loop, or pl
 httpx client and asyncio semaphores belong to the loop that created them; a private loop keeps one
 connection pool alive across the caller's short-lived loops instead of leaking one per step.
 
-Retries: 408/429/5xx, connection errors (refused, reset, dropped), timeouts and unparseable 200
-responses are retried up to ``max_retries`` times with exponential backoff and full jitter
+Retries: 408/429/5xx, connection errors (refused, reset, dropped), timeouts (with twice the read timeout each
+time, at most 4x) and unparseable 200 responses are retried up to ``max_retries`` times with exponential backoff
+and full jitter
 (``Retry-After`` is honoured, capped at ``backoff_max``); each retry prefers another base URL.
 Other 4xx (400 bad request, 401/403 auth, 404 wrong model) fail at once: retrying cannot fix them.
 
@@ -299,6 +300,9 @@ class HTTPPool:
         payload = json.dumps(body, allow_nan=False).encode()
         last_url: str | None = None
         errors: list[str] = []
+        # a timed-out request is retried with twice the read timeout (up to 4x): a busy server gets the time it
+        # needs instead of the same too-short wait again, each retry adding another full copy of the work
+        read_timeout = self.timeout
         async with self._sem:
             for attempt in range(self.max_retries + 1):
                 url = self.pick(avoid=last_url)
@@ -308,13 +312,15 @@ class HTTPPool:
                 self.stats.attempts += 1
                 self.in_flight[url] += 1
                 try:
-                    out = await self._attempt(client, f"{url}/{path.lstrip('/')}", payload, parse)
+                    out = await self._attempt(client, f"{url}/{path.lstrip('/')}", payload, parse, read_timeout)
                     self.mark_up(url)
                     return out
                 except _RetryableError as e:
                     errors.append(f"{url}: {e}")
                     if e.kind == "connection":  # (a timeout is a busy server, not a dead one)
                         self.mark_down(url)
+                    if e.kind == "timeout":
+                        read_timeout = min(2 * read_timeout, 4 * self.timeout)
                     if attempt == self.max_retries:
                         break
                     self.stats.retries += 1
@@ -330,12 +336,15 @@ class HTTPPool:
         raise JudgeError(f"{self.what} request to /{path.lstrip('/')} failed after {len(errors)} attempt(s): "
                          + "; ".join(shown))
 
-    async def _attempt(self, client: httpx.AsyncClient, url: str, payload: bytes, parse: Callable[[Any], T]) -> T:
+    async def _attempt(self, client: httpx.AsyncClient, url: str, payload: bytes, parse: Callable[[Any], T],
+                       read_timeout: float | None = None) -> T:
+        t = read_timeout or self.timeout
         try:
-            r = await client.post(url, content=payload, headers={"Content-Type": "application/json"})
+            r = await client.post(url, content=payload, headers={"Content-Type": "application/json"},
+                                  timeout=httpx.Timeout(t, connect=self.connect_timeout))
         except httpx.TimeoutException as e:
             self.stats.timeouts += 1
-            raise _RetryableError(f"timed out after {self.timeout:g}s ({type(e).__name__})", "timeout") from e
+            raise _RetryableError(f"timed out after {t:g}s ({type(e).__name__})", "timeout") from e
         except httpx.TransportError as e:  # refused, reset, dropped mid-response, protocol errors
             self.stats.connection_errors += 1
             raise _RetryableError(f"connection error ({type(e).__name__}: {e})", "connection") from e
