@@ -55,12 +55,20 @@ def test_every_config_key_is_read_by_the_code():
 
     from imagerl.config import Config
 
-    src = "\n".join(p.read_text() for p in (ROOT / "src/imagerl").rglob("*.py") if p.name != "config.py")
+    files = [p.read_text() for p in (ROOT / "src/imagerl").rglob("*.py") if p.name != "config.py"]
 
     def leaves(obj, prefix=""):
         for f in dataclasses.fields(obj):
             v = getattr(obj, f.name)
             yield from leaves(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [f"{prefix}{f.name}"]
 
-    unread = [k for k in leaves(Config()) if not re.search(rf"\.{k.split('.')[-1]}\b|[\"']{k.split('.')[-1]}[\"']", src)]
+    def read(key: str) -> bool:
+        # the leaf read as an attribute or by name, in a file that also names its section (`.lora` for model.lora.r):
+        # a common leaf such as `.name` or `.steps` alone would be found somewhere whatever the key
+        *parents, leaf = key.split(".")
+        section = parents[-1] if parents else leaf  # (rewards: a top-level list)
+        return any(re.search(rf"\.{leaf}\b|[\"']{leaf}[\"']", f) and re.search(rf"\b{section}\b", f) for f in files) \
+            or any(f'"{key}"' in f for f in files)
+
+    unread = [k for k in leaves(Config()) if not read(k)]
     assert not unread, f"config keys nothing reads: {unread}"
