@@ -175,3 +175,21 @@ def test_save_pretrained_lora_loads_in_diffusers(family, tmp_path):
         loaded, trained = fresh.predict_velocity(x, sig, cond, g), lp.predict_velocity(x, sig, cond, g)
         torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=1e-5)
         assert (make(family).predict_velocity(x, sig, cond, g) - trained).abs().max() > 1e-4  # the adapter matters
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_encode_images_is_in_the_units_decode_reads(family):
+    """The SFT targets (`encode_images`: the VAE posterior mean, shifted/scaled or normalised, packed) are in the
+    units the rollout's latents have: decoding them is the VAE's own round trip of the image (decode is tied to the
+    diffusers pipelines elsewhere, so a wrong scale, shift or per-channel statistic here would show)."""
+    pol = make(family)
+    imgs = torch.rand(2, 3, pol.image_size, pol.image_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lat = pol.encode_images(imgs)
+        assert lat.shape[1:] == tuple(pol.latent_shape())
+        x = imgs * 2 - 1
+        if family == "qwen_image":  # (a video VAE: one frame)
+            raw = pol.vae.decode(pol.vae.encode(x.unsqueeze(2)).latent_dist.mean).sample[:, :, 0]
+        else:
+            raw = pol.vae.decode(pol.vae.encode(x).latent_dist.mean).sample
+        torch.testing.assert_close(pol.decode(lat).clamp(0, 1), ((raw.float() + 1) / 2).clamp(0, 1), atol=1e-4, rtol=0)
