@@ -152,8 +152,8 @@ class _Tally:
 
 
 def _model_config_changes(saved: dict | None, cfg: Config) -> str:
-    """' It was written with model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's
-    config ('' when none differ or the checkpoint has no config)."""
+    """'model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's config ('' when none
+    differ or the checkpoint has no config)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         return ""
     now = to_dict(cfg)["model"]
@@ -169,7 +169,7 @@ def _model_config_changes(saved: dict | None, cfg: Config) -> str:
     show = lambda v: "unset" if v is unset else repr(v)  # noqa: E731
     pairs = [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))]
     diff = [f"{k}={show(x)} (now {show(y)})" for k, x, y in pairs if x != y]
-    return f" It was written with {', '.join(diff)}." if diff else ""
+    return ", ".join(diff)
 
 
 class GRPOTrainer:
@@ -405,16 +405,17 @@ class GRPOTrainer:
             return
         state = load_checkpoint(ck)
         self.resumed_from = ck
+        changed = _model_config_changes(state["state"].get("config"), self.cfg)
         try:
             self.policy.load_trainable_state_dict(state["trainable"])
         except ValueError as e:
-            raise TrainingError(f"{ck}: {e}.{_model_config_changes(state['state'].get('config'), self.cfg)} Resume with "
-                                "the model settings that wrote it, or give a new run.output_dir") from None
+            written = f" It was written with {changed}." if changed else ""
+            raise TrainingError(f"{ck}: {e}.{written} Resume with the model settings that wrote it, or give a new "
+                                "run.output_dir") from None
         self.start_step = int(state["state"]["step"])
-        changed = _model_config_changes(state["state"].get("config"), self.cfg)
         if changed:  # the weights fit, but e.g. another model.path, lora.alpha or dtype: say so, in case it is a slip
-            said = changed.replace(" It was", " it was", 1).rstrip(".")
-            self._resume_note = f"note: resuming from {ck}, whose weights load, but{said}; check these are intended."
+            self._resume_note = (f"note: resuming from {ck}, whose weights load, but it was written with {changed}; "
+                                 "check these are intended.")
         if self.ema is not None:
             if dist.dcp_complete(ck / EMA_DIR):
                 with reading(ck / EMA_DIR, ck):
