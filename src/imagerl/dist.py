@@ -186,6 +186,13 @@ def load_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     set_optimizer_state_dict(module, optimizer, state)
 
 
+def zero_missing_grads(params: list[torch.nn.Parameter]) -> None:
+    """A parameter without a gradient (no backward reached it) gets a zero one."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+
 def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     """Sum gradients over ranks. Our per-unit loss weights are already global (see losses.unit_weights),
     so the sum over ranks equals the single-process gradient exactly (no division by world size)."""
@@ -194,9 +201,7 @@ def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
     # A rank may have run no backward at all (every row of its slice abstained, so the loop skipped its chunks):
     # it still joins the all-reduce with zeros, or its next collective would pair with this one (a size mismatch
     # under gloo, a hang or garbage under NCCL) and it would miss the other ranks' gradients.
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    zero_missing_grads(params)
     grads = [p.grad for p in params]
     if not grads:
         return

@@ -654,9 +654,7 @@ class GRPOTrainer:
             # moments and weight decay then do not depend on how the rows were spread over processes (a rank that
             # joins the gradient sum, or DeepSpeed's lockstep backward, has zeros there too), and every parameter
             # has optimizer state to checkpoint.
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            dist.zero_missing_grads(self.params)
             if not self.fsdp:  # FSDP2 reduce-scatters (sums) gradients during backward
                 dist.sum_gradients(self.params, self.dist)
             gn = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
