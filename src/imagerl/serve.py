@@ -17,26 +17,23 @@ log = logging.getLogger(__name__)
 
 def _bind(host: str, port: int) -> socket.socket:
     """The server's socket, bound now: a port already in use or a host that is not an address of this machine fails
-    here, naming the setting, before the rewards load (a VLM judge takes minutes). Bound the way uvicorn binds
-    (SO_REUSEADDR) and handed to it, so that port 0 (any free port) is known and printed."""
+    here, naming the setting, before the rewards load (a VLM judge takes minutes). Handed to uvicorn, so that port 0
+    (any free port) is known and printed."""
+    from .rewards.server import bind_socket
+
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ValueError(f"server.host={host}: not a host name or address here ({e.strerror}); "
                          "use 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)") from None
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind(addr)
+        return bind_socket(*infos[0][4][:2])  # (the resolved numeric address)
     except OSError as e:
-        sock.close()
         if e.errno == errno.EADDRINUSE:
             raise ValueError(f"server.port={port}: {host}:{port} is already in use (another reward server or "
                              "program); stop it or choose another server.port") from None
         raise ValueError(f"server.host={host} server.port={port}: cannot listen there ({e.strerror or e}); "
                          "use 127.0.0.1 or 0.0.0.0, and a port above 1023 unless running as root") from None
-    return sock
 
 
 def main(config_path: str, overrides: list[str] | None = None) -> int:
