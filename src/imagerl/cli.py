@@ -254,13 +254,14 @@ def cmd_sample(args: list[str]) -> int:
     from .data.prompts import DataError, PromptDataset, load_rows, make_batch
 
     try:
-        rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, prompt_field or "prompt", "--prompts")
+        rows = [{"prompt": t} for t in texts] if texts else load_rows(prompt_file, prompt_field or "prompt", "--prompts",
+                                                                          field_fix="Pass --prompt-field <name>")
         # (an editing prompt file's "image" column: source images, relative to the file, as in training)
         source = PromptDataset("prompts", rows, image_field="" if texts else "image", field_name="--prompts",
                                base_dir=None if texts else Path(prompt_file).expanduser().parent)
         source.check_images()
     except DataError as e:
-        raise SystemExit(f"imagerl sample: {str(e).replace('Set prompt_field: <name> on the dataset', 'Pass --prompt-field <name>')}") from None
+        raise SystemExit(f"imagerl sample: {e}") from None
     cfg, trainer, ck = _trained_policy(args, base=base)
     import torch
 

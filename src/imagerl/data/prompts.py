@@ -100,7 +100,10 @@ def builtin_dataset(name: str, field_name: str = "data.datasets[0].path") -> lis
                     f"Available: {', '.join('builtin:' + k for k in known)}")
 
 
-def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.datasets[0].path") -> list[dict[str, Any]]:
+def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.datasets[0].path",
+              field_fix: str = "Set prompt_field: <name> on the dataset") -> list[dict[str, Any]]:
+    """The rows of a prompt file (see the module docstring). `field_fix`: how the caller's user names another prompt
+    column, for the error when a row lacks `prompt_field`."""
     if path.startswith("builtin:"):
         return builtin_dataset(path.split(":", 1)[1], field_name)
     p = Path(path).expanduser()
@@ -130,16 +133,16 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
                     raise DataError(f"{field_name}: {path} line {i} is not valid JSON: {e.msg}") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{field_name}: {path} line {i} must be a JSON object with a '{prompt_field}' field")
-                rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name))
+                rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name, field_fix))
         elif suffix == ".csv":
             with p.open(newline="", encoding="utf-8-sig") as f:
-                rows = [_take_prompt(_csv_row(r, i, path, field_name), prompt_field, f"row {i}", path, field_name)
+                rows = [_take_prompt(_csv_row(r, i, path, field_name), prompt_field, f"row {i}", path, field_name, field_fix)
                         for i, r in enumerate(csv.DictReader(f), 2)]
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
             table = pq.read_table(p).to_pylist()
-            rows = [_take_prompt(r, prompt_field, f"row {i}", path, field_name) for i, r in enumerate(table, 1)]
+            rows = [_take_prompt(r, prompt_field, f"row {i}", path, field_name, field_fix) for i, r in enumerate(table, 1)]
         else:
             raise DataError(f"{field_name}: '{path}' has unknown extension '{suffix}'; use .txt, .jsonl, .csv or .parquet")
     except UnicodeDecodeError as e:
@@ -177,14 +180,15 @@ def _csv_row(r: dict[Any, Any], i: int, path: str, field_name: str) -> dict[str,
     return {k: (None if v == "" else v) for k, v in r.items()}
 
 
-def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, field_name: str) -> dict[str, Any]:
+def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, field_name: str,
+                 field_fix: str) -> dict[str, Any]:
     """The row with its prompt under 'prompt' (other fields kept as metadata for rewards). A row whose prompt is
     empty or null (a missing caption) comes back as {"_where": where}, to be skipped by the caller rather than
     trained on as the text 'None'."""
     if prompt_field not in obj:
         raise DataError(
             f"{field_name}: {path} {where} has no '{prompt_field}' field (fields: {', '.join(map(str, obj))}). "
-            f"Set prompt_field: <name> on the dataset."
+            f"{field_fix}."
         )
     text = obj[prompt_field]
     if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
