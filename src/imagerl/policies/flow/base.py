@@ -394,10 +394,11 @@ class FlowPolicy(Policy):
         if sde_steps.numel() == 0:
             return []
         k = max(1, int(self.cfg.algorithm.timestep_fraction * sde_steps.numel() + 1e-9))  # (+eps: 0.6 * 10 is 5.999..)
-        perm = torch.randperm(sde_steps.numel(), generator=generator, device=generator.device).cpu()[:k]
-        if self.cfg.algorithm.timestep_selection == "first":  # (the draw above still runs: one stream either way)
-            perm = torch.arange(k)
-        return [sde_steps[j:j + 1] for j in perm.sort().values.tolist()]
+        if self.cfg.algorithm.timestep_selection == "first":
+            picked = list(range(k))
+        else:
+            picked = torch.randperm(sde_steps.numel(), generator=generator, device=generator.device).cpu()[:k].sort().values.tolist()
+        return [sde_steps[j:j + 1] for j in picked]
 
     def _unit_logp(self, st: sde_math.SDEStep) -> torch.Tensor:
         """The per-step log-probability the ratio is built from ([N]): the transition's Gaussian log-density
