@@ -48,6 +48,11 @@ class Reward:
         """Default: run the blocking scorer in a worker thread so other work proceeds."""
         return await asyncio.to_thread(self.__call__, inp)
 
+    @staticmethod
+    def own_details(details: dict[str, Any], name: str) -> dict[str, Any]:
+        """The entries `<name>/<key>` of a table's details, as {key: value} (what `rescore` receives)."""
+        return {k[len(name) + 1:]: v for k, v in details.items() if k.startswith(name + "/")}
+
     def rescore(self, details: dict[str, Any], group_ids: torch.Tensor) -> torch.Tensor | None:
         """Scores [N] recomputed over the whole batch from this reward's own `details` (its keys without the
         '<name>/' prefix), concatenated over the scoring chunks of an overlapped step; None = the chunks' scores
@@ -211,8 +216,7 @@ class RewardSet:
             return table
         scores = table.scores.clone()
         for j, (name, r) in enumerate(zip(self.names, self.rewards)):
-            own = {k[len(name) + 1:]: v for k, v in table.details.items() if k.startswith(name + "/")}
-            new = r.rescore(own, table.group_ids)
+            new = r.rescore(Reward.own_details(table.details, name), table.group_ids)
             if new is not None:
                 scores[:, j] = new.float().cpu()
         return ScoreTable(table.names, scores, table.weights, table.details, table.group_ids)

@@ -155,7 +155,7 @@ class _Combination(Reward):
         """Recombine the children's per-sample scores (`<child>/score`, children rescored first) over the batch."""
         cols = []
         for c in self.children:
-            own = {k[len(c.name) + 1:]: v for k, v in details.items() if k.startswith(c.name + "/")}
+            own = Reward.own_details(details, c.name)
             again = c.rescore(own, group_ids)
             col = again if again is not None else own.get("score")
             if col is None or len(col) != len(group_ids):

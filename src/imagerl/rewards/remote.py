@@ -204,10 +204,7 @@ class RemoteReward(Reward):
                 continue
             for nm in names:
                 comp[nm][lo:hi] = torch.tensor([math.nan if v is None else float(v) for v in res["scores"][nm]])
-        # several names: combined like the top-level rewards (an abstaining name counts as its group's mean)
-        w = torch.tensor([float(self.weights.get(nm, 1.0)) for nm in names] or [1.0])
-        table = torch.stack([comp[nm] for nm in names], 1) if names else torch.full((n, 1), math.nan)
-        scores = combined_reward(table, w.expand_as(table), group_ids)
+        scores = self._combined(names, [comp[nm] for nm in names], group_ids) if names else torch.full((n,), math.nan)
         details: dict[str, Any] = {
             "failed_samples": failed_samples,
             "failed_requests": failed_requests,
@@ -229,6 +226,11 @@ class RemoteReward(Reward):
         cols = [details.get(nm) for nm in names]
         if len(names) < 2 or not all(isinstance(c, torch.Tensor) and len(c) == len(group_ids) for c in cols):
             return None
+        return self._combined(names, cols, group_ids)
+
+    def _combined(self, names: list[str], cols: list[torch.Tensor], group_ids: torch.Tensor | None) -> torch.Tensor:
+        """The names' per-sample scores [N] each -> this reward's score [N], combined like the top-level rewards
+        (weights args.weights; an abstaining name counts as its group's mean)."""
         table = torch.stack(cols, 1).float()
         w = torch.tensor([float(self.weights.get(nm, 1.0)) for nm in names])
         return combined_reward(table, w.expand_as(table), group_ids)
