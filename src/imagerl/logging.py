@@ -64,6 +64,14 @@ class BackendNotInstalledError(ConfigError, ImportError):
     """An enabled logging backend (logging.tensorboard / wandb / swanlab) is not installed."""
 
 
+def _stable_run_id(id_file: Path, start_step: int, length: int) -> str:
+    """The run's id for a logging service, kept in `id_file` in output_dir, so that a resumed run (start_step > 0)
+    continues the same W&B run / SwanLab experiment; a fresh run gets a new one."""
+    run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else uuid.uuid4().hex[:length]
+    id_file.write_text(run_id + "\n")
+    return run_id
+
+
 class BackendStartError(ConfigError):
     """An enabled logging backend is installed but would not start (online mode without a login, say)."""
 
@@ -662,10 +670,7 @@ class _WandB(_Backend):
         self.wandb = _require("wandb", "logging.wandb", "wandb")
         from .config import to_dict
 
-        # A stable run id in output_dir lets a resumed run continue the same W&B run.
-        id_file = output_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else uuid.uuid4().hex[:12]
-        id_file.write_text(run_id + "\n")
+        run_id = _stable_run_id(output_dir / "wandb_run_id.txt", start_step, 12)
         self.run = _start(
             f"logging.wandb=true with logging.wandb_mode={cfg.logging.wandb_mode}: W&B",
             "log in (`wandb login`, or export WANDB_API_KEY=...) or set logging.wandb_mode=offline", self.wandb.init,
@@ -698,10 +703,7 @@ class _SwanLab(_Backend):
 
         logdir = output_dir / "swanlab"
         logdir.mkdir(parents=True, exist_ok=True)
-        # a stable experiment id in output_dir lets a resumed run continue the same SwanLab experiment
-        id_file = output_dir / "swanlab_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() and start_step > 0 else uuid.uuid4().hex[:21]
-        id_file.write_text(run_id + "\n")
+        run_id = _stable_run_id(output_dir / "swanlab_run_id.txt", start_step, 21)
         self.run = _start(
             f"logging.swanlab=true with logging.swanlab_mode={cfg.logging.swanlab_mode}: SwanLab",
             "log in (`swanlab login`, or export SWANLAB_API_KEY=...) or set logging.swanlab_mode=offline",
