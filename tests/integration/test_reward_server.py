@@ -562,7 +562,7 @@ def test_remote_reward_with_key_from_env(guarded, rewards):
         torch.testing.assert_close(ok(inp).scores, rewards["brightness"](inp).scores, atol=1e-6, rtol=0)
         # a wrong key is the same for every request: the run stops with the fix (abstaining on every sample would
         # silently drop this reward's signal when others stand beside it)
-        with pytest.raises(RewardError, match=r"remote reward 'b': .*HTTP 401 .*Set args.api_key_env"):
+        with pytest.raises(RewardError, match=r"remote reward 'b': .*HTTP 401 .*Check rewards\[b\]\.args\.api_key_env"):
             bad(inp)
         assert bad.stats()["attempts"] == 1, "a 401 must not be retried"
         # so is a request over the server's size limit

@@ -202,7 +202,7 @@ class OCRReward(Reward):
         v = (metadata or {}).get(self.metadata_key)
         if isinstance(v, float) and v != v:
             v = None  # a NaN cell (pandas' empty value) is a missing one
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = str(v)  # a numeric text column ({"text": 2024}) is the text 2024, as it is when read from a CSV
         if v is not None and not (isinstance(v, str) and not v.strip()):  # (a blank value is a missing one)
             vals = [v] if isinstance(v, str) else (list(v) if isinstance(v, (list, tuple)) else [v])

@@ -191,7 +191,7 @@ class RemoteReward(Reward):
                 if isinstance(res, RequestRejectedError) and res.status in _SETUP_STATUS:
                     # the same for every request until the setup changes: stop with the fix instead of abstaining on
                     # every sample (with other rewards beside it, this one would silently stop carrying signal)
-                    raise RewardError(f"remote reward '{self.name}': {res}. {_SETUP_STATUS[res.status]}") from None
+                    raise RewardError(f"remote reward '{self.name}': {res}.{_SETUP_STATUS[res.status]}") from None
                 failed_samples += hi - lo
                 failed_requests += 1
                 last_error = str(res)
@@ -254,11 +254,11 @@ def _json_safe_meta(m: Any) -> dict[str, Any]:
     return to_jsonable(dict(m or {}))
 
 
-_SETUP_STATUS = {  # HTTP statuses no retry or later request can change, with their fix
-    401: "Set args.api_key_env to the name of an env var holding the server's key (its server.api_key_env)",
-    403: "Set args.api_key_env to the name of an env var holding the server's key (its server.api_key_env)",
-    404: "Check args.url: it must be the reward server's base URL (http://host:port, no path)",
-    413: "Lower args.batch_size (images per request) or raise the server's server.max_request_bytes",
+_SETUP_STATUS = {  # HTTP statuses no retry or later request can change, with their fix (401/403: the pool's message
+    401: "",         # already names rewards[<name>].args.api_key_env)
+    403: "",
+    404: " Check args.url: it must be the reward server's base URL (http://host:port, no path)",
+    413: " Lower args.batch_size (images per request) or raise the server's server.max_request_bytes",
 }
 
 
