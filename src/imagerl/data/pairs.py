@@ -16,7 +16,7 @@ import torch
 
 from ..imageio import load_pil
 from ..tiny import COLORS, POSITIONS, SHAPES
-from .prompts import DataError, builtin_dataset, load_rows
+from .prompts import DataError, builtin_dataset, data_path, load_rows
 
 
 def draw_shape(color: str, shape: str, position: str, size: int = 64) -> torch.Tensor:
@@ -63,8 +63,7 @@ def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, An
             raise DataError(f"data.sft_datasets: {path} row {i} has no '{image_field}' field; set image_field: <name>")
         if r[image_field] is None or not str(r[image_field]).strip():
             raise DataError(f"data.sft_datasets: {path} row {i} has an empty '{image_field}'; give each row an image path")
-        p = Path(str(r[image_field])).expanduser()
-        out.append((r["prompt"], ("file", str(p if p.is_absolute() else base / p))))
+        out.append((r["prompt"], ("file", str(data_path(r[image_field], base)))))
     return tuple(out)
 
 

@@ -54,8 +54,7 @@ class PromptDataset:
         v = row.get(self.image_field) if self.image_field else None
         if v is None or (isinstance(v, float) and v != v) or not str(v).strip():
             return None
-        p = Path(str(v)).expanduser()
-        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
+        return data_path(v, self.base_dir)
 
     def source_image(self, row: dict[str, Any]) -> Any:
         """The row's source image (PIL RGB, as displayed), or None."""
@@ -71,6 +70,12 @@ class PromptDataset:
             if p is not None and not p.is_file():
                 raise DataError(f"{self.field_name}: row {i} names source image '{p}' (column '{self.image_field}'), "
                                 f"which does not exist; fix the path, or set image_field: '' for text-to-image data")
+
+
+def data_path(value: Any, base_dir: Path | None) -> Path:
+    """A path written in a data file: ~ expanded, and relative ones relative to the data file's folder."""
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() or base_dir is None else base_dir / p
 
 
 def make_batch(picked: list[tuple[PromptDataset, dict[str, Any]]]) -> PromptBatch:
