@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from imagerl.config import ConfigError, load_config
+from imagerl.policies.flow.sd3 import SD3Policy
 from imagerl.recipes.grpo import GRPOTrainer, TrainingError
+from imagerl.rewards.base import Reward
+from imagerl.rewards.rule import ColorPositionReward
+from imagerl.types import RewardOutput
 
 FAMILY_OVERRIDES = {
     "janus": ["model.family=janus", "model.tiny_size=test"],
@@ -542,20 +546,13 @@ def test_mini_batches_take_several_optimizer_steps_per_rollout(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path / "b", "data.prompts_per_step=4", "algorithm.mini_batches=3"))
 
 
-class EvenGroupsAbstain:
+class EvenGroupsAbstain(ColorPositionReward):
     """color_position, except that every sample of an even (global) group abstains."""
 
-    def __new__(cls, **kw):
-        from imagerl.rewards.rule import ColorPositionReward
-        from imagerl.types import RewardOutput
-
-        class _R(ColorPositionReward):
-            def score(self, inp):
-                s = super().score(inp).scores.clone()
-                s[(inp.group_ids % 2) == 0] = math.nan
-                return RewardOutput(scores=s)
-
-        return _R(**kw)
+    def score(self, inp):
+        s = super().score(inp).scores.clone()
+        s[(inp.group_ids % 2) == 0] = math.nan
+        return RewardOutput(scores=s)
 
 
 def test_an_update_without_trained_units_still_steps_every_parameter(tmp_path):
@@ -573,20 +570,13 @@ def test_an_update_without_trained_units_still_steps_every_parameter(tmp_path):
 SOURCES_SEEN: list = []
 
 
-class SourceSize:
+class SourceSize(Reward):
     """A reward of the source image's width (abstains without one), recording what it was given."""
 
-    def __new__(cls, **kw):
-        from imagerl.rewards.base import Reward
-        from imagerl.types import RewardOutput
-
-        class _R(Reward):
-            def score(self, inp):
-                SOURCES_SEEN.append(list(inp.source_images or []))
-                return RewardOutput(scores=torch.tensor([float(s.size[0]) if s is not None else math.nan
-                                                         for s in (inp.source_images or [None] * len(inp))]))
-
-        return _R(**kw)
+    def score(self, inp):
+        SOURCES_SEEN.append(list(inp.source_images or []))
+        return RewardOutput(scores=torch.tensor([float(s.size[0]) if s is not None else math.nan
+                                                 for s in (inp.source_images or [None] * len(inp))]))
 
 
 @pytest.mark.parametrize("overlap", ["true", "false"])
@@ -872,18 +862,12 @@ def test_micro_batches_accumulate_the_whole_batch_gradient(tmp_path, family, ext
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-class ShiftedSD3:
+class ShiftedSD3(SD3Policy):
     """A user's own policy adapter, referenced as model.family: test_trainer:ShiftedSD3 (the README's
     'package.module:Class' form): SD3 with every latent's start noise scaled, a change a researcher might try."""
 
-    def __new__(cls, cfg, device):
-        from imagerl.policies.flow.sd3 import SD3Policy
-
-        class _P(SD3Policy):
-            def _randn(self, shape, generator):
-                return 0.9 * super()._randn(shape, generator)
-
-        return _P(cfg, device)
+    def _randn(self, shape, generator):
+        return 0.9 * super()._randn(shape, generator)
 
 
 def test_a_policy_adapter_of_ones_own_trains_by_module_and_class(tmp_path):
