@@ -115,7 +115,7 @@ class RolloutConfig:
     sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode
     noise_level: float = 0.7  # a (Flow-GRPO), eta (CPS/Dance)
     sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
-    sde_window_range: list[int] = field(default_factory=list)  # [lo, hi) where the window may START (Flow-GRPO's bounds the whole window)
+    sde_window_range: list[int] = field(default_factory=list)  # [lo, hi): steps the whole window lies in, as in Flow-GRPO ([] = all)
     shared_noise: bool = False  # same initial noise for the G samples of a prompt
     timestep_shift: float = 0.0  # 0 = the family default (SD3: static 3.0; FLUX / Qwen-Image: resolution-dependent mu)
     cfg_in_training: bool = True  # flow: CFG in training rollouts and their log-probs (False = neither, DeepGen-RL)

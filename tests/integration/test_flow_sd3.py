@@ -34,11 +34,11 @@ def test_first_step_ratio_is_one_for_any_micro_batch(sde, cfg_in_training):
     """The recomputed log-prob equals the rollout's to 1e-5 when the training micro-batch differs from the
     rollout batch (sizes 1, 2, 4, shuffled rows), with CFG on and off and an SDE window."""
     pol = make(rollout__sde=sde, rollout__cfg_in_training=cfg_in_training, rollout__num_steps=6,
-               rollout__sde_window=3, rollout__sde_window_range=[1, 4])
+               rollout__sde_window=3, rollout__sde_window_range=[1, 5])
     ro = pol.rollout(batch(), 3, gen())
     assert ro.old_logp.shape == (6, 6) and ro.mask.shape == (6, 6)
     window = ro.mask[0].nonzero().reshape(-1)
-    assert 1 <= len(window) <= 3 and 1 <= int(window[0]) < 4  # CPS may lose the last step (std 0)
+    assert 1 <= len(window) <= 3 and 1 <= int(window[0]) <= 2  # CPS may lose the last step (std 0)
     assert (ro.old_logp[~ro.mask] == 0).all() and (ro.old_logp[ro.mask] != 0).all()
     assert float(ro.replay["guidance"][0]) == (4.5 if cfg_in_training else 1.0)
     order = torch.randperm(6, generator=gen(1))

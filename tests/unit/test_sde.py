@@ -144,3 +144,38 @@ def test_step_std_and_unknown_kind():
     assert (sde.step_std("ode", s[:-1], s[1:], torch.full((4,), 0.5)) == 0).all()
     with pytest.raises(ValueError, match="rollout.sde"):
         sde.get_step_fn("ddim")
+
+
+@pytest.mark.parametrize("window,rng,num_steps,starts", [
+    (2, [0, 5], 10, {0, 1, 2, 3}),       # Flow-GRPO's Qwen-Image setting: the whole window in the first half
+    (3, [], 6, {0, 1, 2, 3}),            # [] = anywhere
+    (2, [4, 20], 8, {4, 5, 6}),          # hi capped at num_steps (a smoke test with fewer steps keeps running)
+    (3, [2, 5], 6, {2}),                 # exactly one position
+])
+def test_sde_window_lies_inside_its_range(window, rng, num_steps, starts):
+    """The SDE window [start, start + w) lies inside sde_window_range = [lo, hi) (Flow-GRPO / MixGRPO's
+    convention, start drawn in [lo, hi - w]), every such start is drawn, and the noise level is 0 outside."""
+    from types import SimpleNamespace
+
+    from imagerl.policies.flow.base import FlowPolicy
+
+    ro = SimpleNamespace(noise_level=0.7, sde_window=window, sde_window_range=rng)
+    me = SimpleNamespace(cfg=SimpleNamespace(rollout=ro))
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        level, sde_mask = FlowPolicy._sde_plan(me, num_steps, "flow_grpo", g)
+        idx = sde_mask.nonzero().reshape(-1).tolist()
+        assert idx == list(range(idx[0], idx[0] + window)) and torch.all(level[sde_mask] == 0.7)
+        seen.add(idx[0])
+    assert seen == starts
+
+
+def test_sde_window_range_that_holds_no_window_names_the_fields():
+    from types import SimpleNamespace
+
+    from imagerl.policies.flow.base import FlowPolicy
+
+    ro = SimpleNamespace(noise_level=0.7, sde_window=3, sde_window_range=[4, 6])
+    with pytest.raises(ValueError, match=r"rollout.sde_window_range=\[4, 6\] holds no window of rollout.sde_window=3"):
+        FlowPolicy._sde_plan(SimpleNamespace(cfg=SimpleNamespace(rollout=ro)), 10, "flow_grpo", torch.Generator())

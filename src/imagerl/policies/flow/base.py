@@ -5,8 +5,8 @@ per-timestep training without CFG):
 
 - `rollout`: G samples per prompt. Prompt conditions are encoded ONCE per prompt and repeated for the G
   samples; optional shared initial noise per group; CFG (cond and uncond rows in ONE transformer forward);
-  SDE steps only inside a window of `rollout.sde_window` consecutive steps starting at a seeded random
-  position in `rollout.sde_window_range` (ODE elsewhere; 0 = every step is SDE). The latent before and
+  SDE steps only inside a window of `rollout.sde_window` consecutive steps at a seeded random position
+  inside `rollout.sde_window_range` = [lo, hi) (ODE elsewhere; 0 = every step is SDE). The latent before and
   after every step, the sigmas, the per-step noise level and the guidance are stored in `replay`;
   `old_logp` is [N, T = num_steps], `mask` False on deterministic (ODE, or zero-std) steps.
   `eval_mode`: deterministic ODE with `eval_num_steps` / `eval_cfg_scale`.
@@ -280,13 +280,16 @@ class FlowPolicy(Policy):
         if kind == "ode":
             level.zero_()
         elif ro.sde_window and ro.sde_window < num_steps:
-            lo, hi = (ro.sde_window_range or [0, num_steps - ro.sde_window + 1])
-            hi = min(hi, num_steps - ro.sde_window + 1)
-            if not 0 <= lo < hi:
-                raise ValueError(f"rollout.sde_window_range={ro.sde_window_range} leaves no valid start for a window "
-                                 f"of {ro.sde_window} steps out of {num_steps}; use [lo, hi) with 0 <= lo < hi <= "
-                                 f"{num_steps - ro.sde_window + 1}")
-            start = int(torch.randint(lo, hi, (1,), generator=generator, device=generator.device).item())
+            # The whole window lies in [lo, hi) (Flow-GRPO's and MixGRPO's convention: start in [lo, hi - w]), so a
+            # range copied from their configs means the same steps here. hi is capped at num_steps, so that a smoke
+            # test with fewer steps keeps running.
+            lo, hi = ro.sde_window_range or [0, num_steps]
+            hi = min(hi, num_steps)
+            if not (0 <= lo and hi - lo >= ro.sde_window):
+                raise ValueError(f"rollout.sde_window_range={list(ro.sde_window_range)} holds no window of "
+                                 f"rollout.sde_window={ro.sde_window} steps out of rollout.num_steps={num_steps}: the "
+                                 f"window must fit in [lo, hi) with 0 <= lo and lo + {ro.sde_window} <= hi <= {num_steps}")
+            start = int(torch.randint(lo, hi - ro.sde_window + 1, (1,), generator=generator, device=generator.device).item())
             inside = torch.zeros(num_steps, dtype=torch.bool)
             inside[start:start + ro.sde_window] = True
             level = torch.where(inside, level, torch.zeros_like(level))
