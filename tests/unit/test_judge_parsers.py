@@ -304,3 +304,26 @@ def test_parse_choice_good(text, expected):
 )
 def test_parse_choice_bad(text):
     assert parse_choice(text) is None
+
+
+def test_tokens_with_the_same_text_count_once_each():
+    """Two tokens that decode to the same text (byte-fallback pieces, duplicate vocabulary entries) are one
+    candidate whose probability is the sum of theirs, in both backends' parsers; the generated token stays
+    first, and its own log-prob is used when its text is not among the alternatives."""
+    from imagerl.rewards.http_client import parse_chat_response
+    from imagerl.rewards.judges.backend import position_logprobs
+
+    alts = [("No", math.log(0.4)), ("Yes", math.log(0.35)), ("Yes", math.log(0.25))]
+    d = position_logprobs("Yes", math.log(0.35), alts)
+    assert list(d) == ["Yes", "No"]
+    assert math.exp(d["Yes"]) == pytest.approx(0.6) and math.exp(d["No"]) == pytest.approx(0.4)
+    assert yes_no_probability([d], "Yes").p_yes == pytest.approx(0.6)
+    assert position_logprobs("Maybe", -3.0, alts)["Maybe"] == -3.0 and next(iter(position_logprobs("Maybe", -3.0, alts))) == "Maybe"
+    assert position_logprobs("No", -0.5, [("No", -math.inf), ("No", -math.inf)])["No"] == -math.inf
+
+    body = {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [
+        {"token": "Yes", "logprob": math.log(0.35),
+         "top_logprobs": [{"token": t, "logprob": lp} for t, lp in alts]}]}}]}
+    res = parse_chat_response(body)
+    assert res.top_logprobs == [d]
+    assert yes_no_probability(res.top_logprobs, res.text).p_yes == pytest.approx(0.6)  # 0.35 / 0.75 before

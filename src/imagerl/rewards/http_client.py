@@ -45,7 +45,7 @@ from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 import httpx
 
 from .base import RewardError
-from .judges.backend import ChatResult, JudgeError
+from .judges.backend import ChatResult, JudgeError, position_logprobs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -407,10 +407,8 @@ def parse_chat_response(d: Any) -> ChatResult:
     if lp and lp.get("content") is not None:
         top = []
         for pos in lp["content"]:
-            d_pos = {str(pos["token"]): float(pos["logprob"])}
-            for alt in pos.get("top_logprobs") or []:
-                d_pos.setdefault(str(alt["token"]), float(alt["logprob"]))
-            top.append(d_pos)
+            top.append(position_logprobs(str(pos["token"]), float(pos["logprob"]),
+                                         [(str(alt["token"]), float(alt["logprob"])) for alt in pos.get("top_logprobs") or []]))
     usage = dict(d.get("usage") or {})
     if choice.get("finish_reason") is not None:
         usage["finish_reason"] = choice["finish_reason"]

@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-from .judges.backend import ChatResult, JudgeError, data_uri_to_image
+from .judges.backend import ChatResult, JudgeError, data_uri_to_image, position_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +231,7 @@ class Generation:
     model: str
 
     def to_chat_result(self, with_logprobs: bool) -> ChatResult:
-        top = None
-        if with_logprobs:
-            top = []
-            for t in self.tokens:
-                d = {t.token: t.logprob}
-                for s, lp in t.top:
-                    d.setdefault(s, lp)  # tokens decoding to the same text: keep the likelier
-                top.append(d)
+        top = [position_logprobs(t.token, t.logprob, t.top) for t in self.tokens] if with_logprobs else None
         usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.tokens),
                  "total_tokens": self.prompt_tokens + len(self.tokens), "finish_reason": self.finish_reason}
         return ChatResult(text=self.text, top_logprobs=top, usage=usage)

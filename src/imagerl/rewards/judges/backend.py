@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterable, Protocol, runtime_checkable
 
 from ...imageio import to_rgb
 
@@ -22,6 +23,26 @@ class ChatResult:
     # the sampled token included). None when the backend gave no log-probs.
     top_logprobs: list[dict[str, float]] | None = None
     usage: dict[str, Any] = field(default_factory=dict)
+
+
+def position_logprobs(token: str, logprob: float, alternatives: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """One position of `ChatResult.top_logprobs`: the generated token first, then its top-k alternatives.
+
+    Two different tokens can decode to the same text (byte-fallback pieces, duplicate vocabulary entries); as
+    keys of one dict they are one candidate whose probability is the sum of theirs (log-sum-exp), not the first
+    one seen. The top-k list holds the generated token itself whenever it is among the k likeliest (always
+    under greedy decoding), so the generated token's own log-prob is used only when its text is not in the
+    list."""
+    merged: dict[str, float] = {}
+    for s, lp in alternatives:
+        lp = float(lp)
+        if s in merged:
+            hi = max(merged[s], lp)
+            lp = hi if hi == -math.inf else hi + math.log1p(math.exp(-abs(merged[s] - lp)))
+        merged[s] = lp
+    out = {token: merged.pop(token, float(logprob))}
+    out.update(merged)
+    return out
 
 
 @runtime_checkable
