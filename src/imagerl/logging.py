@@ -86,6 +86,45 @@ def _start(what: str, fix: str, init: Any, **kw: Any) -> Any:
         raise BackendStartError(f"{what} could not start ({type(e).__name__}: {first}); {fix}") from None
 
 
+_WANDB_FIX = "log in (`wandb login`, or export WANDB_API_KEY=...) or set logging.wandb_mode=offline"
+_SWANLAB_FIX = "log in (`swanlab login`, or export SWANLAB_API_KEY=...) or set logging.swanlab_mode=offline"
+
+
+def _swanlab_has_key() -> bool | None:
+    """Whether SwanLab finds an API key (its env variable or a saved login); None when this SwanLab version
+    keeps that elsewhere (then the backend's own start decides)."""
+    if os.environ.get("SWANLAB_API_KEY"):
+        return True
+    try:
+        from swanlab.sdk.cmd.login import create_settings  # (not public API: pinned in requirements-logging.txt)
+
+        return create_settings().api_key is not None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def check_backends(cfg: "Config") -> None:
+    """The logging backends' start-time failures, checked before the model loads (minutes for a real checkpoint):
+    every enabled backend is installed, and an online W&B or SwanLab has a login. An interactive W&B user gets
+    W&B's own login prompt here; without a terminal it is one error naming the fix. The backends still start
+    (and may still fail, e.g. an unreachable server) in RunLogger, once the resume step is known."""
+    lc = cfg.logging
+    if lc.tensorboard:
+        _require("tensorboard", "logging.tensorboard", "tensorboard")
+    if lc.wandb:
+        wandb = _require("wandb", "logging.wandb", "wandb")
+        if lc.wandb_mode == "online":
+            what = f"logging.wandb=true with logging.wandb_mode={lc.wandb_mode}: W&B"
+            interactive = sys.stdin.isatty() and sys.stdout.isatty()
+            if not _start(what, _WANDB_FIX, wandb.login, verify=False, prompt=interactive):
+                raise BackendStartError(f"{what} has no login (no WANDB_API_KEY, no saved `wandb login`); {_WANDB_FIX}")
+    if lc.swanlab:
+        _require("swanlab", "logging.swanlab", "swanlab")
+        if lc.swanlab_mode in ("online", "cloud") and _swanlab_has_key() is False:
+            raise BackendStartError(f"logging.swanlab=true with logging.swanlab_mode={lc.swanlab_mode}: SwanLab has no "
+                                    f"login (no SWANLAB_API_KEY, no saved `swanlab login`); {_SWANLAB_FIX}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------------
@@ -673,7 +712,7 @@ class _WandB(_Backend):
         run_id = _stable_run_id(output_dir / "wandb_run_id.txt", start_step, 12)
         self.run = _start(
             f"logging.wandb=true with logging.wandb_mode={cfg.logging.wandb_mode}: W&B",
-            "log in (`wandb login`, or export WANDB_API_KEY=...) or set logging.wandb_mode=offline", self.wandb.init,
+            _WANDB_FIX, self.wandb.init,
             project=cfg.logging.wandb_project,
             name=run_name,
             id=run_id,
@@ -706,8 +745,7 @@ class _SwanLab(_Backend):
         run_id = _stable_run_id(output_dir / "swanlab_run_id.txt", start_step, 21)
         self.run = _start(
             f"logging.swanlab=true with logging.swanlab_mode={cfg.logging.swanlab_mode}: SwanLab",
-            "log in (`swanlab login`, or export SWANLAB_API_KEY=...) or set logging.swanlab_mode=offline",
-            self.swanlab.init,
+            _SWANLAB_FIX, self.swanlab.init,
             id=run_id,
             resume="allow",
             project=cfg.logging.swanlab_project,

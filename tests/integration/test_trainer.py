@@ -365,7 +365,13 @@ def test_resume_with_other_model_settings_names_what_changed(tmp_path, monkeypat
     # a logging backend that cannot start (not installed here, or W&B online without a login): refused as well
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match=r"logging.wandb"):
+    from imagerl.policies.ar.janus import JanusPolicy
+
+    def loaded(*a, **kw):
+        raise AssertionError("the policy loaded before the logging backends were checked")
+
+    with monkeypatch.context() as m, pytest.raises(ConfigError, match=r"logging.wandb"):
+        m.setattr(JanusPolicy, "__init__", loaded)  # (refused before minutes of loading a real checkpoint)
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "logging.wandb=true", "logging.wandb_mode=online"))
     # the refused attempts left the run's config.yaml (what eval / sample / export read) as the checkpoint's
     assert load_config(str(tmp_path / "config.yaml")).model.lora.enabled is False

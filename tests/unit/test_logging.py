@@ -441,6 +441,27 @@ def test_online_backend_without_a_login_is_one_clear_error(tmp_path, key, packag
         RunLogger(make_cfg(**{key: True, f"{key}_mode": mode}), tmp_path / "run", total_steps=2, stream=io.StringIO())
 
 
+@pytest.mark.parametrize("key,package,mode", [("wandb", "wandb", "online"), ("swanlab", "swanlab", "cloud")])
+def test_check_backends_refuses_an_online_backend_without_a_login(tmp_path, key, package, mode, monkeypatch):
+    """The trainer's pre-load check (imagerl.logging.check_backends): without a login and without a terminal, an
+    online backend is one error naming the fix; with the service's API key in the environment it passes (the
+    key is not verified over the network: that is left to the backend's start), and offline needs none."""
+    pytest.importorskip(package)
+    from imagerl.logging import BackendStartError, check_backends
+
+    for var in ("WANDB_API_KEY", "SWANLAB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no saved login)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(sys, "stdin", io.StringIO())  # (no terminal to prompt on)
+    with pytest.raises(BackendStartError, match=rf"^logging.{key}=true with logging.{key}_mode={mode}: .*"
+                                                 rf"log in .* or set logging.{key}_mode=offline$"):
+        check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
+    check_backends(make_cfg(**{key: True}))  # offline
+    monkeypatch.setenv(f"{key.upper()}_API_KEY", "x" * 40)
+    check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
+
+
 def test_narrow_grid_widens_to_show_its_title():
     imgs, _ = solid_images(2, 8, 8)
     title = "eval of step_000001 (deterministic sampling), a title longer than two tiles"

@@ -220,6 +220,9 @@ class GRPOTrainer:
             except RunDirInUse as e:
                 raise TrainingError(str(e)) from None
             self._refuse_overwrite()
+            from ..logging import check_backends
+
+            check_backends(cfg)  # (a missing W&B login fails now, not after minutes of loading the model)
         # Training reads every prompt file now, so that a bad eval or SFT file fails at start, not at the first
         # evaluation (steps or hours in). eval / sample / export read them when they use them (eval: its prompts):
         # a run's relative data path need not resolve from wherever `imagerl export` is called.
