@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     output_dir: str = "runs/demo"  # metrics.jsonl, samples/, checkpoints/, reward_curve.png, config.yaml; rerun = resume
-    seed: int = 0  # seeds weights init, prompt order and every sampling stream (per step and rank)
+    seed: int = 0  # seeds LoRA and tiny flow weights, prompt order and every sampling stream (tiny Janus weights: model.tiny_overrides.seed, default 0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (auto: CUDA when torch sees a GPU)
     dtype: str = "fp32"  # compute dtype under autocast: fp32 | bf16 | fp16 (fp16: eval only, no loss scaling)
     name: str = ""  # run name for loggers; defaults to the output dir's name
@@ -193,7 +193,7 @@ class LoggingConfig:
 @dataclass
 class RewardSpec:
     type: str = "color_position"  # registry name or package.module:Class
-    name: str = ""  # metric name; defaults to type
+    name: str = ""  # metric name; defaults to type (a package.module:Class type: the class name)
     weight: float = 1.0  # in the weighted total reward (negative: a penalty)
     args: dict[str, Any] = field(default_factory=dict)  # the reward's own parameters (validated by it)
 
