@@ -157,6 +157,14 @@ class Policy(nn.Module):
                     src = distribute_tensor(src, p.device_mesh, p.placements)
                 p.copy_(src)
 
+    @classmethod
+    def resolve_config(cls, cfg: Config) -> None:
+        """Fill the config values whose default depends on the family (`algorithm.kl_estimator=auto`). The
+        trainer calls it once, before anything reads them, so the run's config.yaml records what ran.
+        Subclasses extend it."""
+        if cfg.algorithm.kl_estimator == "auto":
+            cfg.algorithm.kl_estimator = cls.default_kl_estimator
+
     def check_training_config(self) -> None:
         """Raise ValueError, naming the field and the fix, when the config samples nothing this policy can train
         on (the trainer calls it before training; evaluation and sampling do not). Subclasses extend it."""
@@ -171,16 +179,15 @@ class Policy(nn.Module):
         if a.kl_coef > 0 and self.reference_mode() == "lora_disabled" and not self.uses_lora():
             raise ValueError("model.reference=lora_disabled needs model.lora.enabled=true (the reference is the model "
                              "with its adapters off); use model.reference=auto (a frozen copy for full fine-tuning)")
-        if a.kl_estimator == "auto":
-            a.kl_estimator = self.default_kl_estimator  # (recorded so in the run's config.yaml)
-        if a.kl_coef > 0 and a.kl_estimator not in self.kl_estimators:
-            if a.kl_estimator in ("k1", "k2", "k3"):
+        est = self.default_kl_estimator if a.kl_estimator == "auto" else a.kl_estimator  # (checks, never writes)
+        if a.kl_coef > 0 and est not in self.kl_estimators:
+            if est in ("k1", "k2", "k3"):
                 why = ("a flow transition's log-density is averaged over the latent elements, and k1/k2/k3 of that "
                        "average estimate no KL: k3 comes out near KL^2/2 with 1/D of the KL's gradient")
             else:
-                why = f"it has no {'velocity predictions' if a.kl_estimator == 'velocity' else 'Gaussian transitions'}"
+                why = f"it has no {'velocity predictions' if est == 'velocity' else 'Gaussian transitions'}"
             raise ValueError(
-                f"algorithm.kl_estimator={a.kl_estimator} does not apply to model.family={self.cfg.model.family} "
+                f"algorithm.kl_estimator={est} does not apply to model.family={self.cfg.model.family} "
                 f"({why}); use one of {', '.join(self.kl_estimators)}"
             )
 

@@ -183,6 +183,7 @@ class GRPOTrainer:
         # algorithm.advantage would otherwise surface after the first rollout (minutes into a GPU run).
         ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
         policy_cls = POLICIES.get(cfg.model.family, field="model.family")
+        policy_cls.resolve_config(cfg)
         self.dist = dist.init(cfg.dist.backend, self.device)
         if self.dist.enabled and self.device.type == "cuda" and self.device.index not in (None, self.dist.local_rank):
             raise TrainingError(f"run.device={cfg.run.device} with {self.dist.world} processes would put them all on one GPU: "
