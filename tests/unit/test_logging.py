@@ -409,6 +409,59 @@ def test_missing_optional_backend_fails_at_construction_with_the_fix(tmp_path, k
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'  # a previous run's file is untouched
 
 
+def _leveldb_log_records(path) -> list[bytes]:
+    """The records of a LevelDB-log-format file (W&B's .wandb and SwanLab's .swanlab offline files both are one: a
+    7-byte file header, then 32 KiB blocks of chunks, each a 7-byte header crc32 / length / type and its bytes;
+    type 1 is a whole record, 2/3/4 its first/middle/last part; github.com/google/leveldb doc/log_format.md)."""
+    import struct
+
+    data, pos, out, part = path.read_bytes(), 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # (a block's last bytes too short for a header are padding)
+            pos += left
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part, pos = part + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            out.append(part)
+            part = b""
+    return out
+
+
+def backend_scalars(run_dir, package: str) -> dict[int, dict[str, float]]:
+    """{step: {key: value}} as the backend stored it offline (what `wandb sync` / `swanlab sync` would upload),
+    read with the backend's own protobuf messages (the versions pinned in requirements-logging.txt)."""
+    out: dict[int, dict[str, float]] = {}
+    if package == "wandb":
+        from wandb.proto.wandb_internal_pb2 import Record
+
+        for f in sorted(run_dir.glob("wandb/*/*.wandb")):
+            for raw in _leveldb_log_records(f):
+                r = Record()
+                r.ParseFromString(raw)
+                if r.WhichOneof("record_type") == "history":
+                    # (a key is `key`, or `nested_key` in files wandb-core writes; an image's fields are nested under it)
+                    items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item
+                             if i.key or len(i.nested_key) == 1 or i.nested_key[-1] == "_type"}
+                    out.setdefault(int(items.pop("_step")), {}).update(
+                        {k: v for k, v in items.items() if not k.startswith("_") and not k.endswith("/_type")})
+                    out[int(r.history.step.num)].update({k[:-6]: v for k, v in items.items() if k.endswith("/_type")})
+    else:
+        from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+
+        for f in sorted(run_dir.glob("swanlab/*/*.swanlab")):
+            for raw in _leveldb_log_records(f):
+                r = Record()
+                r.ParseFromString(raw)
+                if r.WhichOneof("record_type") == "scalar":
+                    out.setdefault(int(r.scalar.step), {})[r.scalar.key] = r.scalar.value.number
+                elif r.WhichOneof("record_type") == "media":
+                    out.setdefault(int(r.media.step), {})[r.media.key] = "image"
+
+    return out
+
+
 @pytest.mark.parametrize("key,package", [("wandb", "wandb"), ("swanlab", "swanlab")])
 def test_installed_optional_backend_logs_offline(tmp_path, key, package, monkeypatch):
     pytest.importorskip(package)
@@ -425,6 +478,12 @@ def test_installed_optional_backend_logs_offline(tmp_path, key, package, monkeyp
     run_steps(lg, range(3, 4))
     lg.finish()
     assert lg._backends[0].failures == 0 and (tmp_path / f"{key}_run_id.txt").read_text() == run_id
+    # the values themselves reached the backend's offline store, at their steps, both runs' of them
+    stored = backend_scalars(tmp_path, package)
+    assert sorted(stored) == [1, 2, 3]
+    assert stored[2].pop("samples") in ("image", "image-file")  # the sample grid, at its step
+    for s in (1, 2, 3):
+        assert stored[s] == pytest.approx(fake_metrics(s), rel=1e-6), s
 
 
 @pytest.mark.parametrize("key,package,mode", [("wandb", "wandb", "online"), ("swanlab", "swanlab", "cloud")])
