@@ -214,6 +214,12 @@ def sum_gradients(params: list[torch.nn.Parameter], info: DistInfo) -> None:
         off += n
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, synced: bool = False) -> None:
+    """Leave the process group. `synced`: every rank got here without an error, so they leave together (a
+    barrier first): a rank that tears down its gloo pairs while the other still holds them can abort at exit
+    ("terminate called without an active exception", seen once on a loaded 2-core machine). After an error
+    no barrier: the other ranks may never arrive, and torchrun ends them when this one exits."""
     if info.enabled and tdist.is_initialized():
+        if synced:
+            tdist.barrier()
         tdist.destroy_process_group()

@@ -797,6 +797,7 @@ class GRPOTrainer:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         last: dict[str, float] = {}
+        ok = False
         try:
             for step in range(self.start_step + 1, cfg.train.steps + 1):
                 res = self.step(step)
@@ -818,19 +819,21 @@ class GRPOTrainer:
             periodic_last = bool(cfg.checkpoint.every) and cfg.train.steps % cfg.checkpoint.every == 0
             if cfg.checkpoint.save_final and self.start_step < cfg.train.steps and not periodic_last:
                 self.save(cfg.train.steps)
+            ok = True
         finally:
             paths = self.logger.finish()
-            self.close()
+            self.close(synced=ok)
         return {"metrics": last, "paths": paths}
 
 
-    def close(self) -> None:
+    def close(self, synced: bool = False) -> None:
         """Stop the scoring thread, release reward servers/sessions and the run directory, and end the process
-        group this trainer started (under torchrun; train, eval and sample all end here)."""
+        group this trainer started (under torchrun; train, eval and sample all end here). `synced`: every rank
+        finished without an error (see dist.shutdown)."""
         self.scorer.close()
         self.rewards.close()
         unlock_run_dir(self._run_lock)
-        dist.shutdown(self.dist)
+        dist.shutdown(self.dist, synced=synced)
 
 
 def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, names: list[str]) -> dict[str, float]:
