@@ -272,9 +272,11 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    # a bundled recipe by name, also when a directory of that name is here (e.g. a run's output_dir: flux_grpo/);
-    # never for a path with a directory part: a mistyped my_configs/flux_grpo.yaml must not load the bundled one
-    for d in CONFIG_DIRS if p.parent == Path(".") else ():
+    # a bundled recipe by name, also when a directory of that name is here (e.g. a run's output_dir: flux_grpo/),
+    # and as configs/<name> (the README's spelling, which is the checkout's link to the bundled recipes) when run
+    # outside a checkout; never for another directory part: a mistyped my_configs/flux_grpo.yaml must not load
+    # the bundled one
+    for d in CONFIG_DIRS if p.parent in (Path("."), Path("configs")) else ():
         for cand in (p.name, f"{p.name}.yaml"):
             if (d / cand).is_file():
                 return d / cand

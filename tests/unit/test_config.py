@@ -101,6 +101,12 @@ def test_bundled_name_wins_over_a_directory_of_that_name(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"'myrun' is a directory, not a config file \(a run's directory: give "
                                           r"myrun/config.yaml, or run.output_dir=myrun"):
         load_config("myrun")
+    # the README's configs/<recipe>.yaml outside a checkout (a pip install): the bundled recipe (the checkout's
+    # configs/ is a link to the same files); a name that is no recipe still fails
+    assert not (tmp_path / "configs").exists()
+    assert load_config("configs/flux_grpo.yaml", ["model.tiny=true"]).model.family == "flux"
+    with pytest.raises(ConfigError, match=r"'configs/flux_grpp.yaml' does not exist"):
+        load_config("configs/flux_grpp.yaml")
 
 
 def test_dotted_keys_at_the_top_of_a_file(tmp_path):
