@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -35,11 +36,10 @@ def comments() -> dict[tuple[str, str], str]:
 
 
 def fmt(v) -> str:
-    if isinstance(v, str):
-        return f'"{v}"' if v else '""'
+    """A default as it is written in YAML or an override (true / null / [a, b], not Python's True / None)."""
     if dataclasses.is_dataclass(v):
         return "(section)"
-    return repr(v).replace("|", "\\|")
+    return json.dumps(v, ensure_ascii=False).replace("|", "\\|")
 
 
 def render() -> str:
@@ -49,7 +49,8 @@ def render() -> str:
         "",
         "Generated from `src/imagerl/config.py` by `scripts/gen_config_reference.py`; do not edit by hand.",
         "Every key can be set in the YAML file or overridden as `key=value` (`imagerl train CONFIG train.steps=20`).",
-        "Lists of sections (`rewards`, `data.datasets`) are indexed: `rewards.0.weight=2`.",
+        "Lists of sections (`rewards`, `data.datasets`) are indexed: `rewards.0.weight=2`; the index after the last adds",
+        "an entry, which must name its `type` (rewards) or `path` (datasets): `rewards.1.type=brightness`.",
         "Values can read environment variables: `${oc.env:NAME}` or `${oc.env:NAME,default}`.",
         "A top-level `base:` names configs to start from (a bundled recipe or a path relative to the file; a list merges",
         "in order): mappings merge key by key, lists (`rewards`, `data.datasets`) are replaced whole.",

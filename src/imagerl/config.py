@@ -485,6 +485,11 @@ def _parse_overrides(overrides: list[str]) -> Any:
     return out
 
 
+# The key a new list entry must name when an override appends it: without it `rewards.1.weight=2` (an index typo
+# for rewards.0) silently added a second reward of the default type.
+_ENTRY_IDENTITY = {"rewards": "type", "data.datasets": "path", "data.eval_datasets": "path", "data.sft_datasets": "path"}
+
+
 def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> dict[str, Any]:
     """Deep-merge plain dicts; lists merge element-wise when the override indexes into them (an existing entry, or
     the next one: rewards.1.type=... on a one-entry list appends; a gap would be filled with made-up entries)."""
@@ -501,6 +506,12 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any], path: str = "") -> d
                     raise ConfigError(f"{key}.{i}: {key} has {len(lst)} entr{'y' if len(lst) == 1 else 'ies'} (indices 0.."
                                       f"{len(lst) - 1}); to add one, use {key}.{len(lst)}")
                 if i == len(lst):
+                    ident = _ENTRY_IDENTITY.get(key)
+                    if ident and not (isinstance(item, dict) and ident in item):
+                        n = len(lst)
+                        raise ConfigError(f"{key}.{i}: {key} has {n} entr{'y' if n == 1 else 'ies'}, so this adds a new "
+                                          f"one, which needs its {ident}: give {key}.{i}.{ident}=... as well, or change "
+                                          f"an existing entry ({', '.join(f'{key}.{j}' for j in range(n))})")
                     lst.append({})
                 lst[i] = deep_merge(lst[i], item, f"{key}.{i}") if isinstance(item, dict) and isinstance(lst[i], dict) else item
             out[k] = lst

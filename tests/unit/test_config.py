@@ -224,6 +224,18 @@ def test_deepspeed_config_keeps_the_keys_the_loop_owns():
     assert deepspeed_config(load_config(None, ["optim.grad_clip=0"]))["gradient_clipping"] == 0.0
 
 
+def test_an_override_that_adds_a_list_entry_must_name_it():
+    # an index typo (the demo has one reward) must not add a second reward of the default type
+    with pytest.raises(ConfigError, match=r"^rewards.1: rewards has 1 entry, so this adds a new one, which needs its "
+                                          r"type: give rewards.1.type=... as well, or change an existing entry \(rewards.0\)$"):
+        load_config(None, ["rewards.1.weight=2"])
+    with pytest.raises(ConfigError, match=r"^data.datasets.1: .*needs its path: give data.datasets.1.path="):
+        load_config(None, ["data.datasets.1.weight=2"])
+    cfg = load_config(None, ["rewards.1.type=brightness", "rewards.1.weight=2", "rewards.0.weight=3"])
+    assert [(r.type, r.weight) for r in cfg.rewards] == [("color_position", 3.0), ("brightness", 2.0)]
+    assert [d.path for d in load_config(None, ["data.datasets.1.path=builtin:colors"]).data.datasets] == ["builtin:colors"] * 2
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/file.yaml")
