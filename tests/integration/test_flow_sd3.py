@@ -160,6 +160,15 @@ def test_eval_mode_is_deterministic_ode():
 
 
 def test_bad_inputs_name_the_field():
+    from diffusers import StableDiffusion3Pipeline
+
+    from imagerl.policies.flow.base import load_pipeline
+
+    # a hub id that is neither cached nor reachable (HF_HUB_OFFLINE=1 here): the fix for that, first
+    with pytest.raises(OSError, match=r"^model.path='stabilityai/stable-diffusion-3.5-medium': 'stabilityai/stable-"
+                                      r"diffusion-3.5-medium' is not in the Hugging Face cache and the hub could not be "
+                                      r"reached: download it .*`hf download stabilityai/stable-diffusion-3.5-medium`"):
+        load_pipeline(StableDiffusion3Pipeline, "stabilityai/stable-diffusion-3.5-medium", torch.float32)
     with pytest.raises(ValueError, match="rollout.sde"):
         make(rollout__sde="ddpm")
     with pytest.raises(ValueError, match="model.tiny_size"):

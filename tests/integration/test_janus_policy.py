@@ -386,6 +386,13 @@ def test_bad_model_path_error_names_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"model.path='.*remote': cannot load a transformers Janus checkpoint .*"
                                          r"deepseek-community/Janus-Pro-7B"):
         JanusPolicy(cfg, torch.device("cpu"))
+    # a hub id that is not downloaded, with no hub to reach (these tests run with HF_HUB_OFFLINE=1): the fix for that
+    # first, not the advice to use the repo that was given
+    cfg = load_config(None, ["model.tiny=false", "model.path=deepseek-community/Janus-Pro-1B"])
+    with pytest.raises(ValueError, match=r"^model.path='deepseek-community/Janus-Pro-1B': 'deepseek-community/Janus-Pro-1B' "
+                                         r"is not in the Hugging Face cache and the hub could not be reached: download it "
+                                         r"on a machine with internet first \(`hf download deepseek-community/Janus-Pro-1B`"):
+        JanusPolicy(cfg, torch.device("cpu"))
 
 
 def test_mps_is_refused_before_loading():
