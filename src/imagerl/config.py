@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,7 +301,16 @@ def _read_file(path: Path) -> Any:
         try:
             text = _jsonnet.evaluate_file(str(path), ext_vars=dict(os.environ))
         except RuntimeError as e:
-            raise ConfigError(f"{path}: jsonnet evaluation failed: {e}") from e
+            # jsonnet's message is a stack trace; its first line says what failed, and the frame in the user's file
+            # (not std.jsonnet's internals) says where
+            lines = [ln.strip() for ln in str(e).strip().splitlines()]
+            where = next((ln.split("\t")[0] for ln in lines[1:] if not ln.startswith("std.jsonnet")), "")
+            first = lines[0] if lines else str(e)
+            fix = ""
+            m = re.search(r"undefined external variable: (\w+)", first)
+            if m:
+                fix = f"; set the environment variable {m.group(1)} (jsonnet reads each as std.extVar)"
+            raise ConfigError(f"{path}: jsonnet evaluation failed: {first}{f' at {where}' if where else ''}{fix}") from None
         return json.loads(text)
     if suffix == ".json":
         return json.loads(path.read_text())

@@ -69,6 +69,12 @@ def test_jsonnet_with_env_ext_vars(tmp_path, monkeypatch):
     monkeypatch.setenv("STEPS", "7")
     p = write(tmp_path, "c.jsonnet", "{ model: { tiny: true }, train: { steps: std.parseInt(std.extVar('STEPS')) } }")
     assert load_config(p).train.steps == 7
+    # a variable that is not set: jsonnet's first line, the place in the user's file, and the fix (not the
+    # ten-line trace through std.jsonnet)
+    monkeypatch.delenv("STEPS")
+    with pytest.raises(ConfigError, match=r"c.jsonnet: jsonnet evaluation failed: RUNTIME ERROR: undefined external "
+                                          r"variable: STEPS at .*c.jsonnet:1:\d+-\d+; set the environment variable STEPS"):
+        load_config(p)
 
 
 def test_base_recipes_chain_and_lists_replace(tmp_path):

@@ -51,7 +51,7 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="empty.txt' is empty"):
         load_rows(str(tmp_path / "empty.txt"))
     (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{not json\n')
-    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
+    with pytest.raises(DataError, match=r"bad.jsonl line 2 is not valid JSON: .* \(column \d+\)$"):
         load_rows(str(tmp_path / "bad.jsonl"))
     (tmp_path / "nofield.jsonl").write_text('{"caption": "x"}\n')
     with pytest.raises(DataError, match="no 'prompt' field.*prompt_field"):

@@ -135,7 +135,7 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{field_name}: {path} line {i} is not valid JSON: {e.msg}") from None
+                    raise DataError(f"{field_name}: {path} line {i} is not valid JSON: {e.msg} (column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{field_name}: {path} line {i} must be a JSON object with a '{prompt_field}' field")
                 rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name, field_fix))
