@@ -119,9 +119,10 @@ def cmd_train(args: list[str]) -> int:
         out = cfg.run.output_dir
         print(f"\nDone. Output in {out}/")
         for k in ("metrics", "reward_curve", "samples"):
-            if k in paths:
+            if k in paths and os.path.exists(paths[k]):  # (no samples/ with logging.sample_every=0)
                 print(f"  {k:13s} {paths[k]}")
         print(f"  {'checkpoints':13s} {out}/checkpoints")
+        print(f"  {'config':13s} {out}/config.yaml")
     return 0
 
 

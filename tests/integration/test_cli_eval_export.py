@@ -12,6 +12,11 @@ def test_train_eval_export(tmp_path, capsys):
     assert main(["train", "model.tiny_size=test", "train.steps=2", "data.prompts_per_step=2", "rollout.group_size=4",
                  f"run.output_dir={run}", "logging.progress_bar=false", "logging.sample_every=0", "train.eval_every=2",
                  "optim.lr=1e-2"]) == 0
+    # the closing lines name every output the README lists, each of which exists
+    done = capsys.readouterr().out.split("Done. Output in ")[1].splitlines()[1:]
+    named = {line.split()[0]: line.split()[1] for line in done if line.strip()}
+    assert set(named) == {"metrics", "reward_curve", "checkpoints", "config"}  # (samples/: none with sample_every=0)
+    assert all(__import__("os").path.exists(p) for p in named.values()), named
     before = (run / "metrics.jsonl").read_text()
     # the run's own config.yaml is used when only run.output_dir is given
     assert main(["eval", f"run.output_dir={run}"]) == 0
