@@ -380,6 +380,22 @@ COMMANDS = {
 }
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, where installed, is imported by accelerate inside transformers' save_pretrained (and by our ZeRO
+    engine), and on a machine without an accelerator it logs a WARNING, 'Setting accelerator to CPU. If you have
+    GPU or other accelerator, we were unable to detect it.', on every export. When torch sees no accelerator,
+    naming the CPU for DeepSpeed (DS_ACCELERATOR, its own setting, unless the user set it) is the same choice
+    without the warning."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    acc = getattr(torch, "accelerator", None)
+    if torch.cuda.is_available() or (acc is not None and acc.is_available()):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -402,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global _command
     _command = argv[0]
+    _quiet_deepspeed_on_cpu()
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except KeyboardInterrupt:
