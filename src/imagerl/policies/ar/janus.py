@@ -327,7 +327,9 @@ class JanusPolicy(Policy):
             targets = list(m.lora.target_modules) or list(self.default_lora_targets)
             lora_cfg = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout, target_modules=targets)
             try:
-                peft_lm = get_peft_model(self.model.model.language_model, lora_cfg)
+                with warnings.catch_warnings():  # (peft reads transformers' deprecated is_gradient_checkpointing)
+                    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+                    peft_lm = get_peft_model(self.model.model.language_model, lora_cfg)
             except ValueError as e:
                 raise ValueError(f"model.lora.target_modules={targets}: {e}") from e
             self.model.model.language_model = peft_lm
