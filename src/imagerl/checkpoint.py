@@ -223,6 +223,11 @@ def lock_run_dir(out: Path) -> str:
     return key
 
 
+def is_run_dir_locked_here(key: str) -> bool:
+    """Whether this process still holds the lock `key` (another trainer on the same directory, say)."""
+    return key in _HELD
+
+
 def unlock_run_dir(key: str) -> None:
     if key not in _HELD:
         return

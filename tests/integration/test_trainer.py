@@ -255,6 +255,13 @@ def test_eval_and_sft_files_are_read_at_start(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"^data.sft_datasets\[\].path: prompt file '.*nope.jsonl' does not exist"):
         GRPOTrainer(cfg_for("janus", tmp_path / "b", f"data.sft_datasets=[{{path: {tmp_path}/nope.jsonl}}]",
                             "algorithm.sft_weight=0.1"))
+    # a refused start leaves no run folder it created (only its lock was in it), and one that existed stays
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()
+    with pytest.raises(DataError):
+        GRPOTrainer(cfg_for("janus", tmp_path / "c", f"data.eval_datasets=[{{path: {tmp_path}/nope.txt}}]"))
+    assert (tmp_path / "c").is_dir()
+    GRPOTrainer(cfg_for("janus", tmp_path / "a")).close()  # (and the directory can be used right away)
 
 
 def test_reward_weight_mistakes_fail_at_start(tmp_path):

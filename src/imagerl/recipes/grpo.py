@@ -31,7 +31,9 @@ from ..algorithms.advantages import AdvantageOutput, compute_advantages
 from ..algorithms.kl import kl_per_unit
 from ..algorithms.losses import clipped_surrogate, unit_weights
 from ..checkpoint import (
+    LOCK_FILE,
     RunDirInUse,
+    is_run_dir_locked_here,
     latest_checkpoint,
     load_checkpoint,
     lock_run_dir,
@@ -178,6 +180,30 @@ class GRPOTrainer:
         run files (the run's metrics.jsonl and config.yaml are left untouched)."""
         self.cfg = cfg
         self._run_lock = ""  # (set when this trainer writes into run.output_dir)
+        self._made_dir: Path | None = None  # (run.output_dir, when this start created it)
+        try:
+            self._setup(cfg, training)
+        except BaseException:
+            self._abandon_start()
+            raise
+
+    def _abandon_start(self) -> None:
+        """A refused or failed start: stop what the setup started (the scoring thread, reward sessions), release
+        the run directory, and remove it where this start created it and left nothing in it but the lock (a typo
+        in a reward name must not leave an empty run folder behind)."""
+        for part in (getattr(self, "scorer", None), getattr(self, "rewards", None)):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.close()
+        unlock_run_dir(self._run_lock)
+        d = self._made_dir
+        if d is not None and self._run_lock and not is_run_dir_locked_here(self._run_lock):
+            with contextlib.suppress(OSError):
+                if [p.name for p in d.iterdir()] == [LOCK_FILE]:
+                    (d / LOCK_FILE).unlink()
+                    d.rmdir()
+
+    def _setup(self, cfg: Config, training: bool) -> None:
         self.device = resolve_device(cfg.run.device)
         # Names the config resolves through registries are looked up now, not when first used: an unknown
         # algorithm.advantage would otherwise surface after the first rollout (minutes into a GPU run).
@@ -212,6 +238,7 @@ class GRPOTrainer:
         self.ckpt_dir = self.out / "checkpoints"
         if self.dist.is_main and training:
             try:
+                self._made_dir = None if self.out.exists() else self.out
                 self.out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise TrainingError(f"run.output_dir={cfg.run.output_dir}: cannot write there ({e.strerror or e}); "
