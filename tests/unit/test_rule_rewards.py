@@ -55,6 +55,20 @@ def test_brightness_and_jpeg():
     assert b[0] == pytest.approx(0.0) and b[1] == pytest.approx(1.0, abs=1e-6)
     j = build_reward({"type": "jpeg_compressibility"})(inp(imgs, ["x"] * 3)).scores
     assert j[0] > j[2] and j[1] > j[2]  # flat images compress better than noise
+    # a flat image costs nothing beyond the format's own bytes (scores 1 at any size, 16 px included, where the
+    # headers alone are 2.4 bytes per pixel), and noise still scores above 0 there: the reward can move
+    assert j[0] == pytest.approx(1.0, abs=0.01) and j[1] == pytest.approx(1.0, abs=0.01) and 0.0 < j[2] < 0.9
+    # a hand count: the file's bytes minus the flat image's, per pixel, against max_bpp
+    import io as _io
+
+    from PIL import Image
+
+    from imagerl.imageio import to_u8
+    from imagerl.rewards.rule import jpeg_floor_bytes
+
+    buf = _io.BytesIO()
+    Image.fromarray(to_u8(imgs[2:3])[0]).save(buf, format="JPEG", quality=95)
+    assert float(j[2]) == pytest.approx(1 - (buf.tell() - jpeg_floor_bytes(16, 16, 95)) / 256 / 3.0, rel=1e-6)
 
 
 def test_bad_reward_args_are_named():

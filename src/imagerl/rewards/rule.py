@@ -4,11 +4,13 @@
   and how little of it leaks elsewhere. Colour and position come from metadata (builtin datasets) or are
   parsed from the prompt; a prompt naming no known colour abstains (NaN).
 - ``brightness``: mean luminance (or 1 - it with ``target: dark``).
-- ``jpeg_compressibility``: smaller JPEG files score higher (the DDPO compressibility task), mapped to [0, 1].
+- ``jpeg_compressibility``: smaller JPEG files score higher (the DDPO compressibility task), mapped to [0, 1]
+  (the bytes of a flat image of the same size, headers and tables, not counted).
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -117,8 +119,21 @@ class BrightnessReward(Reward):
         return RewardOutput(scores=lum if self.target == "bright" else 1 - lum)
 
 
+@functools.lru_cache(maxsize=64)
+def jpeg_floor_bytes(h: int, w: int, quality: int) -> int:
+    """Bytes of a flat grey h x w JPEG at `quality`: the headers, tables and least data any image of that size
+    costs (about 600 bytes: nothing at 512 px, most of the file at 16 px)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (128, 128, 128)).save(buf, format="JPEG", quality=quality)
+    return buf.tell()
+
+
 class JpegCompressibilityReward(Reward):
-    """1 - (JPEG bytes per pixel) / max_bpp, clamped to [0, 1] (DDPO's compressibility reward, rescaled)."""
+    """1 - (JPEG bytes per pixel beyond a flat image's) / max_bpp, clamped to [0, 1] (DDPO's compressibility
+    reward, rescaled). The flat image's bytes (headers and tables) are subtracted so that the score means the
+    same at any size: counted in, they alone exceeded max_bpp on a tiny model's 16 px images (score 0 always)."""
 
     def __init__(self, name: str = "", quality: int = 95, max_bpp: float = 3.0):
         super().__init__(name)
@@ -133,6 +148,7 @@ class JpegCompressibilityReward(Reward):
         for a in arr:
             buf = io.BytesIO()
             Image.fromarray(a).save(buf, format="JPEG", quality=self.quality)
-            bpp = buf.tell() / (a.shape[0] * a.shape[1])  # bytes per pixel
+            h, w = a.shape[0], a.shape[1]
+            bpp = max(0, buf.tell() - jpeg_floor_bytes(h, w, self.quality)) / (h * w)  # bytes per pixel
             out.append(max(0.0, min(1.0, 1.0 - bpp / self.max_bpp)))
         return RewardOutput(scores=torch.tensor(out))
