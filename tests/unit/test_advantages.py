@@ -89,11 +89,23 @@ def test_partial_abstain_counts_as_the_group_mean_of_that_reward():
     assert out.total[:3].tolist() == pytest.approx([0.4, 0.6, 0.8])
     # group 1 has no penalty score at all: the batch mean (0.2) for both, so only the quality differs
     assert out.total[3:].tolist() == pytest.approx([-0.1, 0.1]) and out.valid.all()
-    # GDPO: the imputed entry's z-score within its group is 0
+    # GDPO: an abstain's z-score within its group is 0, and the reward's group std is that of the samples it scored
     g = adv("gdpo", [[1, 0], [3, NAN], [2, 1]], [0, 0, 0], weights=[1.0, 1.0])
-    # z in the group: quality [1, 3, 2] -> [-1, 1, 0] / sqrt(2/3); penalty [0, 0.5 (imputed), 1] -> [-1, 0, 1] / sqrt(2/3)
-    comb = (torch.tensor([-1.0, 1.0, 0.0]) + torch.tensor([-1.0, 0.0, 1.0])) / math.sqrt(2 / 3)
+    # z in the group: quality [1, 3, 2] -> [-1, 1, 0] / sqrt(2/3); penalty [0, -, 1]: mean 0.5, std 0.5 over the two
+    # it scored -> [-1, 0, 1] (imputing 0.5 first would give std sqrt(1/6) and z [-1, 0, 1] / sqrt(2/3): a reward that
+    # abstains more would weigh more)
+    comb = torch.tensor([-1.0, 1.0, 0.0]) / math.sqrt(2 / 3) + torch.tensor([-1.0, 0.0, 1.0])
     assert torch.allclose(g.adv, (comb - comb.mean()) / comb.std(unbiased=False), atol=1e-3)
+    assert g.total.tolist() == pytest.approx([1.0, 3.5, 3.0])  # (the logged total: the abstain as the group mean)
+
+
+@pytest.mark.parametrize("name", ["group_zscore", "global_std", "gdpo", "mean_only"])
+def test_abstaining_samples_stay_invalid_with_zero_eps(name):
+    # algorithm.adv_eps=0: a group with one scored sample has std 0; its abstaining siblings must stay invalid
+    # (they were valid with advantage 0, entering the loss's token count and the KL term)
+    out = adv(name, [[0.5], [0.5], [NAN], [NAN], [NAN], [0.2], [0.9]], [0, 0, 0, 1, 1, 2, 2], eps=0.0)
+    assert out.valid.tolist() == [True, True, False, False, False, True, True]
+    assert out.adv[2:5].tolist() == [0.0, 0.0, 0.0]
 
 
 def test_gdpo_table():

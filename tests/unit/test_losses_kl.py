@@ -151,3 +151,30 @@ def test_velocity_kl():
     assert torch.allclose(out, torch.ones(1, 2))
     with pytest.raises(RuntimeError, match="flow policy"):
         kl_per_unit("velocity", LogProbOutput(logp=torch.zeros(1, 1)), LogProbOutput(logp=torch.zeros(1, 1)))
+
+
+def test_kl_loss_terms_expected_gradients():
+    """Exact expectations over x ~ pi on a 3-token categorical (pi = softmax(theta)): the expected gradient of each
+    estimator's loss term, sum_x pi(x) grad_theta k(x), against autograd of the true divergences. k1 and k2 give
+    grad KL(pi || ref); k3 gives grad KL(ref || pi) (DeepSeekMath's choice: also toward the reference). A plain
+    k1 = logp - ref_logp would give 0 here: no pull toward the reference at all."""
+    theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log(torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64))
+
+    def expected_grad(name):
+        pi = torch.softmax(theta, 0).detach()
+        g = torch.zeros(3, dtype=torch.float64)
+        for x in range(3):
+            logp = torch.log_softmax(theta, 0)[x].reshape(1, 1)
+            k = kl_per_unit(name, LogProbOutput(logp=logp), LogProbOutput(logp=ref_logp[x].reshape(1, 1)))
+            g += pi[x] * torch.autograd.grad(k.double().sum(), theta)[0]
+        return g
+
+    logpi = torch.log_softmax(theta, 0)
+    forward = torch.autograd.grad((logpi.exp() * (logpi - ref_logp)).sum(), theta)[0]  # KL(pi || ref)
+    logpi = torch.log_softmax(theta, 0)
+    reverse = torch.autograd.grad((ref_logp.exp() * (ref_logp - logpi)).sum(), theta)[0]  # KL(ref || pi)
+    assert forward.abs().min() > 1e-3 and not torch.allclose(forward, reverse, atol=1e-3)
+    torch.testing.assert_close(expected_grad("k1"), forward, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected_grad("k2"), forward, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(expected_grad("k3"), reverse, rtol=1e-5, atol=1e-6)

@@ -91,8 +91,10 @@ def group_stats(x_N: torch.Tensor, group_ids_N: torch.Tensor) -> tuple[torch.Ten
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """num / den, with 0 where den == 0 (a constant group carries no signal; never a NaN advantage)."""
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    """num / den, with 0 where den == 0 (a constant group carries no signal), and NaN kept where num is NaN (an
+    abstaining sample stays invalid: with algorithm.adv_eps=0 a group of one scored sample has den 0)."""
+    q = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    return torch.where(torch.isnan(num), num, q)
 
 
 def _finish(adv: torch.Tensor, total: torch.Tensor, clip: float) -> AdvantageOutput:
@@ -128,12 +130,17 @@ def mean_only(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: floa
 
 @ADVANTAGES.register("gdpo")
 def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0.0) -> AdvantageOutput:
-    rewards_NR = impute_group_means(rewards_NR, group_ids_N)  # (an imputed entry's group z-score is 0)
+    # Each reward's group mean and std over the samples it scored; where it abstained on a sample that another
+    # reward scored, its z-score is 0 (the group's mean). (Imputing the mean first and then taking the std would add
+    # zero deviations: the std shrinks by sqrt(scored / G) and a reward that often abstains gets a larger weight on
+    # the samples it did score.)
+    scored_any = ~torch.isnan(rewards_NR).all(1)
     cols = []
     for j in range(rewards_NR.shape[1]):
         x = rewards_NR[:, j]
         mean, std, _ = group_stats(x, group_ids_N)
-        cols.append(_safe_div(x - mean, std + eps))
+        z = _safe_div(x - mean, std + eps)
+        cols.append(torch.where(torch.isnan(x) & scored_any, torch.zeros_like(z), z))
     z_NR = torch.stack(cols, 1) if cols else rewards_NR
     combined = weighted_total(z_NR, weights_NR)
     ok = ~torch.isnan(combined)
@@ -141,7 +148,7 @@ def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0
         m = combined[ok].double().mean().to(combined.dtype)
         s = combined[ok].double().std(unbiased=False).to(combined.dtype)
         combined = _safe_div(combined - m, s + eps)
-    return _finish(combined, weighted_total(rewards_NR, weights_NR), clip)
+    return _finish(combined, combined_reward(rewards_NR, weights_NR, group_ids_N), clip)
 
 
 def compute_advantages(name: str, rewards_NR, group_ids_N, weights_NR, eps: float, clip: float) -> AdvantageOutput:

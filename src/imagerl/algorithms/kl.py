@@ -6,6 +6,14 @@ these estimate no KL, so flow policies refuse them):
     k1 = -delta                      unbiased, high variance, can be negative
     k2 = delta^2 / 2                 biased, low variance
     k3 = exp(delta) - delta - 1      unbiased, non-negative (GRPO's choice)
+As loss terms (their gradient, sample by sample, with samples drawn from pi):
+    k1: a plain -delta would have gradient grad(logp), which averages to ZERO under pi: no pull toward the
+        reference, only noise. Its loss term adds the score-function term sg(k1) * (logp - sg(logp)) (value 0),
+        so its expected gradient is grad KL(pi || ref), as k2's is; the value stays k1.
+    k2: expected gradient = grad KL(pi || ref) exactly.
+    k3: expected gradient = grad KL(pi_ref || pi), the reverse direction (as in DeepSeekMath's GRPO); it also
+        pulls toward the reference, more strongly where pi puts less mass than the reference.
+(tests/unit/test_losses_kl.py computes these expectations exactly on a small categorical.)
 Flow policies (Gaussian transitions with a shared std):
     mean      KL(N(mu, s^2) || N(mu_ref, s^2)) = ||mu - mu_ref||^2 / (2 s^2), averaged over latent elements
               (the closed form of the Flow-GRPO paper);
@@ -27,7 +35,9 @@ from ..types import LogProbOutput
 
 @KL_ESTIMATORS.register("k1")
 def kl_k1(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
-    return cur.logp.float() - ref.logp.float()
+    logp = cur.logp.float()
+    k1 = logp - ref.logp.float()
+    return k1 + k1.detach() * (logp - logp.detach())  # (value k1; gradient (1 + k1) grad logp, see the docstring)
 
 
 @KL_ESTIMATORS.register("k2")
