@@ -707,9 +707,11 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
         assert b[1]["kl"] > 0
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
-        for k in ra:  # every logged number (but timings), to summation-order rounding: abs 1e-6 because a loss
-            if not k.startswith("time/"):  # near 0 is a sum of O(1) terms (advantages cancel), rounded in another order
-                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+        for k in ra:  # every logged number (but timings), to summation-order rounding: an absolute bound because a
+            # loss near 0 is a float32 sum of O(1) terms (advantages cancel) rounded in another order: 1.2e-6 apart on
+            # the SD3 DDP row (at 9e-6, while grad_norm agreed to 7e-9 and ratios to 2e-7), hence 3e-6 for losses
+            if not k.startswith("time/"):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=3e-6 if k.startswith("loss") else 1e-6), k
     if variant == "ema":
         assert "eval/reward/mean" in b[1]
     from safetensors.torch import load_file
