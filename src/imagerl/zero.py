@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,9 @@ class ZeroEngine:
                 f"found {deepspeed.__version__}: pip install -U 'imagerl[deepspeed]'"
             )
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would drown the progress bar
+        # DeepSpeed's ZeRO calls a collective torch has deprecated; the FutureWarning is about DeepSpeed's code, once
+        # per rank, and nothing a user of imagerl can act on
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
         self.info = info
         if next(module.parameters()).device.type == "cpu":
             # DeepSpeed's torch comm backend JIT-compiles a shared-memory all-reduce op for CPU tensors (about

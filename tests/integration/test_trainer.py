@@ -700,7 +700,10 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     assert f"2 processes: dist.strategy={strategy}, gloo" in two.stdout, two.stdout[-2000:]
-    assert "Setting accelerator to CPU" not in two.stdout + two.stderr  # (DeepSpeed's warning on a machine without a GPU)
+    for noise in ("Setting accelerator to CPU",  # DeepSpeed's on a machine without a GPU
+                  "all_gather_into_tensor` is deprecated",  # torch's, about DeepSpeed's ZeRO code
+                  "returned a view tensor"):  # FSDP2's, about transformers' Janus aligner (see JanusPolicy._image_embeds)
+        assert noise not in two.stdout + two.stderr, noise
     a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert len(a) == len(b) == 2
     if variant.endswith("kl"):  # the reference really differs from the policy after the first update
