@@ -407,6 +407,15 @@ def test_zero_partitions_resumed_by_one_process_name_the_process_count(tmp_path)
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "dist.strategy=deepspeed"))
 
 
+def test_a_sharding_strategy_in_one_process_says_it_trains_plain_adamw(tmp_path, capsys):
+    for strategy in ("deepspeed", "fsdp2"):
+        GRPOTrainer(cfg_for("janus", tmp_path / strategy, f"dist.strategy={strategy}", "logging.console=true")).close()
+        assert (f"note: dist.strategy={strategy} with one process trains with plain AdamW on whole weights"
+                in capsys.readouterr().out)
+    GRPOTrainer(cfg_for("janus", tmp_path / "ddp", "logging.console=true")).close()
+    assert "note: dist.strategy" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("family", ["janus", "sd3"])
 def test_low_precision_trained_weights_are_refused_and_lora_trains(tmp_path, family):
     # bf16 weights under AdamW drop every update below their rounding step (most of them at small lr): full

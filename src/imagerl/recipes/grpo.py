@@ -323,6 +323,10 @@ class GRPOTrainer:
         if self.dist.enabled and training:  # (so a launcher that silently starts one process is noticed)
             engine = "fsdp2" if self.fsdp else "deepspeed" if self.zero is not None else "ddp"
             self.logger.print(f"{self.dist.world} processes: dist.strategy={engine}, {torch.distributed.get_backend()}")
+        elif training and cfg.dist.strategy in ("fsdp2", "deepspeed"):
+            # (its checkpoints hold a plain AdamW state, which a later multi-process DeepSpeed run cannot resume)
+            self.logger.print(f"note: dist.strategy={cfg.dist.strategy} with one process trains with plain AdamW on whole "
+                              "weights (nothing to shard); launch with torchrun for several processes")
         if self.start_step and training:
             self.logger.print(f"resumed from {self.ckpt_dir}/step_{self.start_step:06d}")
             if self.start_step >= cfg.train.steps:
