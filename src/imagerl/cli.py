@@ -200,6 +200,13 @@ def cmd_eval(args: list[str]) -> int:
     # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints
     try:
         metrics, ro, total = trainer.eval_rollout()
+        # the grid shows the first round of every process (each rolled out its share of the round's prompts), so it
+        # is the one a single process draws
+        from . import dist
+
+        images = dist.all_gather_cat(ro.images, trainer.dist)
+        prompts = [p for part in dist.gather_objects(list(ro.prompts), trainer.dist) for p in part]
+        group_ids, total = dist.all_gather_cat(ro.group_ids, trainer.dist), dist.all_gather_cat(total, trainer.dist)
     except _user_errors() as e:  # (a reward server that is down, say: one line, as train prints it)
         raise _fail(e) from None
     finally:
@@ -208,7 +215,7 @@ def cmd_eval(args: list[str]) -> int:
         return 0
     out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
     tag = _weights_tag(cfg, trainer, ck)
-    grid = make_sample_grid(ro.images, ro.prompts, total, ro.group_ids, max_images=min(len(ro), 64),
+    grid = make_sample_grid(images, prompts, total, group_ids, max_images=min(len(images), 64),
                             title=f"eval of {tag} (deterministic sampling)")
     grid.save(out / f"{tag}.png")
     # strict JSON: a mean over no scored sample (every reward abstained) is null, not NaN
@@ -216,7 +223,7 @@ def cmd_eval(args: list[str]) -> int:
                                                 indent=1, allow_nan=False))
     for k, v in metrics.items():
         print(f"{k}: {v:.0f}" if k == "eval/prompts" else f"{k}: {v:.4f}")
-    print(f"samples: {out / f'{tag}.png'} (the first {min(len(ro), 64)} images)\nmetrics: {out / f'{tag}.json'}")
+    print(f"samples: {out / f'{tag}.png'} (the first {min(len(images), 64)} images)\nmetrics: {out / f'{tag}.json'}")
     return 0
 
 

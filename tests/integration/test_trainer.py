@@ -726,6 +726,20 @@ def test_two_processes_equal_one(tmp_path, family, strategy, variant):
                 assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=3e-6 if k.startswith("loss") else 1e-6), k
     if variant == "ema":
         assert "eval/reward/mean" in b[1]
+        # `imagerl eval` under torchrun: the same numbers as one process, and a grid of the whole first round (each
+        # process rolled out half of it; the grid showed rank 0's half before)
+        from PIL import Image
+
+        ev_one = subprocess.run([sys.executable, "-m", "imagerl.cli", "eval", f"run.output_dir={tmp_path}/one"],
+                                capture_output=True, text=True, env=env)
+        ev_two = subprocess.run([*launch, "imagerl.cli", "eval", f"run.output_dir={tmp_path}/two", f"dist.strategy={strategy}"],
+                                capture_output=True, text=True, env=env)
+        assert ev_one.returncode == 0 and ev_two.returncode == 0, ev_two.stderr[-2000:]
+        ja, jb = (json.loads((tmp_path / r / "eval/step_000002.json").read_text()) for r in ("one", "two"))
+        assert ja.keys() == jb.keys() and all(ja[k] == pytest.approx(jb[k], abs=1e-5) for k in ja if k != "checkpoint")
+        assert "(the first 8 images)" in ev_one.stdout and "(the first 8 images)" in ev_two.stdout, ev_two.stdout
+        sizes = [Image.open(tmp_path / r / "eval/step_000002.png").size for r in ("one", "two")]
+        assert sizes[0] == sizes[1], sizes
     from safetensors.torch import load_file
 
     wa = load_file(tmp_path / "one/checkpoints/step_000002/trainable.safetensors")
