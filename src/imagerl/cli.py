@@ -41,6 +41,14 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
+def _another_rank_says_it() -> bool:
+    """Under torchrun every process parses the same arguments and reads the same files, so a config, data or
+    registry error is the same on each rank of a node: local rank 0 says it, the others exit with status 1 quietly
+    (8 copies of one line on an 8-GPU node otherwise). Per node, not per job: a file missing on one node only is
+    still reported by that node."""
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) != 0
+
+
 def _load(args: list[str]):
     from .config import ConfigError, load_config
 
@@ -48,7 +56,7 @@ def _load(args: list[str]):
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        raise SystemExit(f"imagerl: config error: {e}") from None
+        raise SystemExit(1 if _another_rank_says_it() else f"imagerl: config error: {e}") from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -80,6 +88,8 @@ def _fail(e: BaseException, what: str = "imagerl") -> SystemExit:
         traceback.print_exception(e)
     ours = isinstance(e, (TrainingError, RewardError, RegistryError, ConfigError, DataError, CheckpointError, RunDirInUse))
     hint = "" if ours or debug else " (IMAGERL_DEBUG=1 prints the traceback)"
+    if isinstance(e, (ConfigError, DataError, RegistryError)) and _another_rank_says_it() and not debug:
+        return SystemExit(1)
     return SystemExit(f"{what}: {type(e).__name__}: {e}{hint}")
 
 

@@ -189,6 +189,14 @@ def test_prompts_not_divisible_by_processes_fail_at_start(tmp_path):
     assert p.returncode != 0
     assert "data.prompts_per_step=3 must be divisible by the number of processes (2)" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "config.yaml").exists()
+    # a config or data error is the same on every rank: said once per node (by local rank 0), not once per process
+    for bad, said in (("train.stepz=3", "imagerl: config error: unknown config key 'train.stepz'"),
+                      (f"data.datasets.0.path={tmp_path}/none.txt", "imagerl: DataError: data.datasets[0].path")):
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29589",
+                            "-m", "imagerl.cli", "train", *FAMILY_OVERRIDES["janus"], *COMMON, bad,
+                            f"run.output_dir={tmp_path}"], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode != 0 and p.stderr.count(said) == 1, p.stderr[-2000:]
 
 
 def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
