@@ -192,6 +192,17 @@ def test_server_keeps_clients_and_groups_apart():
                                    atol=1e-5, rtol=0)
         assert mixed[1]["scores"]["fragile"] == [None, None] and "boom" in mixed[1]["details"]["fragile"]["error"]
         assert "error" not in mixed[0]["details"]["fragile"]
+        # the trainer's client: a scorer that raised on the server counts as failed, with the server's error (it
+        # read only the scores before: silent abstains, failed_samples 0)
+        bad = color_batch(2, seed=7)
+        bad.metadata = [{}, {"boom": True}]
+        remote = RemoteReward(name="fragile", url=th.url, rewards=["fragile"])
+        try:
+            out = remote(bad)
+        finally:
+            remote.close()
+        assert torch.isnan(out.scores).all() and out.details["failed_samples"] == 2
+        assert out.details["last_error"] == "reward 'fragile' failed on the server: ValueError: boom"
     finally:
         th.stop()
         srv.close()

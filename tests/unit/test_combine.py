@@ -132,6 +132,17 @@ def test_weighted_sum_reward_from_nested_specs():
     assert close(strict(batch([{"a": 1, "b": 2}, {"b": 2}])).scores, [3.0, NAN])
 
 
+@pytest.mark.parametrize("remote", [False, True])
+def test_a_child_with_an_infinite_score_stops_the_combination(remote):
+    # (torch.nan_to_num in the weighted sum would have made it float32's max: reward/mean 8.5e37 in a run)
+    from imagerl.rewards.base import BadScoresError
+
+    for kind in ("weighted_sum", "max_deviation"):
+        r = build_reward({"type": kind, "name": "mix", "args": {"children": [child("a", remote=remote), child("b")]}})
+        with pytest.raises(BadScoresError, match=r"^reward '(mix.)?a' returned an infinite score"):
+            asyncio.run(r.score_async(batch([{"a": math.inf, "b": 1.0}, {"a": 1.0, "b": 2.0}], [0, 0])))
+
+
 def test_gated_and_product_rewards():
     g = build_reward({"type": "gated", "args": {"gate": child("ocr"), "value": child("aesthetic"), "threshold": 0.8}})
     out = g(batch([{"ocr": 0.9, "aesthetic": 6.0}, {"ocr": 0.1, "aesthetic": 9.0}, {"aesthetic": 9.0}]))

@@ -121,6 +121,16 @@ def test_score_count_is_checked_also_for_async_rewards():
     rs.rewards, rs.names = [Short("short")], ["short"]
     with pytest.raises(RuntimeError, match=r"reward 'short' returned scores of shape \(3,\) for 4 samples"):
         rs.score(inp(torch.rand(4, 3, 4, 4), list("abcd")))
+    # a plain (sync) reward too: the same RewardError (one line from the CLI, not a traceback through the thread pool)
+    from imagerl.rewards.base import BadScoresError
+
+    class ShortSync(Reward):
+        def score(self, inp):
+            return RewardOutput(scores=torch.zeros(len(inp) - 1))
+
+    with pytest.raises(BadScoresError, match=r"^reward 'short' returned scores of shape \(3,\) for 4 samples \(one score "
+                                             r"per sample, NaN to abstain\)$"):
+        ShortSync("short")(inp(torch.rand(4, 3, 4, 4), list("abcd")))
 
 
 def test_infinite_score_is_an_error():

@@ -39,10 +39,7 @@ class Reward:
         raise NotImplementedError
 
     def __call__(self, inp: RewardInput) -> RewardOutput:
-        out = self.score(inp)
-        if out.scores.shape[0] != len(inp):
-            raise RuntimeError(f"reward '{self.name}' returned {out.scores.shape[0]} scores for {len(inp)} samples")
-        return out
+        return check_scores(self.name, self.score(inp), len(inp))
 
     async def score_async(self, inp: RewardInput) -> RewardOutput:
         """Default: run the blocking scorer in a worker thread so other work proceeds."""
@@ -68,18 +65,18 @@ class RewardError(RuntimeError):
     """A reward cannot work as configured (server down, wrong key, scorer bug): stop with the fix."""
 
 
-class NaNRewardError(RewardError):
-    pass
+class BadScoresError(RewardError):
+    """A scorer returned another number of scores than samples, or an infinite score: a bug in the scorer."""
 
 
 def check_scores(name: str, out: RewardOutput, n: int) -> RewardOutput:
     """A score count other than the sample count, or an infinite score, is a bug in the scorer, not an abstain:
     fail loudly, naming the reward (also for rewards that override score_async and so bypass __call__)."""
     if tuple(out.scores.shape) != (n,):
-        raise RuntimeError(f"reward '{name}' returned scores of shape {tuple(out.scores.shape)} for {n} samples "
-                           f"(one score per sample, NaN to abstain)")
+        raise BadScoresError(f"reward '{name}' returned scores of shape {tuple(out.scores.shape)} for {n} samples "
+                             f"(one score per sample, NaN to abstain)")
     if torch.isinf(out.scores).any():
-        raise NaNRewardError(
+        raise BadScoresError(
             f"reward '{name}' returned an infinite score; fix the scorer (NaN is allowed and means 'abstain')"
         )
     return out

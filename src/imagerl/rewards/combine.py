@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..types import RewardInput, RewardOutput
-from .base import Reward, build_reward, run_sync
+from .base import Reward, build_reward, check_scores, run_sync
 
 # --------------------------------------------------------------------------------------------------
 # Pure combination rules: scores_NK [N, K] float (NaN = abstain) in, [N] out
@@ -164,6 +164,8 @@ class _Combination(Reward):
         return self._combine(group_ids, torch.stack(cols, 1))[0]
 
     def _finish(self, inp: RewardInput, outs: list[RewardOutput]) -> RewardOutput:
+        for c, o in zip(self.children, outs):  # (score_async bypasses __call__'s check; inf would become float max)
+            check_scores(f"{self.name}.{c.name}", o, len(inp))
         scores_NK = torch.stack([o.scores for o in outs], 1) if outs else torch.zeros(len(inp), 0)
         combined_N, extra = self._combine(inp.group_ids, scores_NK)
         details: dict[str, Any] = dict(extra)
@@ -180,10 +182,7 @@ class _Combination(Reward):
 
     async def score_async(self, inp: RewardInput) -> RewardOutput:
         outs = await asyncio.gather(*(c.score_async(inp) for c in self.children))
-        out = self._finish(inp, list(outs))
-        if out.scores.shape[0] != len(inp):
-            raise RuntimeError(f"reward '{self.name}' returned {out.scores.shape[0]} scores for {len(inp)} samples")
-        return out
+        return check_scores(self.name, self._finish(inp, list(outs)), len(inp))
 
     def close(self) -> None:
         for c in self.children:

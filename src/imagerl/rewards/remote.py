@@ -204,6 +204,13 @@ class RemoteReward(Reward):
                 continue
             for nm in names:
                 comp[nm][lo:hi] = torch.tensor([math.nan if v is None else float(v) for v in res["scores"][nm]])
+                # a scorer that raised on the server: its samples abstain there (the server stays up for its other
+                # clients), and here they count as failed, with the server's error, like a failed request's
+                d = (res.get("details") or {}).get(nm)
+                if isinstance(d, dict) and d.get("error"):
+                    failed_samples += int(d.get("failed_samples") or hi - lo)
+                    failed_requests += 1
+                    last_error = f"reward '{nm}' failed on the server: {d['error']}"
         scores = self._combined(names, [comp[nm] for nm in names], group_ids) if names else torch.full((n,), math.nan)
         details: dict[str, Any] = {
             "failed_samples": failed_samples,
