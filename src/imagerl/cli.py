@@ -315,7 +315,7 @@ def cmd_sample(args: list[str]) -> int:
                 table = trainer.scorer.score(RewardInput.from_rollout(ro))
             except RewardError as e:
                 raise SystemExit(f"imagerl sample: scoring failed ({e}); fix the reward or pass --no-score") from None
-            scores, names, total = table.scores, table.names, table.weighted_total(cfg.scoring.fallback)
+            scores, names, total = table.scores, table.names, _per_prompt_totals(table, cfg.scoring.fallback)
         for i in range(len(ro)):
             p_idx, j = start + i // n, i % n
             name = f"{p_idx:04d}_{j}.png"
@@ -338,6 +338,27 @@ def cmd_sample(args: list[str]) -> int:
     print(f"{len(lines)} images ({len(rows)} prompt{'s' if len(rows) != 1 else ''} x {n}) from {tag} in {out}/ "
           "(samples.jsonl, grid_*.png)")
     return 0
+
+
+def _per_prompt_totals(table, fallback: float | None) -> torch.Tensor:
+    """Each image's weighted total reward for `imagerl sample`, from its own prompt's images only (the training rule
+    imputes a reward that said nothing about a whole prompt with the batch's mean, which here would make an image's
+    number depend on the other prompts on the command line): a reward that abstained on an image counts as its mean
+    over the prompt's images it scored; where it scored none of them, the total is null."""
+    import torch
+
+    from .algorithms.advantages import combined_reward
+
+    s = table.scores if fallback is None else torch.nan_to_num(table.scores, nan=fallback)
+    out = torch.full((s.shape[0],), float("nan"))
+    gids = table.group_ids if table.group_ids is not None else torch.zeros(s.shape[0], dtype=torch.long)
+    for g in torch.unique(gids):
+        rows = (gids == g).nonzero().reshape(-1)
+        sub = s[rows]
+        if torch.isnan(sub).all(0).any():
+            continue  # (a reward with no score for this prompt: the total is unknown)
+        out[rows] = combined_reward(sub, table.weights[rows], None)
+    return out
 
 
 def _num(x) -> float | None:

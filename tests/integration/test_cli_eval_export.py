@@ -151,3 +151,28 @@ def test_export_and_sample_do_not_need_the_training_prompts(tmp_path, monkeypatc
     assert main(["sample", f"run.output_dir={run}", "--prompt", "x", "--n", "1", "--no-score", "--out", str(tmp_path / "s")]) == 0
     with pytest.raises(SystemExit, match=r"data.datasets\[0\].path: prompt file 'p.txt' does not exist"):
         main(["eval", f"run.output_dir={run}"])  # (eval without an eval set does read them)
+
+
+def test_sample_totals_use_each_prompts_own_images():
+    """`imagerl sample`'s per-image total: an abstain counts as the reward's mean over the same prompt's images, never
+    the other prompts' (before, one image's total changed with the other prompts on the command line); a reward that
+    scored none of a prompt's images leaves its totals null."""
+    import math
+
+    import torch
+
+    from imagerl.cli import _per_prompt_totals
+    from imagerl.rewards.base import ScoreTable
+
+    nan = math.nan
+
+    def totals(b_scores):
+        scores = torch.tensor([[0.5, 0.2], [0.7, nan], [0.1, nan], [0.3, nan]] if b_scores is None else
+                              [[0.5, 0.2], [0.7, nan], *b_scores])
+        w = torch.tensor([1.0, 2.0]).expand(4, 2)
+        return _per_prompt_totals(ScoreTable(["a", "b"], scores, w, {}, torch.tensor([0, 0, 1, 1])), None)
+
+    t = totals(None)
+    assert t[:2].tolist() == pytest.approx([0.5 + 0.4, 0.7 + 0.4])  # b's abstain: its mean over prompt 0's images
+    assert torch.isnan(t[2:]).all()  # b scored none of prompt 1's images
+    assert totals([[0.1, 0.9], [0.3, 0.8]])[:2].tolist() == pytest.approx(t[:2].tolist())  # prompt 1 changes nothing
