@@ -68,14 +68,14 @@ class Registry(Generic[T]):
         hint = did_you_mean(name, self.names())
         raise RegistryError(
             f"{field}: unknown {self.kind} '{name}'.{hint} Valid names: {', '.join(self.names())}; "
-            f"or give your own as 'package.module:ClassName'."
+            f"or give your own as 'package.module:Name'."
         )
 
 
 def _import_user_module(name: str) -> Any:
     """importlib.import_module, also looking in the working directory. `python -m` puts it on sys.path, but
-    console scripts (`imagerl train ...`) do not, and a user's own module (mypkg/rewards.py next to the config)
-    is expected to import from where they run the command. It goes last on sys.path, so it shadows nothing; only
+    console scripts (`imagerl train ...`) do not, and a user's own module (mypkg/rewards.py under the directory the
+    command runs from) is expected to import from there. It goes last on sys.path, so it shadows nothing; only
     a missing top-level module is retried (a dependency missing inside the user's module stays that error)."""
     try:
         return importlib.import_module(name)
@@ -92,6 +92,11 @@ def import_object(path: str, field: str = "") -> Any:
     try:
         mod = _import_user_module(mod_name)
     except ImportError as e:
+        missing = getattr(e, "name", None)
+        if isinstance(e, ModuleNotFoundError) and missing and not (mod_name == missing or mod_name.startswith(missing + ".")):
+            # the user's module was found; something it imports was not
+            raise RegistryError(f"{field}: module '{mod_name}' (from '{path}') imports '{missing}', which is not "
+                                f"installed: pip install it (or fix that import)") from e
         raise RegistryError(f"{field}: cannot import module '{mod_name}' named in '{path}': {e} (it must be "
                             f"installed, on PYTHONPATH, or under the working directory {os.getcwd()})") from e
     obj: Any = mod

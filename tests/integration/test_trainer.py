@@ -238,6 +238,10 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path):
     ("algorithm.advantage=group_zscor", r"^algorithm.advantage: unknown advantage estimator 'group_zscor'\. "
                                         r"Did you mean 'group_zscore'\?"),
     ("model.family=januss", r"^model.family: unknown policy 'januss'\. Did you mean 'janus'\?"),
+    # a class of the user's that is no policy (a reward, say): one line at start, not an AttributeError later
+    ("model.family=imagerl.rewards.rule:BrightnessReward", r"^model.family=imagerl.rewards.rule:BrightnessReward: "
+                                                           r"'BrightnessReward' is not a policy: .* must subclass "
+                                                           r"imagerl.policies.base.Policy"),
     ("run.device=gpu", r"^run.device='gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_bad_names_fail_before_anything_runs_or_is_written(tmp_path, override, match):

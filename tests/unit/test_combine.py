@@ -206,9 +206,12 @@ def test_own_reward_module_imports_from_the_working_directory(tmp_path, monkeypa
     r = build_reward({"type": "my_cwd_reward_mod:Half"})
     assert close(r(batch([{}, {}])).scores, [0.5, 0.5])
     assert sys.path[-1] == str(tmp_path)  # appended: it shadows nothing installed
-    with pytest.raises(ValueError, match=r"rewards\[0\].type: cannot import module 'my_cwd_broken_mod'.*"
-                                         r"No module named 'no_such_dependency_xyz'"):
+    with pytest.raises(ValueError, match=r"^rewards\[0\].type: module 'my_cwd_broken_mod' \(from 'my_cwd_broken_mod:X'\) "
+                                         r"imports 'no_such_dependency_xyz', which is not installed: pip install it"):
         build_reward({"type": "my_cwd_broken_mod:X"})
+    with pytest.raises(ValueError, match=r"^rewards\[0\].type: cannot import module 'no_such_user_mod_xyz' named in .*"
+                                         r"\(it must be installed, on PYTHONPATH, or under the working directory"):
+        build_reward({"type": "no_such_user_mod_xyz:X"})
 
 
 def test_chunked_tables_concatenate_per_sample_details_and_rescore_over_the_batch():

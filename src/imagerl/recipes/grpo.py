@@ -50,7 +50,7 @@ from ..devices import resolve_device
 from ..ema import WeightEMA
 from ..policies import POLICIES
 from ..policies.base import Policy
-from ..registry import ADVANTAGES, did_you_mean
+from ..registry import ADVANTAGES, RegistryError, did_you_mean
 from ..rewards import REWARDS  # noqa: F401  (registers reward names)
 from ..rewards.base import RewardSet, ScoreTable, unique_names
 from ..rewards.runner import ChunkScorer, ScoringRunner
@@ -209,6 +209,10 @@ class GRPOTrainer:
         # algorithm.advantage would otherwise surface after the first rollout (minutes into a GPU run).
         ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
         policy_cls = POLICIES.get(cfg.model.family, field="model.family")
+        if not (isinstance(policy_cls, type) and issubclass(policy_cls, Policy)):
+            raise RegistryError(f"model.family={cfg.model.family}: {getattr(policy_cls, '__name__', policy_cls)!r} is not a "
+                                "policy: a model.family of your own must subclass imagerl.policies.base.Policy (or a "
+                                "family's class, e.g. imagerl.policies.ar.janus:JanusPolicy)")
         policy_cls.resolve_config(cfg)
         self.dist = dist.init(cfg.dist.backend, self.device)
         if self.dist.enabled and self.device.type == "cuda" and self.device.index not in (None, self.dist.local_rank):
@@ -381,7 +385,7 @@ class GRPOTrainer:
                     if key not in names:
                         raise TrainingError(f"{section}[{i}].reward_weights: no reward is named '{key}'."
                                             f"{did_you_mean(key, names)} "
-                                            f"The rewards are: {', '.join(names)} (rewards[].name, else the type)")
+                                            f"The rewards are: {', '.join(names)} (rewards[].name, else the type, or its class name for a package.module:Class type)")
         dataset_weights = [w for d in self.cfg.data.datasets for w in d.reward_weights.values()]
         if not any(self.rewards.weights) and not any(dataset_weights):
             raise TrainingError("every reward has weight 0 (rewards[].weight): the total reward is constant, so every "
