@@ -223,9 +223,9 @@ def lock_run_dir(out: Path) -> str:
     return key
 
 
-def is_run_dir_locked_here(key: str) -> bool:
-    """Whether this process still holds the lock `key` (another trainer on the same directory, say)."""
-    return key in _HELD
+def run_dir_lock_holders(key: str) -> int:
+    """How many trainers of this process hold the lock `key` (0 once released)."""
+    return _HELD[key][1] if key in _HELD else 0
 
 
 def unlock_run_dir(key: str) -> None:

@@ -11,7 +11,10 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:  # (torch is imported where a command needs it: `imagerl --help` stays fast)
+    import torch
 
 _command = ""  # the running subcommand, for messages
 
@@ -43,10 +46,14 @@ def _split(args: list[str]) -> tuple[str | None, list[str]]:
 
 def _another_rank_says_it() -> bool:
     """Under torchrun every process parses the same arguments and reads the same files, so a config, data or
-    registry error is the same on each rank of a node: local rank 0 says it, the others exit with status 1 quietly
-    (8 copies of one line on an 8-GPU node otherwise). Per node, not per job: a file missing on one node only is
-    still reported by that node."""
-    return int(os.environ.get("LOCAL_RANK", "0") or 0) != 0
+    registry error at start is the same on each rank of a node: local rank 0 says it, the other local ranks exit
+    with status 1 quietly (8 copies of one line on an 8-GPU node otherwise). Per node, not per job: a file missing
+    on one node only is still reported by that node. Errors raised while training (a rank's own share of the data)
+    are printed by every rank (see `_fail`)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1) > 1 and int(os.environ.get("LOCAL_RANK") or 0) != 0
+    except ValueError:
+        return False
 
 
 def _load(args: list[str]):
@@ -71,9 +78,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (TrainingError, RewardError, RegistryError, ValueError, OSError)
 
 
-def _fail(e: BaseException, what: str = "imagerl") -> SystemExit:
+def _fail(e: BaseException, what: str = "imagerl", at_start: bool = False) -> SystemExit:
     """The one line a user error ends with. Builtin ValueError / OSError / KeyError may also come from a bug (in a
-    custom reward, say): those lines say how to get the traceback, which IMAGERL_DEBUG=1 prints above the line."""
+    custom reward, say): those lines say how to get the traceback, which IMAGERL_DEBUG=1 prints above the line.
+    `at_start`: raised while setting up, where config, data and registry errors are the same on every rank."""
     from .checkpoint import CheckpointError, RunDirInUse
     from .config import ConfigError
     from .data.prompts import DataError
@@ -88,7 +96,7 @@ def _fail(e: BaseException, what: str = "imagerl") -> SystemExit:
         traceback.print_exception(e)
     ours = isinstance(e, (TrainingError, RewardError, RegistryError, ConfigError, DataError, CheckpointError, RunDirInUse))
     hint = "" if ours or debug else " (IMAGERL_DEBUG=1 prints the traceback)"
-    if isinstance(e, (ConfigError, DataError, RegistryError)) and _another_rank_says_it() and not debug:
+    if at_start and isinstance(e, (ConfigError, DataError, RegistryError)) and _another_rank_says_it() and not debug:
         return SystemExit(1)
     return SystemExit(f"{what}: {type(e).__name__}: {e}{hint}")
 
@@ -106,13 +114,15 @@ def cmd_train(args: list[str]) -> int:
     cfg = _load(args)
     import signal
 
-    from .recipes.grpo import train
+    from .recipes.grpo import GRPOTrainer
 
     signal.signal(signal.SIGTERM, _on_sigterm)  # (every rank: torchrun passes SIGTERM on to its workers)
+    trainer = None
     try:
-        result = train(cfg)
+        trainer = GRPOTrainer(cfg)
+        result = trainer.train()  # (closes the trainer, and with it the process group, however it ends)
     except _user_errors() as e:
-        raise _fail(e) from None
+        raise _fail(e, at_start=trainer is None) from None
     except KeyboardInterrupt as e:
         # Ctrl-C, SIGTERM (or torchrun passing them on): say what is kept and how to go on, not a traceback
         from .checkpoint import latest_checkpoint
@@ -131,7 +141,8 @@ def cmd_train(args: list[str]) -> int:
         for k in ("metrics", "reward_curve", "samples"):
             if k in paths and os.path.exists(paths[k]):  # (no samples/ with logging.sample_every=0)
                 print(f"  {k:13s} {paths[k]}")
-        print(f"  {'checkpoints':13s} {out}/checkpoints")
+        if os.path.isdir(f"{out}/checkpoints"):  # (none with checkpoint.every=0 and save_final=false)
+            print(f"  {'checkpoints':13s} {out}/checkpoints")
         print(f"  {'config':13s} {out}/config.yaml")
     return 0
 
@@ -214,9 +225,17 @@ def cmd_eval(args: list[str]) -> int:
         # is the one a single process draws
         from . import dist
 
-        images = dist.all_gather_cat(ro.images, trainer.dist)
-        prompts = [p for part in dist.gather_objects(list(ro.prompts), trainer.dist) for p in part]
-        group_ids, total = dist.all_gather_cat(ro.group_ids, trainer.dist), dist.all_gather_cat(total, trainer.dist)
+        # (only the images the grid shows, the round's first 64, in rank order, as uint8: a rank's share of a
+        # large round would otherwise be copied to every process)
+        import torch
+
+        keep = max(0, min(len(ro), 64 - trainer.dist.rank * len(ro)))
+        mine = ((ro.images[:keep].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu(), list(ro.prompts[:keep]),
+                ro.group_ids[:keep].cpu(), total[:keep].cpu())
+        parts = dist.gather_objects(mine, trainer.dist)
+        images = torch.cat([p[0] for p in parts]).float() / 255
+        prompts = [x for p in parts for x in p[1]]
+        group_ids, total = torch.cat([p[2] for p in parts]), torch.cat([p[3] for p in parts])
     except _user_errors() as e:  # (a reward server that is down, say: one line, as train prints it)
         raise _fail(e) from None
     finally:

@@ -303,9 +303,10 @@ def _read_file(path: Path) -> Any:
         except RuntimeError as e:
             # jsonnet's message is a stack trace; its first line says what failed, and the frame in the user's file
             # (not std.jsonnet's internals) says where
-            lines = [ln.strip() for ln in str(e).strip().splitlines()]
-            where = next((ln.split("\t")[0] for ln in lines[1:] if not ln.startswith("std.jsonnet")), "")
-            first = lines[0] if lines else str(e)
+            raw = str(e).strip().splitlines()
+            frames = [ln.strip().split("\t")[0] for ln in raw[1:] if ln.startswith("\t")]  # (a stack frame: tab first)
+            where = next((f for f in frames if f and not f.startswith("std.jsonnet")), "")
+            first = raw[0] if raw else str(e)
             fix = ""
             m = re.search(r"undefined external variable: (\w+)", first)
             if m:

@@ -115,6 +115,10 @@ def check_backends(cfg: "Config") -> None:
         wandb = _require("wandb", "logging.wandb", "wandb")
         if lc.wandb_mode == "online":
             what = f"logging.wandb=true with logging.wandb_mode={lc.wandb_mode}: W&B"
+            import inspect
+
+            if "prompt" not in inspect.signature(wandb.login).parameters:
+                return  # (a W&B before 0.31 may prompt where it cannot; its own start, after the load, decides)
             interactive = sys.stdin.isatty() and sys.stdout.isatty()
             if not _start(what, _WANDB_FIX, wandb.login, verify=False, prompt=interactive):
                 raise BackendStartError(f"{what} has no login (no WANDB_API_KEY, no saved `wandb login`); {_WANDB_FIX}")

@@ -176,3 +176,21 @@ def test_sample_totals_use_each_prompts_own_images():
     assert t[:2].tolist() == pytest.approx([0.5 + 0.4, 0.7 + 0.4])  # b's abstain: its mean over prompt 0's images
     assert torch.isnan(t[2:]).all()  # b scored none of prompt 1's images
     assert totals([[0.1, 0.9], [0.3, 0.8]])[:2].tolist() == pytest.approx(t[:2].tolist())  # prompt 1 changes nothing
+
+
+def test_a_start_error_is_said_once_per_node_and_a_training_error_by_every_rank(monkeypatch):
+    from imagerl.cli import _fail
+    from imagerl.config import ConfigError
+    from imagerl.data.prompts import DataError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _fail(ConfigError("bad key"), at_start=True).code == 1  # local rank 0 says it
+    # raised while training (a rank's own share of the SFT images, say): this rank may be the only one that sees it
+    assert _fail(DataError("corrupt image"), at_start=False).code == "imagerl: DataError: corrupt image"
+    for env in ({"LOCAL_RANK": "0"}, {"WORLD_SIZE": "1"}, {"LOCAL_RANK": "x"}):  # (a leftover or odd LOCAL_RANK)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert _fail(ConfigError("bad key"), at_start=True).code == "imagerl: ConfigError: bad key"
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("LOCAL_RANK", "1")

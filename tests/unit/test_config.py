@@ -75,6 +75,10 @@ def test_jsonnet_with_env_ext_vars(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"c.jsonnet: jsonnet evaluation failed: RUNTIME ERROR: undefined external "
                                           r"variable: STEPS at .*c.jsonnet:1:\d+-\d+; set the environment variable STEPS"):
         load_config(p)
+    # a user's own multi-line `error`: its first line, and the place is a stack frame, not the message's second line
+    q = write(tmp_path, "e.jsonnet", '{ train: { steps: error "bad steps\\nuse an int" } }')
+    with pytest.raises(ConfigError, match=r"e.jsonnet: jsonnet evaluation failed: RUNTIME ERROR: bad steps at .*e.jsonnet:1"):
+        load_config(q)
 
 
 def test_base_recipes_chain_and_lists_replace(tmp_path):

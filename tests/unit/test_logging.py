@@ -518,7 +518,13 @@ def test_check_backends_refuses_an_online_backend_without_a_login(tmp_path, key,
         check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
     check_backends(make_cfg(**{key: True}))  # offline
     monkeypatch.setenv(f"{key.upper()}_API_KEY", "x" * 40)
-    check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
+    try:
+        check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
+    finally:
+        if package == "wandb":  # (wandb.login keeps the key for the rest of the process: later tests must not see it)
+            import wandb
+
+            wandb.teardown()
 
 
 def test_narrow_grid_widens_to_show_its_title():

@@ -33,7 +33,7 @@ from ..algorithms.losses import clipped_surrogate, unit_weights
 from ..checkpoint import (
     LOCK_FILE,
     RunDirInUse,
-    is_run_dir_locked_here,
+    run_dir_lock_holders,
     latest_checkpoint,
     load_checkpoint,
     lock_run_dir,
@@ -195,13 +195,18 @@ class GRPOTrainer:
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.close()
-        unlock_run_dir(self._run_lock)
-        d = self._made_dir
-        if d is not None and self._run_lock and not is_run_dir_locked_here(self._run_lock):
+        # (the lock file goes while this process still holds the lock: a second `imagerl train` that takes the lock
+        # right after the release must not lose its lock file and folder; rmdir fails harmlessly if it wrote there)
+        d, emptied = self._made_dir, False
+        if d is not None and self._run_lock and run_dir_lock_holders(self._run_lock) == 1:
             with contextlib.suppress(OSError):
                 if [p.name for p in d.iterdir()] == [LOCK_FILE]:
                     (d / LOCK_FILE).unlink()
-                    d.rmdir()
+                    emptied = True
+        unlock_run_dir(self._run_lock)
+        if emptied:
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
     def _setup(self, cfg: Config, training: bool) -> None:
         self.device = resolve_device(cfg.run.device)

@@ -388,13 +388,17 @@ class JanusPolicy(Policy):
         for u in units:
             fully_shard(u, mesh=mesh, reshard_after_forward=True)
         sum_sharded_gradients(self.model)
-        # The generation head's and aligner's Linear units return views of their matmul outputs ([N, T, V] from
-        # [N*T, V]), and FSDP2 warns on every training forward that an in-place op on such a view would skip its
-        # pre-backward hook. This policy never modifies them in place (the two-process tests compare gradients
-        # and weights against one process), so that warning is silenced for these units' classes only.
-        names = "|".join(sorted({type(u).__name__ for u in units}))
-        warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \(({names})\) returned a view tensor",
-                                category=UserWarning)
+        # Full fine-tuning: the generation head's Linear units and the aligner return views of their matmul outputs
+        # ([N, T, V] from [N*T, V]), and FSDP2 warns on every training forward that an in-place op on such a view
+        # would skip its pre-backward hook. This policy never modifies them in place (the two-process tests compare
+        # gradients and weights against one process), so that warning is silenced for those units' classes (not the
+        # decoder layers'). (A process-wide filter: FSDP2 emits it from a hook, outside any call of ours.)
+        if not self.uses_lora():
+            jm = self.model.model
+            heads = [jm.generation_aligner, jm.generation_head.proj_out, jm.generation_head.vision_head]
+            names = "|".join(sorted({type(u).__name__ for u in heads}))
+            warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \(({names})\) returned a view tensor",
+                                    category=UserWarning)
         # FSDP2 picks the root of a unit tree at the first forward, and the policy's first call into the
         # language model's tree is the token embedding (a child unit), which would then claim the root.
         # Initialise the real root now (no public API for this as of torch 2.13).
@@ -686,7 +690,7 @@ def load_janus(path: str, revision: str = "", trust_remote_code: bool = False, d
     except (OSError, ValueError, KeyError) as e:
         hint = not_downloaded_hint(path, e)
         if hint:
-            raise ValueError(f"model.path='{path}': {hint}({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            raise ValueError(f"model.path='{path}': {hint}({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
         raise ValueError(
             f"model.path='{path}': cannot load a transformers Janus checkpoint ({type(e).__name__}: {e}). "
             "Use a transformers-format checkpoint, e.g. deepseek-community/Janus-Pro-7B or "

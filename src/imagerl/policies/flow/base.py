@@ -112,7 +112,7 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: st
     except (OSError, ValueError) as e:
         hint = not_downloaded_hint(path, e)
         if hint:
-            raise OSError(f"model.path='{path}': {hint}({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            raise OSError(f"model.path='{path}': {hint}({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
         raise OSError(
             f"model.path='{path}': could not load a {pipeline_cls.__name__} ({e}). Give a local diffusers directory "
             f"({layout or 'model_index.json and one folder per component'}) or a hub id such as {example} "
