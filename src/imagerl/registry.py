@@ -102,7 +102,8 @@ def import_object(path: str, field: str = "") -> Any:
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise RegistryError(f"{field}: module '{mod_name}' has no attribute '{attr}' (from '{path}')")
+            hint = did_you_mean(part, [n for n in dir(obj) if not n.startswith("_")])
+            raise RegistryError(f"{field}: module '{mod_name}' has no attribute '{attr}' (from '{path}').{hint}")
         obj = getattr(obj, part)
     return obj
 

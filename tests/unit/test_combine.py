@@ -205,6 +205,8 @@ def test_own_reward_module_imports_from_the_working_directory(tmp_path, monkeypa
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     r = build_reward({"type": "my_cwd_reward_mod:Half"})
     assert close(r(batch([{}, {}])).scores, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"module 'my_cwd_reward_mod' has no attribute 'Hlaf' .* Did you mean 'Half'\?$"):
+        build_reward({"type": "my_cwd_reward_mod:Hlaf"})
     assert sys.path[-1] == str(tmp_path)  # appended: it shadows nothing installed
     with pytest.raises(ValueError, match=r"^rewards\[0\].type: module 'my_cwd_broken_mod' \(from 'my_cwd_broken_mod:X'\) "
                                          r"imports 'no_such_dependency_xyz', which is not installed: pip install it"):
