@@ -56,6 +56,15 @@ def _another_rank_says_it() -> bool:
         return False
 
 
+def _quiet_exit() -> SystemExit:
+    """Exit status 1 without a message, a few seconds late: torchrun stops the other processes as soon as one
+    fails, and local rank 0, which fails the same way, must get to print the message first."""
+    import time
+
+    time.sleep(5.0)
+    return SystemExit(1)
+
+
 def _load(args: list[str]):
     from .config import ConfigError, load_config
 
@@ -63,7 +72,7 @@ def _load(args: list[str]):
     try:
         return load_config(config, overrides)
     except ConfigError as e:
-        raise SystemExit(1 if _another_rank_says_it() else f"imagerl: config error: {e}") from None
+        raise (_quiet_exit() if _another_rank_says_it() else SystemExit(f"imagerl: config error: {e}")) from None
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -97,7 +106,7 @@ def _fail(e: BaseException, what: str = "imagerl", at_start: bool = False) -> Sy
     ours = isinstance(e, (TrainingError, RewardError, RegistryError, ConfigError, DataError, CheckpointError, RunDirInUse))
     hint = "" if ours or debug else " (IMAGERL_DEBUG=1 prints the traceback)"
     if at_start and isinstance(e, (ConfigError, DataError, RegistryError)) and _another_rank_says_it() and not debug:
-        return SystemExit(1)
+        return _quiet_exit()
     return SystemExit(f"{what}: {type(e).__name__}: {e}{hint}")
 
 

@@ -185,6 +185,7 @@ def test_a_start_error_is_said_once_per_node_and_a_training_error_by_every_rank(
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr("time.sleep", lambda s: None)  # (the quiet ranks wait for local rank 0 to speak)
     assert _fail(ConfigError("bad key"), at_start=True).code == 1  # local rank 0 says it
     # raised while training (a rank's own share of the SFT images, say): this rank may be the only one that sees it
     assert _fail(DataError("corrupt image"), at_start=False).code == "imagerl: DataError: corrupt image"
