@@ -181,10 +181,14 @@ def test_nested_combinations_and_duplicate_names():
 def test_bad_child_specs_name_the_field():
     with pytest.raises(ValueError, match="children must be a non-empty list"):
         build_reward({"type": "weighted_sum", "args": {"children": []}})
-    with pytest.raises(ValueError, match=r"^rewards\[sum.children\[1\]\].type: unknown reward 'ocrr'.*Did you mean 'ocr'"):
+    with pytest.raises(ValueError, match=r"^rewards\[0\].args.children\[1\].type: unknown reward 'ocrr'.*Did you mean 'ocr'"):
         build_reward({"type": "weighted_sum", "name": "sum", "args": {"children": [child("a"), {"type": "ocrr"}]}})
-    with pytest.raises(ValueError, match=r"^rewards\[sum.children\[0\]\].type: cannot import module 'no_such_pkg'"):
+    with pytest.raises(ValueError, match=r"^rewards\[0\].args.children\[0\].type: cannot import module 'no_such_pkg'"):
         build_reward({"type": "weighted_sum", "name": "sum", "args": {"children": [{"type": "no_such_pkg:Reward"}]}})
+    # nested two deep, at index 2: the path as written in the YAML
+    inner = {"type": "weighted_sum", "args": {"children": [{"type": "brightness", "args": {"targte": "dark"}}]}}
+    with pytest.raises(ValueError, match=r"^rewards\[2\].args.children\[0\].args.children\[0\].args.targte: unknown argument"):
+        build_reward({"type": "weighted_sum", "args": {"children": [inner]}}, 2)
     with pytest.raises(ValueError, match="expected a reward spec"):
         build_reward({"type": "gated", "args": {"gate": "ocr", "value": child("a")}})
     with pytest.raises(ValueError, match="weight must be a number"):

@@ -13,6 +13,7 @@ signature at start so a typo fails with the closest valid name.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import types
 import typing
@@ -82,12 +83,23 @@ def check_scores(name: str, out: RewardOutput, n: int) -> RewardOutput:
     return out
 
 
-def build_reward(spec: Any, index: int | str = 0) -> Reward:
-    """Instantiate one reward from a `RewardSpec`-like object (type, name, weight, args)."""
+# The config path of the reward being built (e.g. rewards[0]), so that a composite's children report theirs as
+# rewards[0].args.children[1] (a path the user can find in the YAML).
+_BUILDING: contextvars.ContextVar[str] = contextvars.ContextVar("imagerl_reward_field", default="")
+
+
+def building_field() -> str:
+    """Inside a reward's constructor called by `build_reward`: its config path ('' elsewhere)."""
+    return _BUILDING.get()
+
+
+def build_reward(spec: Any, index: int | str = 0, field: str = "") -> Reward:
+    """Instantiate one reward from a `RewardSpec`-like object (type, name, weight, args); errors name
+    `field` (default rewards[<index>])."""
     rtype = spec["type"] if isinstance(spec, dict) else spec.type
     args = spec.get("args") if isinstance(spec, dict) else spec.args
     name = (spec.get("name", "") if isinstance(spec, dict) else spec.name) or rtype.split(":")[-1]
-    field = f"rewards[{index}]"
+    field = field or f"rewards[{index}]"
     if args is not None and not isinstance(args, Mapping):
         raise ValueError(f"{field}.args must be a mapping of keyword arguments (e.g. args: {{tolerance: 0.3}}), got {args!r}")
     args = dict(args or {})  # (`args:` with nothing after it is YAML null: no arguments)
@@ -96,10 +108,13 @@ def build_reward(spec: Any, index: int | str = 0) -> Reward:
     except KeyError as e:
         raise ValueError(str(e)) from None
     check_kwargs(cls, args, f"{field}.args")
+    token = _BUILDING.set(field)
     try:
         return cls(name=name, **args)
     except TypeError as e:
         raise ValueError(f"{field} ({rtype}): {e}") from e
+    finally:
+        _BUILDING.reset(token)
 
 
 def check_kwargs(cls: Any, args: dict[str, Any], field: str) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..types import RewardInput, RewardOutput
-from .base import Reward, build_reward, check_scores, run_sync
+from .base import Reward, build_reward, building_field, check_scores, run_sync
 
 # --------------------------------------------------------------------------------------------------
 # Pure combination rules: scores_NK [N, K] float (NaN = abstain) in, [N] out
@@ -134,12 +134,13 @@ class _Combination(Reward):
         super().__init__(name)
         self.children: list[Reward] = []
         self.child_weights: list[float] = []
+        parent = building_field() or f"reward '{self.name}'"  # (e.g. rewards[0], when built from the config)
         for label, spec in specs:
-            where = f"reward '{self.name}' args.{label}"
+            where = f"{parent}.args.{label}"
             if not (isinstance(spec, dict) or hasattr(spec, "type")) or (isinstance(spec, dict) and "type" not in spec):
                 raise ValueError(f"{where}: expected a reward spec like {{type: ocr, weight: 1.0, args: {{}}}}, got {spec!r}")
-            # build_reward names fields "rewards[<index>]": errors read e.g. rewards[total.children[1]].args.x
-            self.children.append(build_reward(spec, index=f"{self.name}.{label}"))
+            # errors read e.g. rewards[0].args.children[1].args.x: the path in the user's YAML
+            self.children.append(build_reward(spec, field=where))
             self.child_weights.append(_spec_weight(spec, where))
         seen: set[str] = set()
         for k, c in enumerate(self.children):  # unique names, so details do not collide
