@@ -22,23 +22,25 @@ from ..config import Config, get_field
 from ..types import LogProbOutput, PromptBatch, Rollout
 
 
-
-def not_downloaded_hint(path: str, err: BaseException) -> str:
-    """For a from_pretrained failure: when `path` was a hub id that is neither cached nor reachable (no internet,
-    or HF_HUB_OFFLINE=1), the fix for that, to put first in the error; "" for any other cause."""
+def not_downloaded_error(path: str, err: BaseException) -> str:
+    """For a from_pretrained failure of model.path: when `path` was a hub id that is neither cached nor reachable
+    (no internet, or HF_HUB_OFFLINE=1), the error saying so with the fix (the cause's first line after it); "" for
+    any other cause, which each family reports in its own words."""
     try:
         from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-    except ImportError:  # (an older huggingface_hub: no hint, the error itself still says why)
+    except ImportError:  # (an older huggingface_hub: the family's own error still says why)
         return ""
     seen, e = set(), err
     while e is not None and id(e) not in seen:
         if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError)):
-            return (f"'{path}' is not in the Hugging Face cache and the hub could not be reached: download it on a "
-                    f"machine with internet first (`hf download {path}`, then HF_HUB_OFFLINE=1 here skips the network "
-                    "retries), or give a local directory. ")
+            first = (str(err).splitlines() or [""])[0]
+            return (f"model.path='{path}': '{path}' is not in the Hugging Face cache and the hub could not be reached: "
+                    f"download it on a machine with internet first (`hf download {path}`, then HF_HUB_OFFLINE=1 here "
+                    f"skips the network retries), or give a local directory. ({type(err).__name__}: {first})")
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return ""
+
 
 class Policy(nn.Module):
     """Base class of every policy adapter. Subclasses register themselves in `registry.POLICIES`."""

@@ -41,7 +41,7 @@ from ...config import Config
 from ...tiny import build_tokenizer
 from ...types import LogProbOutput, PromptBatch, Rollout
 from ...devices import resolve_dtype
-from ..base import Policy, fsdp_units, not_downloaded_hint, sum_sharded_gradients
+from ..base import Policy, fsdp_units, not_downloaded_error, sum_sharded_gradients
 from .sampling import (
     FastLlamaDecoder,
     SamplingParams,
@@ -688,9 +688,8 @@ def load_janus(path: str, revision: str = "", trust_remote_code: bool = False, d
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     except (OSError, ValueError, KeyError) as e:
-        hint = not_downloaded_hint(path, e)
-        if hint:
-            raise ValueError(f"model.path='{path}': {hint}({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
+        if msg := not_downloaded_error(path, e):
+            raise ValueError(msg) from e
         raise ValueError(
             f"model.path='{path}': cannot load a transformers Janus checkpoint ({type(e).__name__}: {e}). "
             "Use a transformers-format checkpoint, e.g. deepseek-community/Janus-Pro-7B or "

@@ -65,7 +65,7 @@ from torch import nn
 from ...config import Config
 from ...registry import did_you_mean
 from ...types import LogProbOutput, PromptBatch, Rollout
-from ..base import Policy, not_downloaded_hint, sum_sharded_gradients
+from ..base import Policy, not_downloaded_error, sum_sharded_gradients
 from . import sde as sde_math
 
 
@@ -110,9 +110,8 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: st
     try:
         return pipeline_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        hint = not_downloaded_hint(path, e)
-        if hint:
-            raise OSError(f"model.path='{path}': {hint}({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
+        if msg := not_downloaded_error(path, e):
+            raise OSError(msg) from e
         raise OSError(
             f"model.path='{path}': could not load a {pipeline_cls.__name__} ({e}). Give a local diffusers directory "
             f"({layout or 'model_index.json and one folder per component'}) or a hub id such as {example} "
