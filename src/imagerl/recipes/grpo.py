@@ -188,13 +188,9 @@ class GRPOTrainer:
             raise
 
     def _abandon_start(self) -> None:
-        """A refused or failed start: stop what the setup started (the scoring thread, reward sessions), release
-        the run directory, and remove it where this start created it and left nothing in it but the lock (a typo
-        in a reward name must not leave an empty run folder behind)."""
-        for part in (getattr(self, "scorer", None), getattr(self, "rewards", None)):
-            if part is not None:
-                with contextlib.suppress(Exception):
-                    part.close()
+        """A refused or failed start: `close` what the setup got to (the scoring thread, reward sessions, the run
+        directory's lock, the process group), and remove the run directory where this start created it and left
+        nothing in it but the lock (a typo in a reward name must not leave an empty run folder behind)."""
         # (the lock file goes while this process still holds the lock: a second `imagerl train` that takes the lock
         # right after the release must not lose its lock file and folder; rmdir fails harmlessly if it wrote there)
         d, emptied = self._made_dir, False
@@ -203,7 +199,8 @@ class GRPOTrainer:
                 if [p.name for p in d.iterdir()] == [LOCK_FILE]:
                     (d / LOCK_FILE).unlink()
                     emptied = True
-        unlock_run_dir(self._run_lock)
+        with contextlib.suppress(Exception):  # (the start's own error is the one to report)
+            self.close()
         if emptied:
             with contextlib.suppress(OSError):
                 d.rmdir()
@@ -869,11 +866,13 @@ class GRPOTrainer:
     def close(self, synced: bool = False) -> None:
         """Stop the scoring thread, release reward servers/sessions and the run directory, and end the process
         group this trainer started (under torchrun; train, eval and sample all end here). `synced`: every rank
-        finished without an error (see dist.shutdown)."""
-        self.scorer.close()
-        self.rewards.close()
+        finished without an error (see dist.shutdown). Also after a failed start, so each part may be missing."""
+        for part in (getattr(self, "scorer", None), getattr(self, "rewards", None)):
+            if part is not None:
+                part.close()
         unlock_run_dir(self._run_lock)
-        dist.shutdown(self.dist, synced=synced)
+        if hasattr(self, "dist"):
+            dist.shutdown(self.dist, synced=synced)
 
 
 def reward_summary(prefix: str, total_N: torch.Tensor, scores_NR: torch.Tensor, names: list[str]) -> dict[str, float]:
