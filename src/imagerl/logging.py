@@ -86,6 +86,11 @@ def _start(what: str, fix: str, init: Any, **kw: Any) -> Any:
         raise BackendStartError(f"{what} could not start ({type(e).__name__}: {first}); {fix}") from None
 
 
+def _backend_what(cfg: "Config", key: str, label: str) -> str:
+    """How a backend's start errors begin: 'logging.wandb=true with logging.wandb_mode=online: W&B'."""
+    return f"logging.{key}=true with logging.{key}_mode={getattr(cfg.logging, key + '_mode')}: {label}"
+
+
 _WANDB_FIX = "log in (`wandb login`, or export WANDB_API_KEY=...) or set logging.wandb_mode=offline"
 _SWANLAB_FIX = "log in (`swanlab login`, or export SWANLAB_API_KEY=...) or set logging.swanlab_mode=offline"
 
@@ -114,7 +119,7 @@ def check_backends(cfg: "Config") -> None:
     if lc.wandb:
         wandb = _require("wandb", "logging.wandb", "wandb")
         if lc.wandb_mode == "online":
-            what = f"logging.wandb=true with logging.wandb_mode={lc.wandb_mode}: W&B"
+            what = _backend_what(cfg, "wandb", "W&B")
             import inspect
 
             if "prompt" not in inspect.signature(wandb.login).parameters:
@@ -125,8 +130,8 @@ def check_backends(cfg: "Config") -> None:
     if lc.swanlab:
         _require("swanlab", "logging.swanlab", "swanlab")
         if lc.swanlab_mode in ("online", "cloud") and _swanlab_has_key() is False:
-            raise BackendStartError(f"logging.swanlab=true with logging.swanlab_mode={lc.swanlab_mode}: SwanLab has no "
-                                    f"login (no SWANLAB_API_KEY, no saved `swanlab login`); {_SWANLAB_FIX}")
+            raise BackendStartError(f"{_backend_what(cfg, 'swanlab', 'SwanLab')} has no login (no SWANLAB_API_KEY, "
+                                    f"no saved `swanlab login`); {_SWANLAB_FIX}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -715,7 +720,7 @@ class _WandB(_Backend):
 
         run_id = _stable_run_id(output_dir / "wandb_run_id.txt", start_step, 12)
         self.run = _start(
-            f"logging.wandb=true with logging.wandb_mode={cfg.logging.wandb_mode}: W&B",
+            _backend_what(cfg, "wandb", "W&B"),
             _WANDB_FIX, self.wandb.init,
             project=cfg.logging.wandb_project,
             name=run_name,
@@ -748,7 +753,7 @@ class _SwanLab(_Backend):
         logdir.mkdir(parents=True, exist_ok=True)
         run_id = _stable_run_id(output_dir / "swanlab_run_id.txt", start_step, 21)
         self.run = _start(
-            f"logging.swanlab=true with logging.swanlab_mode={cfg.logging.swanlab_mode}: SwanLab",
+            _backend_what(cfg, "swanlab", "SwanLab"),
             _SWANLAB_FIX, self.swanlab.init,
             id=run_id,
             resume="allow",
