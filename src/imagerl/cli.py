@@ -125,6 +125,7 @@ def cmd_train(args: list[str]) -> int:
 
     from .recipes.grpo import GRPOTrainer
 
+    _quiet_deepspeed_on_cpu()
     signal.signal(signal.SIGTERM, _on_sigterm)  # (every rank: torchrun passes SIGTERM on to its workers)
     trainer = None
     try:
@@ -198,6 +199,7 @@ def _trained_policy(args: list[str], base: bool = False):
         if out and (Path(out) / "config.yaml").exists():
             args = [str(Path(out) / "config.yaml"), *overrides]
     cfg = _load([*args, "run.resume=false"] if base else args)
+    _quiet_deepspeed_on_cpu()
     from .checkpoint import latest_checkpoint
     from .recipes.grpo import GRPOTrainer
 
@@ -449,7 +451,8 @@ COMMANDS = {
 def _quiet_deepspeed_on_cpu() -> None:
     """DeepSpeed, where installed, is imported by accelerate inside transformers' save_pretrained (and by our ZeRO
     engine), and on a machine without an accelerator it logs a WARNING, 'Setting accelerator to CPU. If you have
-    GPU or other accelerator, we were unable to detect it.', on every export. When torch sees no accelerator,
+    GPU or other accelerator, we were unable to detect it.', on every export. Called by the commands that build a
+    trainer (print-config imports no torch). When torch sees no accelerator,
     naming the CPU for DeepSpeed (DS_ACCELERATOR, its own setting, unless the user set it) is the same choice
     without the warning."""
     if "DS_ACCELERATOR" in os.environ:
@@ -484,7 +487,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     global _command
     _command = argv[0]
-    _quiet_deepspeed_on_cpu()
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except KeyboardInterrupt:
