@@ -989,8 +989,9 @@ class RunLogger:
             return
         self.console.print(msg, markup=False)
 
-    def finish(self) -> dict[str, Path]:
-        """Stop the bar, close mirrors, draw reward_curve.png. Safe to call twice."""
+    def finish(self, curve: bool = True) -> dict[str, Path]:
+        """Stop the bar, close mirrors, draw reward_curve.png (`curve=False`: a start that failed after the logger
+        opened closes its files and backends without drawing). Safe to call twice."""
         if not self.enabled:
             return {}
         out = {"metrics": self.metrics_path, "reward_curve": self.curve_path, "samples": self.samples_dir}
@@ -1004,7 +1005,8 @@ class RunLogger:
             b.close()
             if b.failures:
                 log.warning("imagerl logging: %s failed %d time(s) during the run", b.name, b.failures)
-        plot_reward_curve(read_metrics(self.metrics_path), self.curve_path, title=self.run_name)
+        if curve:
+            plot_reward_curve(read_metrics(self.metrics_path), self.curve_path, title=self.run_name)
         return out
 
     def __enter__(self) -> "RunLogger":

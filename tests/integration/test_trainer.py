@@ -276,6 +276,20 @@ def test_eval_and_sft_files_are_read_at_start(tmp_path, monkeypatch):
     GRPOTrainer(cfg_for("janus", tmp_path / "a")).close()  # (and the directory can be used right away)
 
 
+def test_a_start_that_fails_after_the_logger_opened_closes_its_backends(tmp_path, monkeypatch):
+    # (the last thing a start does is ask the policy what it ignores: a plugin policy may raise there)
+    from imagerl.logging import _TensorBoard
+    from imagerl.policies.ar.janus import JanusPolicy
+
+    closed = []
+    monkeypatch.setattr(_TensorBoard, "_close", lambda self: closed.append(self.writer.close()))
+    monkeypatch.setattr(JanusPolicy, "unused_changes", lambda self: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        GRPOTrainer(cfg_for("janus", tmp_path, "logging.tensorboard=true"))
+    assert closed == [None]  # its TensorBoard writer was closed (as W&B / SwanLab runs are finished) ...
+    assert not (tmp_path / "reward_curve.png").exists()  # ... without drawing a curve of a run that never ran
+
+
 def test_reward_weight_mistakes_fail_at_start(tmp_path):
     # a per-dataset weight for a reward name that does not exist would be ignored; all-zero weights train nothing
     with pytest.raises(TrainingError, match=r"^data.datasets\[0\].reward_weights: no reward is named 'colour_position'\. "

@@ -200,6 +200,9 @@ class GRPOTrainer:
                     (d / LOCK_FILE).unlink()
                     emptied = True
         with contextlib.suppress(Exception):  # (the start's own error is the one to report)
+            if getattr(self, "logger", None) is not None:  # (a failure after the logger opened: its W&B / SwanLab
+                self.logger.finish(curve=False)            # run and TensorBoard file end instead of dangling)
+        with contextlib.suppress(Exception):
             self.close()
         if emptied:
             with contextlib.suppress(OSError):
