@@ -186,6 +186,21 @@ def test_bad_inputs_name_the_field():
             pol.check_training_config()
         assert not pol.rollout(batch(), 2, gen()).mask.any()
     make().check_training_config()
+    with pytest.raises(ValueError, match=r"^rollout.sde=cps with rollout.num_steps=1: CPS's last step"):
+        make(rollout__sde="cps", rollout__num_steps=1).check_training_config()
+
+
+def test_one_step_flow_grpo_rollout_has_the_papers_noise():
+    # one step from sigma 1 to 0: g = a (Flow-GRPO's cap is the schedule's second sigma, 0 here), so the step's std
+    # is a = 0.7, not a sqrt(1000); and the recomputed log-prob still equals the rollout's
+    pol = make(rollout__num_steps=1)
+    ro = pol.rollout(batch(), 2, gen())
+    lat = ro.replay["latents"]
+    assert ro.mask.all() and float(lat[:, -1].std()) < 2 * float(lat[:, 0].std())
+    with torch.no_grad():
+        out = pol.log_prob(ro, torch.tensor([0]), need_kl_terms=True)
+    assert torch.allclose(out.std.float().flatten(), torch.full((4,), 0.7))
+    assert (torch.exp(out.logp - ro.old_logp) - 1).abs().max() < 1e-5
 
 
 def test_save_pretrained_loads_in_diffusers(tmp_path):

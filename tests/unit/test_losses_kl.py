@@ -124,6 +124,11 @@ def test_gaussian_mean_kl_matches_torch_distributions():
     Nrm = torch.distributions.Normal
     want = torch.distributions.kl_divergence(Nrm(mu, 0.7), Nrm(mu_ref, 0.7)).flatten(2).mean(-1)
     assert torch.allclose(got, want, atol=1e-6)
+    # a deterministic step (std 0: CPS's last) has KL 0 there, not 5e17 from a clamped division
+    std0 = std.clone()
+    std0[:, 2] = 0
+    got0 = kl_per_unit("mean", LogProbOutput(logp=cur.logp, mean=mu, std=std0), ref)
+    assert (got0[:, 2] == 0).all() and torch.equal(got0[:, :2], got[:, :2])
 
 
 def test_mean_dt_is_flow_grpo_codes_normalisation():

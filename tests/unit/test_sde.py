@@ -171,6 +171,22 @@ def test_sde_window_lies_inside_its_range(window, rng, num_steps, starts):
     assert seen == starts
 
 
+@pytest.mark.parametrize("window,rng,num_steps,starts", [
+    (1, [], 4, {0, 1, 2}),       # never the last step, which CPS takes without noise (nothing would train)
+    (2, [1, 10], 4, {1}),        # nor a window that would lose it
+    (2, [2, 4], 4, {2}),         # unless the range leaves no other place: then one of its steps trains
+])
+def test_cps_window_avoids_its_deterministic_last_step(window, rng, num_steps, starts):
+    from types import SimpleNamespace
+
+    from imagerl.policies.flow.base import FlowPolicy
+
+    me = SimpleNamespace(cfg=SimpleNamespace(rollout=SimpleNamespace(noise_level=0.7, sde_window=window,
+                                                                     sde_window_range=rng)))
+    g = torch.Generator().manual_seed(0)
+    assert {int(FlowPolicy._sde_plan(me, num_steps, "cps", g)[1].nonzero()[0]) for _ in range(100)} == starts
+
+
 def test_sde_window_range_that_holds_no_window_names_the_fields():
     from types import SimpleNamespace
 

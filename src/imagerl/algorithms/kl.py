@@ -20,7 +20,8 @@ Flow policies (Gaussian transitions with a shared std):
     mean_dt   mean x |sigma_next - sigma|: what Flow-GRPO's code computes for its SDE, which divides by
               2 g^2 (the diffusion coefficient) instead of the transition variance g^2 |dt|. Its beta = 0.04
               was tuned with this, which is 1/|dt| weaker per step than `mean` (about 4x to 25x over the first
-              nine of 10 steps of the SD3 schedule, over 100x at the last);
+              nine of 10 steps of the SD3 schedule, over 100x at the last). Only for rollout.sde=flow_grpo is it
+              Flow-GRPO's: for CPS its code divides by the transition std itself (that is `mean`);
     velocity  ||v - v_ref||^2 averaged over latent elements (velocity-space KL used by DeepGen-RL; it does not
               blow up where the transition std is tiny).
 """
@@ -62,7 +63,10 @@ def kl_gaussian_mean(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
     sq = _mean_over_latent((cur.mean.float() - ref.mean.float()) ** 2)  # [N, K]
     std = cur.std.float()
     std = _mean_over_latent(std) if std.dim() > 2 else std
-    return sq / (2.0 * std.pow(2).clamp_min(1e-20))
+    # 0 where the step is deterministic (std 0, e.g. CPS's last step): those units carry no log-prob and are masked
+    # out, and the KL of two point masses at different means is not a number to train on; a clamp gave 5e17 there
+    var = std.pow(2)
+    return torch.where(var > 0, sq / (2.0 * var.clamp_min(1e-30)), torch.zeros_like(sq))
 
 
 @KL_ESTIMATORS.register("mean_dt")

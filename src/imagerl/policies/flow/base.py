@@ -150,6 +150,9 @@ class FlowPolicy(Policy):
                 "rollout.sde=flow_grpo | cps | dance with rollout.noise_level > 0 (e.g. 0.7); evaluation already "
                 "samples with the ODE (rollout.eval_num_steps, rollout.eval_cfg_scale)"
             )
+        if ro.sde == "cps" and ro.num_steps == 1:
+            raise ValueError("rollout.sde=cps with rollout.num_steps=1: CPS's last step (to sigma 0) draws no noise, so a "
+                             "one-step rollout has no log-probability to train on; use rollout.num_steps >= 2")
 
     # ============================ hooks (family) ===============================================
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -284,9 +287,10 @@ class FlowPolicy(Policy):
         elif ro.sde_window and ro.sde_window < num_steps:
             # The whole window lies in [lo, hi) (Flow-GRPO's and MixGRPO's convention: start in [lo, hi - w]), so a
             # range copied from their configs means the same steps here. hi is capped at num_steps, so that a smoke
-            # test with fewer steps keeps running.
+            # test with fewer steps keeps running; for CPS at num_steps - 1, whose last step (to sigma 0) draws no
+            # noise: a window there would lose a step (of 1: a rollout with nothing to train, silently).
             lo, hi = ro.sde_window_range or [0, num_steps]
-            hi = min(hi, num_steps)
+            hi = min(hi, num_steps - 1 if kind == "cps" and num_steps - 1 - lo >= ro.sde_window else num_steps)
             if not (0 <= lo and hi - lo >= ro.sde_window):
                 raise ValueError(f"rollout.sde_window_range={list(ro.sde_window_range)} holds no window of "
                                  f"rollout.sde_window={ro.sde_window} steps out of rollout.num_steps={num_steps}: the "
@@ -318,7 +322,9 @@ class FlowPolicy(Policy):
         cond_B = self.encode_prompts(list(batch.prompts))  # once per prompt
         cond_N = {k: v.repeat_interleave(G, 0) for k, v in cond_B.items()}
         sigmas_T1 = self.sigma_schedule(num_steps).to(self.device)
-        sigma_cap = float(sigmas_T1[1]) if num_steps > 1 else 1 - 1e-3
+        # (Flow-GRPO's code: the schedule's second sigma, also for one step, where it is 0 and g = a; 1 - 1e-3
+        # there made g = a sqrt(1000) and the one-step sample 250x too noisy)
+        sigma_cap = float(sigmas_T1[1])
         level_T, _ = self._sde_plan(num_steps, kind, generator)
         std_T = sde_math.step_std(kind, sigmas_T1[:-1].cpu(), sigmas_T1[1:].cpu(), level_T,
                                   sigma_cap=sigma_cap)
@@ -421,7 +427,7 @@ class FlowPolicy(Policy):
         lat, sig, lvl, guid = rp["latents"], rp["sigmas"], rp["noise_level"], rp["guidance"]
         step_fn = sde_math.get_step_fn(rp["sde"])
         guidance = float(guid[0]) if guid.numel() else 1.0
-        cap = sig[:, 1] if sig.shape[1] > 2 else None
+        cap = sig[:, 1]  # (as the rollout: the schedule's second sigma)
         logps, means, stds, vels = [], [], [], []
         for k in units.tolist():
             x, x_next = lat[:, k], lat[:, k + 1]
