@@ -36,6 +36,15 @@ def test_top_k_hand_table():
     assert torch.equal(filter_logits(x, top_k=0), x)
 
 
+def test_top_p_breaks_exact_ties_by_token_id_for_any_shape():
+    # 33 equal logits, top_p 0.3: ten tokens carry mass before them below 0.3 (9/33), the eleventh does not
+    # (10/33); which ten must not depend on the sort's internals, nor on the batch shape (rollout [R, V] vs
+    # teacher-forced [N, K, V]), or the recomputed log-prob of a boundary token would differ from the rollout's
+    want = [True] * 10 + [False] * 23
+    assert torch.isfinite(filter_logits(torch.zeros(1, 33), top_p=0.3))[0].tolist() == want
+    assert (torch.isfinite(filter_logits(torch.zeros(5, 7, 33), top_p=0.3)) == torch.tensor(want)).all()
+
+
 def test_top_p_hand_table():
     p = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
     x = p.log()

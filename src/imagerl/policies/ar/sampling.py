@@ -74,7 +74,9 @@ def filter_logits(
     top-k keeps every token whose logit is >= the k-th largest (ties at the boundary are kept, as in
     transformers). top-p then keeps, on the top-k renormalised distribution, the smallest prefix of the
     descending order whose mass reaches `top_p`: a token is kept when the mass strictly before it is
-    < top_p (so the most likely token is always kept).
+    < top_p (so the most likely token is always kept). Equal logits are ordered by token id (a stable sort),
+    so the kept set at an exact tie is the same on any device and for any batch shape: the rollout and the
+    teacher-forced `log_prob` filter identically.
     `keep` [...] (long token ids) forces those tokens to stay in the support (see module docstring).
     """
     if top_k <= 0 and top_p >= 1.0:
@@ -87,7 +89,7 @@ def filter_logits(
             remove.scatter_(-1, keep.unsqueeze(-1), False)
         out = out.masked_fill(remove, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True, stable=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs
         remove_sorted = mass_before >= top_p
