@@ -55,12 +55,15 @@ def score_ok(body: dict) -> dict:
 class FaultServer:
     """Scripted raw HTTP server. `script[path]` is a queue of actions used one per request; when it is
     empty, `default[path]` (or "ok") applies. Actions: "ok", ("slow", s), ("status", code[, retry_after]), ("hang", s),
-    "garbage", "drop" (close without answering), "half" (headers and part of the body, then close)."""
+    "garbage", "drop" (close without answering), "half" (headers and part of the body, then close), "badgzip" (a body
+    that is not the gzip its Content-Encoding says), ("json", obj) (200 with that JSON). `model` is the one model
+    /v1/models lists."""
 
     def __init__(self) -> None:
         self.script: dict[str, deque] = defaultdict(deque)
         self.default: dict[str, Any] = {}
         self.poison = ""  # a /v1/score request whose prompts contain this always gets a 500
+        self.model = "fault-judge"
         self.hits: dict[str, int] = defaultdict(int)
         self.loop = asyncio.new_event_loop()
         self.tasks: set[asyncio.Task] = set()
@@ -135,7 +138,7 @@ class FaultServer:
             kind = "ok"
         if kind == "ok":
             if path == "/v1/models":
-                data = {"object": "list", "data": [{"id": "fault-judge", "object": "model"}]}
+                data = {"object": "list", "data": [{"id": self.model, "object": "model"}]}
             elif path == "/health":
                 data = {"status": "ok", "rewards": ["s", "t"]}
             elif path == "/v1/score":
@@ -148,6 +151,10 @@ class FaultServer:
             await self._send(writer, action[1], json.dumps({"error": {"message": f"injected {action[1]}"}}).encode(), extra)
         elif kind == "garbage":
             await self._send(writer, 200, b'{"choices": [ this is not json')
+        elif kind == "badgzip":
+            await self._send(writer, 200, json.dumps(CHAT_OK).encode(), "Content-Encoding: gzip\r\n")
+        elif kind == "json":
+            await self._send(writer, 200, json.dumps(action[1]).encode())
         elif kind == "hang":
             await asyncio.sleep(action[1])
             return False
@@ -186,6 +193,7 @@ def inp(n: int, prompts: list[str] | None = None) -> RewardInput:
     (("status", 500), "http_errors"),
     (("status", 503), "http_errors"),
     ("garbage", "bad_responses"),
+    ("badgzip", "bad_responses"),  # (an httpx.DecodingError: retried as a bad answer, not raised raw)
     ("drop", "connection_errors"),
     ("half", "connection_errors"),
     (("hang", 5.0), "timeouts"),
@@ -305,6 +313,53 @@ def test_a_url_that_refuses_connections_sits_out(fault):
         sock.close()
 
 
+def test_a_url_that_never_accepts_cools_down_like_a_refusing_one(fault):
+    # a listening socket whose accept queue is full drops new SYNs: connecting times out (a blackholed host). That is
+    # a connection failure (the URL sits out), not a slow answer (the read timeout doubled on the retry)
+    import socket
+
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    fill = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        try:
+            s.connect(hole.getsockname())
+        except BlockingIOError:
+            pass
+        fill.append(s)
+    dead = f"http://127.0.0.1:{hole.getsockname()[1]}/v1"
+    b = OpenAIChatBackend(base_urls=[dead, fault.url], timeout=0.5, connect_timeout=0.2, max_retries=2, backoff=0.01,
+                          health_check=False, model="fault-judge")
+    try:
+        b.pool.in_flight[b.pool.base_urls[1]] += 1  # (so that the first choice is the dead URL)
+        assert b.chat_sync(MSG).text == "Yes"  # failed over
+        st = b.stats()
+        assert st["connection_errors"] >= 1 and st["timeouts"] == 0
+        assert b.pool.down_until[dead] > time.monotonic()
+    finally:
+        b.close()
+        for s in fill + [hole]:
+            s.close()
+
+
+def test_replicas_must_serve_the_same_model(fault):
+    # backend.model empty: the model is the first server's; a replica serving another would 404 half the samples
+    other = FaultServer()
+    other.model = "other-judge"
+    b = client([fault.url, other.url])
+    try:
+        with pytest.raises(BackendUnavailableError, match=rf"judge server at {other.url}/v1 does not serve model "
+                                                          r"'fault-judge' \(backend.model is empty: the first server's\); "
+                                                          r"it serves \['other-judge'\]: set backend.model"):
+            b.chat_sync(MSG)
+    finally:
+        b.close()
+        other.stop()
+
+
 def test_health_check_names_url_and_fix_when_down(fault):
     url = fault.url
     fault.stop()
@@ -331,6 +386,37 @@ def test_judge_reward_abstains_when_the_judge_fails_for_good(fault):
     assert torch.isnan(out.scores).all()
     assert out.details["request_failures"] == 3 and out.details["abstained"] == 3
     assert fault.hits["/v1/chat/completions"] == 6  # 3 samples x (1 + 1 retry)
+
+
+@pytest.mark.parametrize("status,match", [(401, "api_key_env"), (403, "api_key_env"), (404, "base_urls .* and args.backend.model")])
+def test_judge_reward_stops_on_a_rejection_no_request_can_change(fault, status, match):
+    # a wrong key, model or path is the same for every request: the run stops with the server's reason and the fix
+    # instead of abstaining on every sample (beside another reward the judge would silently carry no signal)
+    from imagerl.rewards.base import RewardError
+
+    fault.default["/v1/chat/completions"] = ("status", status)
+    judge = build_reward({"type": "yes_no_judge", "name": "judge", "args": {"backend": {
+        "type": "http", "base_urls": [fault.url], "timeout": 0.5, "max_retries": 1, "backoff": 0.01}}})
+    try:
+        with pytest.raises(RewardError, match=rf"^reward 'judge': judge server at .* rejected the request: HTTP {status} "
+                                              rf"injected {status}.*{match}"):
+            judge(inp(3))
+    finally:
+        judge.close()
+
+
+def test_judge_reward_says_why_requests_failed(fault):
+    # a 400 can be one sample's (an image too large): that sample abstains, and the server's words are kept
+    fault.script["/v1/chat/completions"].append(("status", 400))
+    judge = build_reward({"type": "yes_no_judge", "args": {"backend": {
+        "type": "http", "base_urls": [fault.url], "timeout": 0.5, "max_retries": 1, "backoff": 0.01},
+        "max_concurrency": 1}})
+    try:
+        out = judge(inp(3))
+    finally:
+        judge.close()
+    assert int(torch.isnan(out.scores).sum()) == 1 and out.details["request_failures"] == 1
+    assert "HTTP 400 injected 400" in out.details["last_error"]
 
 
 def test_judge_reward_recovers_from_transient_faults(fault):

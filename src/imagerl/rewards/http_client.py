@@ -342,12 +342,18 @@ class HTTPPool:
         try:
             r = await client.post(url, content=payload, headers={"Content-Type": "application/json"},
                                   timeout=httpx.Timeout(t, connect=self.connect_timeout))
+        except httpx.ConnectTimeout as e:  # (before TimeoutException: a host that never accepts is down, not slow;
+            self.stats.connection_errors += 1  # it cools down like a refused one, and the read timeout stays)
+            raise _RetryableError(f"connection error (no connection within {self.connect_timeout:g}s)", "connection") from e
         except httpx.TimeoutException as e:
             self.stats.timeouts += 1
             raise _RetryableError(f"timed out after {t:g}s ({type(e).__name__})", "timeout") from e
         except httpx.TransportError as e:  # refused, reset, dropped mid-response, protocol errors
             self.stats.connection_errors += 1
             raise _RetryableError(f"connection error ({type(e).__name__}: {e})", "connection") from e
+        except httpx.HTTPError as e:  # e.g. a body that does not decode as its Content-Encoding says
+            self.stats.bad_responses += 1
+            raise _RetryableError(f"unreadable response ({type(e).__name__}: {str(e)[:200]})", "bad_response") from e
         if r.status_code in RETRY_STATUS or r.status_code >= 500:
             self.stats.http_errors += 1
             ra = r.headers.get("retry-after")
@@ -492,11 +498,6 @@ class OpenAIChatBackend:
             if not ids:
                 problems.append(f"{url}: serves no chat model")
                 continue
-            if self.model and self.model not in ids:
-                raise BackendUnavailableError(
-                    f"judge server at {url} does not serve model '{self.model}' (it serves {ids}); "
-                    f"set backend.model to one of those or start the server with that model"
-                )
             healthy.append(url)
         if not healthy:
             raise BackendUnavailableError(
@@ -504,10 +505,19 @@ class OpenAIChatBackend:
                 f"Is `vllm serve <model>` (or `imagerl serve-reward CONFIG`) running? Check backend.base_urls "
                 f"(host, port and the /v1 path)."
             )
+        # every healthy replica must serve the model, also when it is picked here from the first one's list
+        # (backend.model empty): a replica with another model would answer 404 and abstain its share of samples
+        model = self.model or self.served_models[healthy[0]][0]
+        for url in healthy:
+            if model not in self.served_models[url]:
+                how = f"model '{model}'" if self.model else f"model '{model}' (backend.model is empty: the first server's)"
+                raise BackendUnavailableError(
+                    f"judge server at {url} does not serve {how}; it serves {self.served_models[url]}: set backend.model "
+                    f"to a model every backend.base_urls server serves, or start them with the same model"
+                )
         for p in problems:
             log.warning("judge backend: %s (continuing with %s)", p, healthy)
-        if not self.model:
-            self.model = self.served_models[healthy[0]][0]
+        self.model = model
         self._checked = True
         return healthy
 

@@ -22,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...types import RewardInput, RewardOutput
-from ..base import Reward, run_sync
+from ..base import Reward, RewardError, run_sync
 from . import parsers, templates
 from .backend import ChatResult, JudgeBackend, JudgeError, build_backend, image_to_data_uri
+
+log = logging.getLogger(__name__)
 
 NAN = math.nan
 
@@ -42,6 +45,12 @@ class _Call:
     requests: int = 0
     request_failures: int = 0
     parse_failures: int = 0
+    last_error: str = ""
+
+
+# 4xx statuses that no retry or later request changes (the key, the model, the URL): the run stops with the fix
+# instead of abstaining on every sample (beside other rewards the judge would silently stop carrying signal)
+_SETUP_STATUS = (401, 403, 404)
 
 
 @dataclass
@@ -134,6 +143,10 @@ class JudgeReward(Reward):
             **res.counters,
             **res.parts,
         }
+        if call.last_error:  # (what the server said, once per call: abstains alone do not say why)
+            details["last_error"] = call.last_error
+            log.warning("reward '%s': %d of %d judge requests failed; last error: %s", self.name,
+                        call.request_failures, call.requests, call.last_error[:500])
         return RewardOutput(scores=scores, details=details)
 
     async def _judge(self, inp: RewardInput, uris: list[str], call: _Call) -> JudgeScores:
@@ -162,8 +175,14 @@ class JudgeReward(Reward):
                     temperature=self.temperature,
                     top_logprobs=top_logprobs,
                 )
-            except (JudgeError, asyncio.TimeoutError):
+            except (JudgeError, asyncio.TimeoutError) as e:
+                status = getattr(e, "status", None)  # (http_client.RequestRejectedError; 401/403 name the key field)
+                if status in _SETUP_STATUS:
+                    fix = (". Check args.backend.base_urls (host, port and the /v1 path) and args.backend.model"
+                           if status == 404 else "")
+                    raise RewardError(f"reward '{self.name}': {e}{fix}") from None
                 call.request_failures += 1
+                call.last_error = str(e) or type(e).__name__
                 return None
 
     @staticmethod
