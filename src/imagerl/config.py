@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -675,6 +676,8 @@ def validate(cfg: Config) -> None:
     for i, r in enumerate(cfg.rewards):
         if not r.type:
             raise ConfigError(f"rewards[{i}].type is empty: name a reward (e.g. color_position) or package.module:Class")
+        if not math.isfinite(r.weight):  # (a NaN weight made every total NaN: "every reward abstained", misleadingly)
+            raise ConfigError(f"rewards[{i}].weight={r.weight} must be a finite number (0 logs the reward without training on it)")
         if "/" in r.name:  # (metric keys are reward/<name>/<stat>: a '/' would split the name)
             raise ConfigError(f"rewards[{i}].name={r.name!r} contains '/'; use another separator, e.g. {r.name.replace('/', '_')!r}")
     if not cfg.data.datasets:
@@ -684,6 +687,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
         if d.weight <= 0:
             raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
+        for k, w in (d.reward_weights or {}).items():
+            if not math.isfinite(w):
+                raise ConfigError(f"data.datasets[{i}].reward_weights.{k}={w} must be a finite number")
     if cfg.dist.strategy == "deepspeed" and cfg.dist.zero_stage not in (1, 2):
         raise ConfigError(
             f"dist.zero_stage={cfg.dist.zero_stage}: dist.strategy=deepspeed runs ZeRO stage 1 (optimizer state "

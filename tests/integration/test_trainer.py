@@ -576,6 +576,16 @@ def test_scoring_fallback_and_max_abstain_fraction(tmp_path):
         GRPOTrainer(cfg_for("janus", tmp_path / "g", "train.steps=1", data, "scoring.max_abstain_fraction=0.4")).train()
 
 
+def test_a_monitored_reward_does_not_hide_a_weighted_one_that_abstains(tmp_path):
+    # brightness is only logged (weight 0); color_position, the one trained on, abstains on every prompt (no colour).
+    # The step must fail as if brightness were not there (it trained silently on all-zero advantages before)
+    (tmp_path / "cats.txt").write_text("a photo of a cat\na dog on a sofa\n")
+    with pytest.raises(TrainingError, match=r"^100% of samples have no reward \(every reward with a non-zero weight "
+                                            r"abstained/NaN; abstains per reward: \{'brightness': 0, 'color_position': 8\}"):
+        GRPOTrainer(cfg_for("janus", tmp_path / "run", "train.steps=1", f"data.datasets.0.path={tmp_path}/cats.txt",
+                            "rewards=[{type: brightness, weight: 0}, {type: color_position}]")).train()
+
+
 def test_mini_batches_take_several_optimizer_steps_per_rollout(tmp_path):
     # 4 prompts in 2 updates of 2 groups each: the first update's ratios are 1, the second's are not (the policy
     # moved), so the tiny clip range clips there; the LR schedule counts 2 optimizer steps per training step

@@ -76,6 +76,21 @@ def test_weighted_total_rescales_voting_weights():
     assert t[0].item() == pytest.approx(2.0)  # 2*1 + 1*0
     assert t[1].item() == pytest.approx(0.5 * 3.0)  # only reward 1 voted: 1*0.5 scaled by 3/1
     assert math.isnan(t[2].item())
+    # an infinite score stays infinite (nan_to_num made it float32's max, a finite value every inf check passed)
+    assert weighted_total(torch.tensor([[math.inf, 0.0]]), torch.tensor([[0.5, 1.0]])).item() == math.inf
+
+
+@pytest.mark.parametrize("name", ["group_zscore", "global_std", "gdpo", "mean_only"])
+def test_a_weight_zero_reward_does_not_make_a_sample_scored(name):
+    # reward 0 is only monitored (weight 0), reward 1 trains (weight 3) and abstains on samples 1, 2 and 3 (all of
+    # group 1): those have no reward. (Imputed, group 1 took the batch mean and counted as valid: with a judge
+    # abstaining on the whole batch, every advantage was 0, every sample valid, and the run trained on nothing.)
+    r = [[0.1, 0.2], [0.5, NAN], [0.3, NAN], [0.7, NAN], [0.2, 0.6]]
+    out = adv(name, r, [0, 0, 1, 1, 0], weights=[0.0, 3.0])
+    assert out.valid.tolist() == [True, False, False, False, True]
+    assert math.isnan(out.total[2]) and math.isnan(out.total[3]) and out.adv[1:4].tolist() == [0.0, 0.0, 0.0]
+    every = adv(name, [[0.5, NAN], [0.3, NAN]], [0, 0], weights=[0.0, 3.0])
+    assert not every.valid.any() and torch.isnan(every.total).all()
 
 
 def test_partial_abstain_counts_as_the_group_mean_of_that_reward():

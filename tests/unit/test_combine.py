@@ -193,6 +193,12 @@ def test_bad_child_specs_name_the_field():
         build_reward({"type": "gated", "args": {"gate": "ocr", "value": child("a")}})
     with pytest.raises(ValueError, match="weight must be a number"):
         build_reward({"type": "product", "args": {"children": [dict(child("a"), weight="heavy")]}})
+    with pytest.raises(ValueError, match=r"args.children\[0\].weight=nan must be a finite number"):
+        build_reward({"type": "weighted_sum", "args": {"children": [dict(child("a"), weight=float("nan"))]}})
+    from imagerl.rewards.remote import RemoteReward
+
+    with pytest.raises(ValueError, match=r"^remote reward 'r': args.weights.s=inf must be a finite number"):
+        RemoteReward(url="http://127.0.0.1:9", rewards=["s"], weights={"s": float("inf")}, name="r")
 
 
 def test_own_reward_module_imports_from_the_working_directory(tmp_path, monkeypatch):

@@ -208,6 +208,10 @@ def test_cross_field_errors():
     ("logging.log_every=0", r"logging.log_every=0 must be > 0"),  # (was: silently 1)
     ("rollout.sde_window_range=[0,3]", r"rollout.sde_window_range=\[0, 3\] has no effect with rollout.sde_window=0"),
     ("rewards.0.name=a/b", r"rewards\[0\].name='a/b' contains '/'; use another separator, e.g. 'a_b'"),
+    # (a NaN weight made every total NaN: the step then failed with a misleading "every reward abstained")
+    ("rewards.0.weight=.nan", r"rewards\[0\].weight=nan must be a finite number"),
+    ("data.datasets.0.reward_weights.color_position=.inf", r"data.datasets\[0\].reward_weights.color_position=inf must "
+                                                          r"be a finite number"),
 ])
 def test_out_of_range_numbers_fail_at_load(override, match):
     with pytest.raises(ConfigError, match="^" + match):

@@ -11,8 +11,8 @@ on the *global* batch (all ranks gathered), so multi-process training equals sin
   normalised rewards are combined with their weights, the sum is z-scored over the batch, then clipped.
 
 Std is the population std (ddof=0), as numpy/Flow-GRPO compute it: a group {0, 1} gives advantages {-1, +1}.
-Abstains (NaN scores). A sample on which *every* reward abstained gets advantage 0 and `valid=False` (the loss
-skips it) and is left out of group statistics; groups whose members all abstain contribute nothing. Where only some
+Abstains (NaN scores). A sample on which *every* reward abstained (or every one that scored it weighs 0) gets
+advantage 0 and `valid=False` (the loss skips it) and is left out of group statistics; groups whose members all abstain contribute nothing. Where only some
 rewards abstained on a sample, each of those counts as its group's mean of that reward (`impute_group_means`; the
 batch mean if the whole group abstained on it): the sample is neither raised nor lowered against its group by a
 reward that said nothing about it. (Dropping the reward and rescaling the others' weights instead would turn an
@@ -42,7 +42,8 @@ def weighted_total(rewards_NR: torch.Tensor, weights_NR: torch.Tensor) -> torch.
     The building block of `combined_reward`, which fills partial abstains first (then nothing is rescaled)."""
     valid = ~torch.isnan(rewards_NR)
     w = torch.where(valid, weights_NR, torch.zeros_like(weights_NR))
-    tot = (torch.nan_to_num(rewards_NR) * w).sum(1)
+    # (not nan_to_num: that also turns +-inf into float32's max, a finite score that passes every inf check)
+    tot = (torch.where(valid, rewards_NR, torch.zeros_like(rewards_NR)) * w).sum(1)
     voted = w.abs().sum(1)
     scale = weights_NR.abs().sum(1) / voted.clamp_min(1e-12)
     return torch.where(voted > 0, tot * scale, torch.full_like(tot, math.nan))
@@ -52,10 +53,19 @@ def combined_reward(rewards_NR: torch.Tensor, weights_NR: torch.Tensor,
                     group_ids_N: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar reward of each sample -> [N]: the weighted sum over rewards, where a reward that abstained on a
     sample others scored counts as its group's mean (`impute_group_means`; no group ids = the batch is one group);
-    NaN where every reward abstained. The one rule for the advantages, the logged totals and composite rewards."""
+    NaN where every reward abstained. The one rule for the advantages, the logged totals and composite rewards.
+    A reward of weight 0 (monitored, not trained on) does not make a sample scored: NaN also where only such rewards
+    scored it (else a weighted judge that abstained on the whole batch was imputed as 0 for every sample beside a
+    weight-0 metric: advantages all 0, every sample valid, nothing trained and no error)."""
     if group_ids_N is None:
         group_ids_N = torch.zeros(rewards_NR.shape[0], dtype=torch.long)
-    return weighted_total(impute_group_means(rewards_NR, group_ids_N.cpu()), weights_NR)
+    total = weighted_total(impute_group_means(rewards_NR, group_ids_N.cpu()), weights_NR)
+    return torch.where(unscored(rewards_NR, weights_NR), torch.full_like(total, math.nan), total)
+
+
+def unscored(rewards_NR: torch.Tensor, weights_NR: torch.Tensor) -> torch.Tensor:
+    """[N] bool: no reward with a non-zero weight scored the sample (each abstained or weighs 0 for it)."""
+    return (torch.isnan(rewards_NR) | (weights_NR.to(rewards_NR.device) == 0)).all(1)
 
 
 def impute_group_means(rewards_NR: torch.Tensor, group_ids_N: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ def gdpo(rewards_NR, group_ids_N, weights_NR, eps: float = 1e-4, clip: float = 0
     # reward scored, its z-score is 0 (the group's mean). (Imputing the mean first and then taking the std would add
     # zero deviations: the std shrinks by sqrt(scored / G) and a reward that often abstains gets a larger weight on
     # the samples it did score.)
-    scored_any = ~torch.isnan(rewards_NR).all(1)
+    scored_any = ~unscored(rewards_NR, weights_NR)
     cols = []
     for j in range(rewards_NR.shape[1]):
         x = rewards_NR[:, j]

@@ -592,14 +592,17 @@ class GRPOTrainer:
         local = AdvantageOutput(out.adv[lo: lo + n], out.valid[lo: lo + n], out.total[lo: lo + n])
         return local, g_scores, out.total
 
-    def _check_abstains(self, g_scores: torch.Tensor, table: ScoreTable) -> None:
-        nan_rows = torch.isnan(g_scores).all(1)
+    def _check_abstains(self, g_scores: torch.Tensor, g_total: torch.Tensor, table: ScoreTable) -> None:
+        # (a sample has no reward when no reward with a non-zero weight scored it: the combined total is NaN; a
+        # weight-0 reward that is only monitored does not hide a weighted judge that abstained on everything)
+        nan_rows = torch.isnan(g_total)
         frac = float(nan_rows.float().mean()) if len(nan_rows) else 0.0
         limit = self.cfg.scoring.max_abstain_fraction
         if frac >= 1.0 or frac > limit:
             per = {n: int(torch.isnan(g_scores[:, j]).sum()) for j, n in enumerate(table.names)}
             raise TrainingError(
-                f"{frac:.0%} of samples have no reward (every reward abstained/NaN; abstains per reward: {per}). "
+                f"{frac:.0%} of samples have no reward (every reward with a non-zero weight abstained/NaN; abstains per "
+                f"reward: {per}). "
                 "Check that the rewards fit the prompts (e.g. OCR needs quoted text), that judge servers are up, "
                 "or set scoring.fallback=<value> to use a fixed score for abstains."
             )
@@ -741,7 +744,7 @@ class GRPOTrainer:
         ro, table, t_roll, t_rew = self.rollout_and_score(step)
         t2 = time.perf_counter()
         adv, g_scores, g_total = self.advantages(ro, table)
-        self._check_abstains(g_scores, table)
+        self._check_abstains(g_scores, g_total, table)
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step's updates use (the scheduler moves on after)
         train_stats = self.train_on(ro, adv, step)
         t3 = time.perf_counter()

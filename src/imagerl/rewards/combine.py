@@ -122,9 +122,12 @@ def max_deviation_scores(scores_NK: torch.Tensor, group_N: torch.Tensor, weights
 def _spec_weight(spec: Any, where: str) -> float:
     w = spec.get("weight", 1.0) if isinstance(spec, dict) else getattr(spec, "weight", 1.0)
     try:
-        return float(w)
+        w = float(w)
     except (TypeError, ValueError):
         raise ValueError(f"{where}.weight must be a number, got {w!r}") from None
+    if not math.isfinite(w):
+        raise ValueError(f"{where}.weight={w} must be a finite number")
+    return w
 
 
 class _Combination(Reward):

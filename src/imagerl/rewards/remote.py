@@ -83,6 +83,9 @@ class RemoteReward(Reward):
         self.urls = normalize_base_urls(url, f"remote reward '{self.name}' args.url")
         self.reward_names = list(rewards or [])
         self.weights = dict(weights or {})
+        for k, w in self.weights.items():
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
+                raise ValueError(f"remote reward '{self.name}': args.weights.{k}={w!r} must be a finite number")
         unknown_w = set(self.weights) - set(self.reward_names)
         if self.reward_names and unknown_w:
             raise ValueError(f"remote reward '{self.name}': weights name {sorted(unknown_w)} which are not in rewards {self.reward_names}")
@@ -197,16 +200,21 @@ class RemoteReward(Reward):
                 last_error = str(res)
                 continue
             bad = [nm for nm in names if not isinstance(res["scores"].get(nm), list) or len(res["scores"][nm]) != hi - lo]
-            if bad:  # a malformed answer: the whole chunk abstains rather than half of it
+            # each score a finite number or null (abstain): a string, a bool or an "Infinity" (which Python's JSON
+            # reader accepts) is a malformed answer, not a score (inf became float32's max in the total)
+            odd = [nm for nm in names if nm not in bad and not all(_score_value(v) for v in res["scores"][nm])]
+            if bad or odd:  # a malformed answer: the whole chunk abstains rather than half of it
                 failed_samples += hi - lo
                 failed_requests += 1
-                last_error = f"server answer lacks {hi - lo} scores for {bad}"
+                last_error = (f"server answer lacks {hi - lo} scores for {bad}" if bad else
+                              f"server answer has scores for {odd} that are not finite numbers or null")
                 continue
+            details_in = res.get("details") if isinstance(res.get("details"), dict) else {}
             for nm in names:
                 comp[nm][lo:hi] = torch.tensor([math.nan if v is None else float(v) for v in res["scores"][nm]])
                 # a scorer that raised on the server: its samples abstain there (the server stays up for its other
                 # clients), and here they count as failed, with the server's error, like a failed request's
-                d = (res.get("details") or {}).get(nm)
+                d = details_in.get(nm)
                 if isinstance(d, dict) and d.get("error"):
                     failed_samples += int(d.get("failed_samples") or hi - lo)
                     failed_requests += 1
@@ -267,6 +275,11 @@ _SETUP_STATUS = {  # HTTP statuses no retry or later request can change, with th
     404: " Check args.url: it must be the reward server's base URL (http://host:port, no path)",
     413: " Lower args.batch_size (images per request) or raise the server's server.max_request_bytes",
 }
+
+
+def _score_value(v: Any) -> bool:
+    """A score entry of a /v1/score answer: null (abstain) or a finite number (NaN also abstains)."""
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isinf(v))
 
 
 def _encode_any(img: Any) -> str:
