@@ -297,6 +297,8 @@ def test_openai_client_chat_completions_with_logprobs(server):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="stop sequences are not supported"):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stop=["."])
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0 must be >= 1"):  # (was: silently 64)
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=0)
     # and it fetches nothing: an image by URL (not an inline data: URL) is a 400, naming the field
     remote_img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}},
                                                {"type": "text", "text": "hi"}]}]
@@ -587,8 +589,9 @@ def test_remote_reward_with_key_from_env(guarded, rewards):
         RemoteReward(url=url, api_key_env="IMAGERL_NOT_SET_ANYWHERE")
 
 
-def test_size_limits_and_bad_input_name_the_field(guarded):
+def test_size_limits_and_bad_input_name_the_field(guarded, monkeypatch):
     _, url = guarded
+    monkeypatch.setenv("IMAGERL_TEST_SERVER_KEY", "s3cret-test-key")
     h = {"Authorization": "Bearer s3cret-test-key"}
 
     def post(body=None, **kw):
@@ -598,6 +601,14 @@ def test_size_limits_and_bad_input_name_the_field(guarded):
     assert r.status_code == 413
     m = r.json()["error"]["message"]
     assert "images[0]" in m and "2304" in m and "server.max_image_pixels" in m
+    # through the remote reward: the run stops with the server's fix alone (not "lower args.batch_size")
+    rr = RemoteReward(url=url, rewards=["brightness"], api_key_env="IMAGERL_TEST_SERVER_KEY", timeout=5)
+    try:
+        with pytest.raises(RewardError, match=r"server.max_image_pixels\); downscale the images or raise "
+                                              r"server.max_image_pixels\.$"):
+            rr(RewardInput(images=torch.rand(1, 3, 64, 64), prompts=["a"], metadata=[{}]))
+    finally:
+        rr.close()
     r = post({"images": [_png(48, 48)] * 6, "prompts": ["a"] * 6})  # ~6 x 9 KB of base64 > 20 KB
     assert r.status_code == 413 and "server.max_request_bytes" in r.json()["error"]["message"]
 

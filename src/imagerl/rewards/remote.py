@@ -194,7 +194,9 @@ class RemoteReward(Reward):
                 if isinstance(res, RequestRejectedError) and res.status in _SETUP_STATUS:
                     # the same for every request until the setup changes: stop with the fix instead of abstaining on
                     # every sample (with other rewards beside it, this one would silently stop carrying signal)
-                    raise RewardError(f"remote reward '{self.name}': {res}.{_SETUP_STATUS[res.status]}") from None
+                    # (a 413 for an image over server.max_image_pixels carries its own fix; the batch size is not it)
+                    fix = "" if "max_image_pixels" in str(res) else _SETUP_STATUS[res.status]
+                    raise RewardError(f"remote reward '{self.name}': {res}.{fix}") from None
                 failed_samples += hi - lo
                 failed_requests += 1
                 last_error = str(res)

@@ -365,7 +365,8 @@ class RewardServer:
         if d.get("stop"):
             raise APIError(400, "stop sequences are not supported by this server; leave 'stop' unset")
         try:
-            max_tokens = int(d.get("max_completion_tokens", d.get("max_tokens")) or 64)
+            mt = d.get("max_completion_tokens", d.get("max_tokens"))
+            max_tokens = 64 if mt is None else int(mt)  # (an explicit 0 is refused below, not turned into 64)
             temperature = d.get("temperature")
             temperature = 1.0 if temperature is None else float(temperature)  # OpenAI's default
             top_p = d.get("top_p")
@@ -376,6 +377,8 @@ class RewardServer:
             k_int = int(k or 0)
         except (TypeError, ValueError) as e:
             raise APIError(400, f"bad sampling parameter: {e} (max_tokens, temperature, top_p, seed, top_logprobs are numbers)") from None
+        if max_tokens < 1:
+            raise APIError(400, f"max_tokens={max_tokens} must be >= 1")
         want_lp = bool(d.get("logprobs"))
         if k is not None and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs=true")
