@@ -97,6 +97,11 @@ def test_product_table():
     assert close(product_scores(torch.tensor([[-2.0, 3.0]]), torch.tensor([3.0, 1.0])), [-24.0])  # integer power ok
     with pytest.raises(ValueError, match="child 0.*non-integer"):
         product_scores(torch.tensor([[-0.5, 1.0]]), torch.tensor([0.5, 1.0]))
+    # an abstaining child abstains the product also at weight 0 (NaN ** 0 is 1 in torch), and 0 under a negative
+    # exponent is a configuration error named as such (it was an infinite score blamed on "the scorer")
+    assert close(product_scores(torch.tensor([[NAN, 0.5]]), torch.tensor([0.0, 1.0])), [NAN])
+    with pytest.raises(ValueError, match=r"child 1 scored 0 under a negative weight"):
+        product_scores(torch.tensor([[0.5, 0.0]]), torch.tensor([1.0, -1.0]))
 
 
 def test_group_normalize_and_max_deviation_table():

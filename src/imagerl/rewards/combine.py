@@ -71,7 +71,14 @@ def product_scores(scores_NK: torch.Tensor, exponents_K: torch.Tensor) -> torch.
         k = int(bad.nonzero()[0, 1])
         raise ValueError(f"product: child {k} has a negative score and a non-integer weight (exponent); "
                          f"use integer weights or rewards in [0, inf)")
-    return torch.pow(scores_NK, e_NK).prod(1)  # NaN ** e = NaN, and NaN propagates through prod
+    zero = (scores_NK == 0) & (e_NK < 0)
+    if zero.any():
+        k = int(zero.nonzero()[0, 1])
+        raise ValueError(f"product: child {k} scored 0 under a negative weight (exponent): 0 ** w is infinite; use "
+                         f"weights > 0 (or a reward that stays above 0)")
+    # (any abstaining child -> NaN, also one with weight 0: NaN ** 0 is 1 in torch, which would score the abstain)
+    out = torch.pow(scores_NK, e_NK).prod(1)
+    return torch.where(torch.isnan(scores_NK).any(1), torch.full_like(out, math.nan), out)
 
 
 @dataclass
