@@ -110,6 +110,10 @@ def test_parse_score_list_bad(text, n):
     [
         ("8", 8.0),
         (" 7.5 ", 7.5),
+        ("7. The edit follows the instruction.", 7.0),  # a number leading the answer
+        ("7 - good", 7.0),
+        ('"8".', 8.0),
+        ("(6)", 6.0),
         ("Score: 8/10", 8.0),
         ("**Rating:** 6 out of 10. The colours are off.", 6.0),
         ('```json\n{"score": 9}\n```', 9.0),
@@ -138,6 +142,20 @@ def test_parse_score_good(text, expected):
     ],
 )
 def test_parse_score_bad(text):
+    assert parse_score(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "The edit added 2 dogs but the background changed",  # a count in prose, not a score
+        "There are 3 cats in the image",
+        "2 dogs were added",  # leads, but it is a count: no punctuation after it
+        "2-3 dogs were added",
+        "Only 1 hat was added.",
+    ],
+)
+def test_parse_score_lone_number_in_prose_is_not_a_score(text):
     assert parse_score(text) is None
 
 
@@ -198,7 +216,7 @@ def test_rubric_chinese_punctuation_and_empty():
         ("是的，图片与描述一致。", True),
         ("不是", False),
         ("The image shows a cat. Answer: no", False),
-        ("After careful inspection, yes.", True),
+        ("After careful inspection, yes.", None),  # a yes/no word in prose is not a verdict; lead with it or say "Answer:"
         ("", None),
         ("Maybe.", None),
         ("Yes and no: the colour matches but the shape does not.", True),  # first word decides
@@ -232,7 +250,7 @@ def test_yes_no_probability_reads_the_generated_answer_token():
     r = yes_no_probability(lp, "**Yes**")
     assert r.source == "logprobs" and r.p_yes == pytest.approx(1 / (1 + math.exp(-7.0 + 0.001)), abs=1e-6)
     # an answer that starts with another word ("Nice ... yes"): the text decides, a sampled "N" is not "no"
-    r = yes_no_probability([{"N": -0.5, "Yes": -1.0}, {"ice": -0.1}], "Nice, yes")
+    r = yes_no_probability([{"N": -0.5, "Yes": -1.0}, {"ice": -0.1}], "Nice. Answer: yes")
     assert r.source == "text" and r.p_yes == 1.0
 
 
@@ -248,6 +266,38 @@ def test_yes_no_probability_robust_to_bad_values():
     lp = [{"Yes": 1e-7, "No": float("-inf"), "yes": float("nan")}]  # rounding above 0, -inf, NaN
     r = yes_no_probability(lp, "Yes")
     assert r.p_yes == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), None, float("inf")])
+def test_yes_no_probability_unreadable_answer_logprob_falls_back_to_text(bad):
+    # skipping the generated "Yes" would leave only "No" with mass: P(yes) = 0, the opposite verdict
+    lp = [{"Yes": bad, "No": math.log(0.1)}]
+    r = yes_no_probability(lp, "Yes")
+    assert r.source == "text" and r.p_yes == 1.0
+    assert yes_no_probability([{"No": math.log(0.9), " yes": bad}], "No.").p_yes == 0.0  # any yes/no variant
+    r = yes_no_probability(lp, "I cannot tell.")  # and the text gives no verdict either: abstain
+    assert r.p_yes is None and r.source == ""
+    # a bad value on a candidate that is neither yes nor no does not matter; -inf and +1e-7 are readable
+    r = yes_no_probability([{"Yes": 1e-7, "No": float("-inf"), "Maybe": bad}], "Yes")
+    assert r.source == "logprobs" and r.p_yes == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Unclear; cannot determine with no context", None),  # a "no" inside a non-answer
+        ("I see no hat, but yes, there is a dog.", None),
+        ("The sign says NO ENTRY.", None),
+        ("_Yes_", True),  # leading Markdown / punctuation is skipped
+        ("- No, the cat is missing.", False),
+        ("... yes", True),
+        ("The hat is missing. Final answer: no", False),
+        ("Verdict - yes", True),
+    ],
+)
+def test_parse_yes_no_reads_only_a_leading_word_or_an_answer_marker(text, expected):
+    assert parse_yes_no(text) == expected
+    assert yes_no_probability(None, text).p_yes == (None if expected is None else float(expected))
 
 
 # ---------------------------------------------------------------------------------------------- choice
@@ -276,6 +326,15 @@ def test_yes_no_probability_robust_to_bad_values():
         ("Image 1 is worse than Image 2 in text rendering.", "B"),
         ("Both images are equally good.", "tie"),
         ("They are the same.", "tie"),
+        ("tie.", "tie"),
+        ("Both", "tie"),
+        ("Equal", "tie"),
+        ("Answer: tie", "tie"),
+        ("It's a tie: both show the dog on the left.", "tie"),
+        ("They are equally good.", "tie"),
+        ("Both are equally good.", "tie"),
+        ("Neither is better.", "tie"),
+        ("Same quality.", "tie"),
         ("```\nB\n```", "B"),
         ("Ａ", "A"),  # full-width letter
         ("答案：B", "B"),
@@ -304,6 +363,41 @@ def test_parse_choice_good(text, expected):
 )
 def test_parse_choice_bad(text):
     assert parse_choice(text) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Both images show a red square.",  # tie words describing the images, no verdict
+        "A cat is on the left in both",
+        "Both images are the same size.",
+        "The same dog appears in each.",
+    ],
+)
+def test_parse_choice_tie_word_in_prose_is_not_a_tie(text):
+    assert parse_choice(text) is None
+
+
+def test_parse_choice_answer_is_a_tie_is_not_option_a():
+    assert parse_choice("My answer is a tie.") == "tie"  # the article "a" before "tie"
+    assert parse_choice("The verdict is a draw") == "tie"
+    assert parse_choice("My answer is A.") == "A"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("A is not better than B", None),
+        ("A isn't better than B.", None),
+        ("Image 1 is not better than image 2.", None),
+        ("The first image is not much better.", None),
+        ("B is not worse than A", None),  # "worse" negated: not a win for A either
+        ("A is no longer better after the edit.", None),
+        ("Answer: B. A is not better than B.", "B"),  # an explicit marker still decides
+    ],
+)
+def test_parse_choice_negated_comparative_is_not_a_verdict(text, expected):
+    assert parse_choice(text) == expected
 
 
 def test_tokens_with_the_same_text_count_once_each():

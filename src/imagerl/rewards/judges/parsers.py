@@ -192,7 +192,9 @@ def parse_score_list(
 def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float | None:
     """One score in [lo, hi] from free text: JSON ``{"score": 8}``, ``Score: 8/10``, ``8 out of 10``, ``8``.
 
-    Free prose with several numbers and no ``score``/``x/10`` marker is ambiguous and returns None.
+    Without a ``score``/``x/10`` marker a bare number counts only when it is the whole answer (``8``, ``"8".``)
+    or leads it, set off by punctuation (``7. The edit follows ...``, ``7 - good``). A number inside prose
+    ("The edit added 2 dogs ...") is a count, not a score, and returns None.
     """
     s = normalize_text(text)
     if not s:
@@ -204,17 +206,19 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
     hi_txt = f"{hi:g}"
     patterns = [
         rf"({_NUM})\s*(?:/|out of)\s*{re.escape(hi_txt)}(?:\.0+)?\b",  # 8/10, 8 out of 10
-        # Score: 8 / I rate it 8 / Rating: 3 out of 5 (a fraction on another scale is rescaled)
-        rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}?({_SCORE})",
+        # Score: 8 / I rate it 8 / Rating: 3 out of 5 / 评分: 7 (a fraction on another scale is rescaled)
+        rf"(?:\b(?:score|rating|rate|grade)\b|评分|分数|得分|打分)[^0-9\n]{{0,20}}?({_SCORE})",
     ]
     for pat in patterns:
         m = re.search(pat, body, flags=re.I)
         if m:
             v = to_number(m.group(1), hi)
             return v if v is not None and lo <= v <= hi else None
-    nums = re.findall(rf"(?<![\w.]){_NUM}(?![\w.]*\d)", body)
-    if len(nums) == 1:
-        v = float(nums[0])
+    # The answer starts with the number, then ends or goes on after punctuation and a space: "8", "(8).",
+    # "7 - good". Not "2 dogs were added" (a count) nor "2-3 dogs"; no "-" in the prefix, it is the sign.
+    m = re.match(rf"[\s\"'(\[>#]*({_NUM})\s*(?:$|[.,:;!)\]\"'\-–—]+(?:\s|$))", body)
+    if m:
+        v = float(m.group(1))
         return v if lo <= v <= hi else None
     return None
 
@@ -284,16 +288,17 @@ def _token_word(tok: str) -> str:
 
 
 def parse_yes_no(text: str | None) -> bool | None:
-    """Yes -> True, No -> False, unreadable or contradictory -> None.
+    """Yes -> True, No -> False, unreadable -> None.
 
-    Order of evidence: the answer's first word; an explicit ``answer: yes``; otherwise a single kind of
-    yes/no word anywhere in the text (both kinds present -> None).
+    Only the answer's first word (after punctuation or Markdown: ``**No**``, ``"Yes"``) or an explicit
+    ``answer: yes`` count. A yes/no word elsewhere in prose is not a verdict ("cannot determine with no
+    context" is not a No), so it gives None.
     """
     s = normalize_text(text).replace("*", "").replace("`", "")
     if not s:
         return None
     low = s.lower()
-    first = re.match(r"[\s\"'(\[#>-]*([a-z]+|[\u4e00-\u9fff]{1,2})", low)
+    first = re.match(r"[\W_]*([a-z]+|[\u4e00-\u9fff]{1,2})", low)
     if first:
         w = first.group(1)
         if w in ("yes", "no"):
@@ -305,10 +310,6 @@ def parse_yes_no(text: str | None) -> bool | None:
     m = re.search(r"\b(?:answer|verdict|response)\b\s*(?:is)?\s*[:\-]?\s*\"?(yes|no)\b", low)
     if m:
         return m.group(1) == "yes"
-    has_yes = re.search(r"\byes\b", low) is not None
-    has_no = re.search(r"\bno\b", low) is not None
-    if has_yes != has_no:
-        return has_yes
     return None
 
 
@@ -335,6 +336,7 @@ def yes_no_probability(
     ``▁Yes``: the judge's tokenizer splits them into different tokens and each carries part of the probability).
     Otherwise (the answer starts with another word) the text decides. A position whose generated token is
     ``**`` may list ``Yes`` and ``No`` among its unlikely alternatives; reading them there would be wrong.
+    The text also decides when a yes/no candidate at the answer position has a None, NaN or +inf log-prob.
     """
     if top_logprobs:
         for pos in top_logprobs[:max_positions]:
@@ -346,15 +348,23 @@ def yes_no_probability(
             if chosen not in _YES and chosen not in _NO:
                 break
             p_yes = p_no = 0.0
+            corrupt = False
             for tok, lp in pos.items():
                 w = _token_word(tok)
-                if lp is None or math.isnan(lp) or lp == math.inf:
+                if w not in _YES and w not in _NO:
                     continue
+                if lp is None or math.isnan(lp) or lp == math.inf:
+                    # Skipping it would hand its mass to the other side: a NaN generated "Yes" would make
+                    # P(yes) = 0, the opposite verdict. The position is unreadable; the text decides.
+                    corrupt = True
+                    break
                 lp = min(float(lp), 0.0)  # servers round: a certain token may come back as +1e-7
                 if w in _YES:
                     p_yes += math.exp(lp)
-                elif w in _NO:
+                else:
                     p_no += math.exp(lp)
+            if corrupt:
+                break
             if p_yes + p_no > 0:
                 return YesNoResult(p_yes / (p_yes + p_no), "logprobs")
     verdict = parse_yes_no(text)
@@ -370,6 +380,20 @@ def yes_no_probability(
 _SIDE = {"a": "A", "1": "A", "first": "A", "left": "A", "b": "B", "2": "B", "second": "B", "right": "B"}
 _TIE_WORDS = r"\b(?:tie|tied|draw|equal(?:ly)?|same|neither|both|indistinguishable|no preference)\b"
 _SIDE_PAT = r"(?:image|picture|option|candidate)\s*\(?([ab12])\)?|\b(first|second|left|right)\s+(?:image|picture|one|option)"
+_BETTER = r"(?:better|superior|preferable|preferred|wins|more\s+accurate|closer)"
+_WORSE = r"(?:worse|inferior|less\s+accurate)"
+# "A is not better than B", "B isn't worse", "A is no longer better": the side named is not the verdict
+_NEGATED_CMP = rf"(?:\b(?:not|no|never)|n't)\s+(?:\w+\s+)?(?:{_BETTER}|{_WORSE})\b"
+# A tie stated as the verdict. Tie words alone are not one: "Both images show a red square" has no verdict.
+_TIE_STATED = (
+    r"\bit(?:'s|\s+is)\s+a\s+(?:tie|draw)\b"
+    r"|\b(?:are|is|look|looks|seem|seems|perform|performs)\s+equally\b"  # they / both (images) are equally good
+    r"|\bneither(?:\s+(?:one|image|picture|option|of\s+them))?\s+(?:is|looks|seems)\s+(?:better|worse|preferable)\b"
+    r"|\b(?:same|equal)\s+quality\b|\bno\s+preference\b"
+    # "They are the same." / "Both are identical": the sentence ends there ("the same size" is not a verdict)
+    r"|\b(?:they|both(?:\s+(?:images|pictures|options|ones|of\s+them))?)\s+(?:are|look|seem)\s+"
+    r"(?:the\s+same|equal|identical|indistinguishable|tied)\s*(?:$|[.!;,])"
+)
 
 
 def _side_of(m: re.Match[str]) -> str:
@@ -382,7 +406,9 @@ def parse_choice(text: str | None) -> str | None:
 
     Accepts ``A``, ``(B)``, ``Image 1``, ``Answer: B``, ``The second image is better``, ``first``,
     ``Tie`` and prose in which only one of the two images is named. The article "A" (``A cat ...``)
-    is not read as a choice.
+    is not read as a choice. A tie needs the answer to be just the tie, an answer marker (``Answer: tie``)
+    or a stated one (``it's a tie``, ``both are equally good``, ``neither is better``); a negated comparative
+    (``A is not better than B``) makes prose unreadable (None) unless a marker gave the verdict.
     """
     s = normalize_text(text)
     if not s:
@@ -404,33 +430,37 @@ def parse_choice(text: str | None) -> str | None:
     m = re.search(
         r"(?:\b(?:answer|choice|verdict|winner|decision|preference|prefer(?:red)?|choose|chose|select|pick)\b|答案|选择|结论)"
         r"\s*(?:is|would be)?\s*[:\-=]?\s*(?:the\s+)?"
-        r"(?:(?:image|picture|option|candidate)\s*\(?([ab12])\)?(?![a-z])|\(?([ab12])\)?(?![\w'])|(first|second|left|right)\b|(tie|draw|neither|both|equal)\b)",
+        r"(?:(?:image|picture|option|candidate)\s*\(?([ab12])\)?(?![a-z])|\(?([ab12])\)?(?![\w'])(?!\s+(?:tie|draw)\b)"
+        r"|(first|second|left|right)\b|(?:a\s+)?(tie|draw|neither|both|equal)\b)",
         low,
     )
     if m:
         if m.group(4):
             return "tie"
         return _SIDE[(m.group(1) or m.group(2) or m.group(3)).lower()]
-    # 3. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins); a side is "image A",
+    # 3. A negated comparative ("A is not better than B") would be read below as a verdict for the side it
+    # names (by the comparative, the leading letter or the only image named): no verdict from the prose then.
+    if re.search(_NEGATED_CMP, low):
+        return None
+    # 4. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins); a side is "image A",
     # "the first one", or a bare capital A / B ("Both are good, but A is better"; "B is worse than A")
     side = rf"(?:(?i:{_SIDE_PAT})|\b([AB])\b(?=\s+(?i:is|looks|seems|matches|wins)\b))"  # (not "A more ...")
-    better = re.search(rf"{side}\s+(?i:(?:is|looks|seems|matches)?\s*(?:\w+\s+)?(?:better|superior|preferable|preferred|wins|more\s+accurate|closer))", s)
-    worse = re.search(rf"{side}\s+(?i:(?:is|looks|seems)?\s*(?:\w+\s+)?(?:worse|inferior|less\s+accurate))", s)
+    better = re.search(rf"{side}\s+(?i:(?:is|looks|seems|matches)?\s*(?:\w+\s+)?{_BETTER})", s)
+    worse = re.search(rf"{side}\s+(?i:(?:is|looks|seems)?\s*(?:\w+\s+)?{_WORSE})", s)
     if better and not worse:
         return _side_of(better)
     if worse and not better:
         return "B" if _side_of(worse) == "A" else "A"
     if better and worse and _side_of(better) != _side_of(worse):  # "A is better; B is worse"
         return _side_of(better)
-    # 4. Leading letter used as a verdict: "A.", "B) because ...", "A has ..." (but not "A cat ...")
+    # 5. Leading letter used as a verdict: "A.", "B) because ...", "A has ..." (but not "A cat ...")
     m = re.match(r"\(?([AB])\)?(?=$|[.):,;!\-]|\s+(?:is|wins|looks|seems|has|better|because|-))", s)
     if m and not (better or worse):
         return m.group(1)
-    # 5. Only one image named at all, or tie words with none named
+    # 6. Only one image named at all (and no tie word, which may speak of both), or a stated tie with none named
     sides = {_side_of(x) for x in re.finditer(_SIDE_PAT, low)}
-    tie = re.search(_TIE_WORDS, low) is not None
-    if len(sides) == 1 and not tie:
+    if len(sides) == 1 and not re.search(_TIE_WORDS, low):
         return sides.pop()
-    if not sides and tie:
+    if not sides and re.search(_TIE_STATED, low):
         return "tie"
     return None
