@@ -129,11 +129,15 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def prune(ckpt_root: Path, keep_last: int) -> None:
+    if keep_last > 0:
+        # renamed first (one atomic step) and then deleted with the leftovers: a kill in the middle of deleting a
+        # checkpoint in place could remove its marker first (it is then invisible, to resume and to this cleanup
+        # alike, and stays forever) or last (a complete-looking checkpoint with half its files)
+        for p in list_checkpoints(ckpt_root)[:-keep_last]:
+            with contextlib.suppress(OSError):
+                os.replace(p, p.with_name(p.name + ".tmp-prune"))
     for p in ckpt_root.iterdir():  # leftovers of killed writes (and of partition staging, see `move_in`)
         if ".tmp-" in p.name and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-    if keep_last > 0:
-        for p in list_checkpoints(ckpt_root)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -169,6 +173,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     for name, read in readers.items():
         with reading(path / name, path):
             parts[name] = read(path / name)
+            if name == "state.json":  # (valid JSON of another shape failed later as a KeyError / AttributeError)
+                st = parts[name]
+                if not (isinstance(st, dict) and isinstance(st.get("step"), int) and isinstance(st.get("sampler"), dict)):
+                    raise ValueError("not a checkpoint state (a JSON object with an integer 'step' and a 'sampler' object)")
+            elif name == "optimizer.pt" and not isinstance(parts[name], dict):
+                raise ValueError("not a checkpoint's optimizer file (a dict)")
     return {"trainable": parts["trainable.safetensors"], **parts["optimizer.pt"], "state": parts["state.json"]}
 
 

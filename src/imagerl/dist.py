@@ -134,10 +134,20 @@ OPTIM_DIR = "optimizer"  # checkpoint subdirectory in torch.distributed.checkpoi
 
 @contextmanager
 def _quiet_single_process_dcp() -> Iterator[None]:
-    """DCP warns on every single-process save/load, even when asked for one (`no_dist=True`)."""
+    """DCP warns on every single-process save/load, even when asked for one (`no_dist=True`). And it wraps whatever
+    its steps raise in its own CheckpointException, Ctrl-C and SIGTERM (imagerl's KeyboardInterrupt) included: those
+    are raised as themselves, so that a stop during a checkpoint read or write is a stop (exit 130/143 with the
+    "terminated" line), not a checkpoint reported damaged (with advice to delete a good one) or a traceback."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
+        try:
+            yield
+        except BaseException as e:
+            for wrapped in (getattr(e, "failures", None) or {}).values() if type(e).__name__ == "CheckpointException" else ():
+                inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+                if isinstance(inner, (KeyboardInterrupt, SystemExit)):
+                    raise inner from None
+            raise
 
 
 def stage_dcp(state: dict[str, Any], ckpt_root: Path, step: int, name: str, info: DistInfo) -> dict[str, Path]:

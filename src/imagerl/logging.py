@@ -32,6 +32,7 @@ import functools
 import json
 import logging as _stdlogging  # this module is imagerl.logging; the stdlib one is only used for warnings
 import math
+import contextlib
 import os
 import re
 import sys
@@ -841,6 +842,12 @@ class RunLogger:
         elif self.metrics_path.exists():
             # A fresh run in a used directory: the old records would mix two runs in one curve.
             atomic_write_text(self.metrics_path, "")
+        # likewise the grids of steps after the one we start from (a killed run drew them after its last checkpoint;
+        # with another logging.sample_every the resumed run would not redraw them)
+        for p in self.samples_dir.glob("step_*.png") if self.samples_dir.is_dir() else ():
+            with contextlib.suppress(ValueError, OSError):
+                if int(p.stem[len("step_"):]) > self.start_step:
+                    p.unlink()
         self._metrics_f = open(self.metrics_path, "a", encoding="utf-8")
 
         from rich.console import Console
@@ -982,6 +989,13 @@ class RunLogger:
         for b in self._backends:
             b.image(int(step), "samples", grid, title)
         return path
+
+    def sync(self) -> None:
+        """Make metrics.jsonl durable (fsync) up to the last logged step: called before a checkpoint is written, so
+        that after a power loss the checkpoint never holds steps whose records were lost (a resume keeps the records
+        up to its step and appends from there)."""
+        if self.enabled and not self._finished:
+            os.fsync(self._metrics_f.fileno())
 
     def print(self, msg: str) -> None:
         """Print a message above the progress bar (or as a plain line when there is none)."""

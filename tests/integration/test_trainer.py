@@ -67,6 +67,26 @@ def test_resume_takes_the_learning_rate_and_schedule_from_the_current_config(tmp
     assert lrs == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi / 2)), 1e-3, 1e-3 * (1 + math.cos(3 * math.pi / 4))])
 
 
+def test_resume_with_other_epochs_keeps_the_schedule_and_says_when_draws_change(tmp_path):
+    # 2 steps of 2 inner epochs each (4 optimizer steps), resumed with 1 epoch and 4 steps: steps 3 and 4 are at
+    # training steps 2 and 3 of the cosine (the optimizer-step count, 4, read as 4 training steps put both at 0)
+    run = ["optim.schedule=cosine", "optim.warmup_steps=0", "checkpoint.every=1"]
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.inner_epochs=2", *run)).train()
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=4", "algorithm.inner_epochs=1", *run)).train()
+    lrs = [r["lr"] for r in metrics(tmp_path)]
+    assert lrs[2:] == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in (2, 3)])
+    # another seed or other prompt files resume, with a note (the config.yaml no longer reproduces the run) ...
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=5", "run.seed=7", *run))
+    assert t._resume_note.endswith("step_000004, written with run.seed=0 (now 7): the steps from here on draw "
+                                   "differently from the run that wrote it")
+    t.close()
+    # ... but another number of prompt files cannot continue the sampler's position: the error says what to do
+    with pytest.raises(TrainingError, match=r"step_000004: sampler state in the checkpoint was written for a different "
+                                            r"number of datasets \(2 now\): resume with the data.datasets that wrote it"):
+        GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=5", *run,
+                            "data.datasets=[{path: 'builtin:colors'}, {path: 'builtin:color_shapes'}]"))
+
+
 def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9", "checkpoint.every=1"))
@@ -222,6 +242,10 @@ def test_unreadable_optimizer_state_is_a_clear_error(tmp_path):
     (ck / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"step_000001/state.json cannot be read \(JSONDecodeError.*remove .*step_000001"):
         GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
+    for odd in ("[]", '{"step": "one", "sampler": {}}', '{"step": 1}'):  # JSON, but not the state (was: raw tracebacks)
+        (ck / "state.json").write_text(odd)
+        with pytest.raises(CheckpointError, match=r"state.json cannot be read \(ValueError: not a checkpoint state"):
+            GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2"))
     w = ck / "trainable.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     with pytest.raises(CheckpointError, match=r"trainable.safetensors cannot be read \(SafetensorError.*damaged"):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,59 @@ def test_roundtrip_and_keep_last(tmp_path):
     _save(tmp_path, 4)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000003", "step_000004"]
     assert (tmp_path / "step_000003.bak").is_dir() and (tmp_path / "step_000002_keep").is_dir()
+
+
+def test_pruning_is_atomic_per_checkpoint(tmp_path, monkeypatch):
+    # a kill while an old checkpoint is deleted: it must not stay behind forever (marker gone first: invisible to
+    # resume and cleanup) nor look complete with files missing (marker last). Pruning renames it away in one step.
+    import shutil
+
+    from imagerl import checkpoint as ck
+
+    for s in (1, 2):
+        _save(tmp_path, s)
+    real = shutil.rmtree
+
+    def killed(path, *a, **kw):  # the process dies on its first deletion, after removing the marker only
+        (Path(path) / "COMPLETE").unlink(missing_ok=True)
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        _save(tmp_path, 3)
+    monkeypatch.setattr(ck.shutil, "rmtree", real)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    _save(tmp_path, 4)  # the next save's cleanup removes what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000004"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_stop_inside_a_dcp_read_or_write_is_a_stop_not_damage(tmp_path, monkeypatch, stop):
+    # DCP wraps whatever its steps raise, Ctrl-C / SIGTERM included, in its CheckpointException: a stop during a resume
+    # was reported as a damaged checkpoint (with advice to delete a good one), and during a save as a traceback
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    from imagerl import dist
+    from imagerl.checkpoint import reading
+
+    info = dist.DistInfo()
+    state = {"m": torch.ones(3)}
+    staged = dist.stage_dcp(state, tmp_path, 1, "opt", info)["opt"]
+
+    def interrupted(*a, **kw):
+        raise stop()
+
+    with monkeypatch.context() as m:
+        m.setattr(FileSystemWriter, "write_data", interrupted)
+        with pytest.raises(stop):
+            dist.stage_dcp(state, tmp_path, 2, "opt", info)
+    with monkeypatch.context() as m:
+        m.setattr(FileSystemReader, "read_data", interrupted)
+        with pytest.raises(stop), reading(staged, tmp_path):
+            dist.load_dcp({"m": torch.zeros(3)}, staged, info)
+    got = {"m": torch.zeros(3)}
+    dist.load_dcp(got, staged, info)  # (and unpatched, the same call reads it)
+    assert torch.equal(got["m"], torch.ones(3))
 
 
 def test_each_rank_gets_its_own_rng_state_back():

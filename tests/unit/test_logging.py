@@ -101,6 +101,19 @@ def test_resume_truncates_to_start_step_and_matches_uninterrupted(tmp_path):
     assert out["reward_curve"].exists()
 
 
+def test_resume_removes_the_sample_grids_of_steps_after_the_checkpoint(tmp_path):
+    # a run killed at step 5 drew grids at 2 and 4 (sample_every 2); resumed from step 3 with sample_every 3 it
+    # draws 6 only: the grid of step 4 belongs to the lost steps and must not stay beside the new ones
+    (tmp_path / "samples").mkdir()
+    for s in (2, 4):
+        (tmp_path / "samples" / f"step_{s:06d}.png").write_bytes(b"x")
+    (tmp_path / "samples" / "step_final_best.png").write_bytes(b"x")  # (not a grid of ours: left alone)
+    lg = RunLogger(make_cfg(), tmp_path, total_steps=6, start_step=3, stream=io.StringIO())
+    lg.sync()  # (fsyncs metrics.jsonl before a checkpoint; must work on the open file)
+    lg.finish()
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step_000002.png", "step_final_best.png"]
+
+
 def test_fresh_run_in_used_directory_starts_a_new_file(tmp_path):
     lg = RunLogger(make_cfg(), tmp_path, total_steps=3, stream=io.StringIO())
     run_steps(lg, range(1, 4))

@@ -72,12 +72,16 @@ ROLLOUT, TRAIN, EVAL, SFT, SAMPLE = 1, 2, 3, 4, 5
 EMA_DIR = "ema"  # checkpoint subdirectory: the weights' EMA (DCP format)
 
 
+def optimizer_steps_per_step(cfg: Config) -> int:
+    return max(1, cfg.algorithm.inner_epochs) * max(1, cfg.algorithm.mini_batches)
+
+
 def lr_lambda(cfg: Config):
     """The LR multiplier as a function of the optimizer steps taken so far (what LambdaLR counts). The schedule
     itself is over *training* steps, the unit of train.steps and optim.warmup_steps: every inner epoch of a step
     uses that step's rate, so a cosine or linear decay ends at train.steps whatever algorithm.inner_epochs is."""
     warm, total, kind, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.schedule, cfg.optim.min_lr_ratio
-    per_step = max(1, cfg.algorithm.inner_epochs) * max(1, cfg.algorithm.mini_batches)  # optimizer steps per step
+    per_step = optimizer_steps_per_step(cfg)
 
     def f(i: int) -> float:
         i //= per_step  # training steps done before this optimizer step (0 = the first step)
@@ -153,20 +157,31 @@ class _Tally:
         return out
 
 
-def _model_config_changes(saved: dict | None, cfg: Config) -> str:
-    """'model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's config ('' when none
-    differ or the checkpoint has no config)."""
+def _config_changes(saved: dict | None, cfg: Config, keys: tuple[str, ...] = ("model",)) -> str:
+    """'model.x=a (now b), ...' for the settings under `keys` (sections like "model", or dotted leaves like
+    "run.seed") that differ from the checkpoint's config ('' when none differ or the checkpoint has no config)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         return ""
-    now = to_dict(cfg)["model"]
 
-    def flat(d: dict, prefix: str) -> dict[str, Any]:
+    def flat(d: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix[:-1]: d}
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    a, b = flat(saved["model"], "model."), flat(now, "model.")
+    def pick(d: dict) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in keys:
+            node: Any = d
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is not None:
+                out.update(flat(node, f"{key}."))
+        return out
+
+    a, b = pick(saved), pick(to_dict(cfg))
     unset = object()
     show = lambda v: "unset" if v is unset else repr(v)  # noqa: E731
     pairs = [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))]
@@ -449,7 +464,8 @@ class GRPOTrainer:
             return
         state = load_checkpoint(ck)
         self.resumed_from = ck
-        changed = _model_config_changes(state["state"].get("config"), self.cfg)
+        saved_cfg = state["state"].get("config")
+        changed = _config_changes(saved_cfg, self.cfg)
         try:
             self.policy.load_trainable_state_dict(state["trainable"])
         except ValueError as e:
@@ -460,6 +476,13 @@ class GRPOTrainer:
         if changed:  # the weights fit, but e.g. another model.path, lora.alpha or dtype: say so, in case it is a slip
             self._resume_note = (f"note: resuming from {ck}, whose weights load, but it was written with {changed}; "
                                  "check these are intended.")
+        # another seed or other prompt files resume fine but make a run that its config.yaml no longer reproduces
+        # (the metrics would mix two seeds' draws): say so too
+        drawn = "" if weights_only else _config_changes(saved_cfg, self.cfg, ("run.seed", "data.datasets"))
+        if drawn:
+            self._resume_note += ("\n" if self._resume_note else "") + (
+                f"note: resuming from {ck}, written with {drawn}: the steps from here on draw differently from the "
+                "run that wrote it")
         if self.ema is not None:
             if dist.dcp_complete(ck / EMA_DIR):
                 with reading(ck / EMA_DIR, ck):
@@ -470,7 +493,7 @@ class GRPOTrainer:
                                     "checkpoint before it")
             else:  # EMA switched on for a run that had none: average from the resumed weights on, warm-up included
                 self.ema = WeightEMA(self.policy.named_trainable_parameters(), self.cfg.optim.ema_decay,
-                                     self.cfg.optim.ema_every, start=int(state["scheduler"].get("last_epoch", 0)))
+                                     self.cfg.optim.ema_every, start=self.start_step * optimizer_steps_per_step(self.cfg))
                 self._resume_note += ("\n" if self._resume_note else "") + f"{ck} holds no EMA (optim.ema_decay was 0): the average starts from its weights"
         if weights_only:
             return
@@ -505,7 +528,11 @@ class GRPOTrainer:
                                 "start a new run.output_dir")
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_optim_config()
-        self.sampler.load_state_dict(state["state"]["sampler"])
+        try:
+            self.sampler.load_state_dict(state["state"]["sampler"])
+        except ValueError as e:
+            raise TrainingError(f"{ck}: {e} ({len(self.datasets)} now): resume with the data.datasets that wrote it, or "
+                                "give a new run.output_dir") from None
         set_rng_state(state["rng"], self.dist.rank, self.dist.world)
 
     def _apply_optim_config(self) -> None:
@@ -514,6 +541,10 @@ class GRPOTrainer:
         is the schedule's value at the resumed optimizer step, so a changed optim.lr, or a longer train.steps
         that stretches a decay which had reached its floor, applies from the first resumed step."""
         o = self.cfg.optim
+        # the position from the resumed *training* step: the optimizer-step count is start_step times the old run's
+        # steps per training step, so another algorithm.inner_epochs or mini_batches moved it (2 -> 1 epochs halved
+        # the position's divisor: a cosine schedule hit 0 at 60% of the run)
+        self.scheduler.last_epoch = self.start_step * optimizer_steps_per_step(self.cfg)
         scale = lr_lambda(self.cfg)(self.scheduler.last_epoch)
         self.scheduler.base_lrs = [o.lr for _ in self.optimizer.param_groups]
         for g in self.optimizer.param_groups:
@@ -857,10 +888,12 @@ class GRPOTrainer:
                                             res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids,
                                             batch_mean=last.get("reward/mean"))
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    self.logger.sync()
                     self.save(step)
             # (not again when the periodic save just wrote the last step: a second full write of the weights)
             periodic_last = bool(cfg.checkpoint.every) and cfg.train.steps % cfg.checkpoint.every == 0
             if cfg.checkpoint.save_final and self.start_step < cfg.train.steps and not periodic_last:
+                self.logger.sync()
                 self.save(cfg.train.steps)
             ok = True
         finally:
