@@ -138,6 +138,20 @@ def test_loads_real_layout_from_local_directory(tmp_path):
     assert not any(p.requires_grad for p in pol.text_encoder.parameters()) and pol.trainable_parameters()
     ro = pol.rollout(batch(), 2, gen())
     assert ro.images.shape == (4, 3, 16, 16) and ro.replay["cond"]["t5"].shape[1] == 512
+    # a scheduler that ends at shift_terminal (FLUX.1 leaves it null) is sampled as its pipeline does (was: ignored)
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    conf = tmp_path / "ckpt" / "scheduler" / "scheduler_config.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "shift_terminal": 0.02}))
+    pol = make(model__tiny=False, model__path=str(tmp_path / "ckpt"), model__image_size=16)
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tmp_path / "ckpt" / "scheduler"))
+    seq = pol.latent_shape()[0]
+    mu = 0.5 + (1.15 - 0.5) / (4096 - 256) * (seq - 256)
+    sch.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6), mu=mu)
+    torch.testing.assert_close(pol.sigma_schedule(6), sch.sigmas.float(), atol=1e-6, rtol=0)
+    assert abs(float(pol.sigma_schedule(6)[-2]) - 0.02) < 1e-6
     with pytest.raises(OSError, match="model.path"):
         make(model__tiny=False, model__path=str(tmp_path / "missing"))
 

@@ -259,6 +259,27 @@ def test_sigma_schedule_is_the_sd3_pipelines():
         assert float(pol.sigma_schedule(10)[-2]) < 0.03
 
 
+def test_a_checkpoints_own_shift_is_sampled_with(tmp_path):
+    # model.path's scheduler sets the static shift (3.0 in every SD3 release); one with another shift samples with
+    # it, as its pipeline does (the policy used 3.0 always); options whose sigmas we do not replicate are refused
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    make()._pipe.save_pretrained(str(tmp_path / "ck"))
+    conf = tmp_path / "ck" / "scheduler" / "scheduler_config.json"
+    c = json.loads(conf.read_text())
+    conf.write_text(json.dumps({**c, "shift": 5.0}))
+    pol = make(model__tiny=False, model__path=str(tmp_path / "ck"), model__image_size=16)
+    sch = FlowMatchEulerDiscreteScheduler.from_pretrained(str(tmp_path / "ck" / "scheduler"))
+    sch.set_timesteps(10)
+    torch.testing.assert_close(pol.sigma_schedule(10), sch.sigmas.float(), atol=1e-6, rtol=1e-5)
+    for key, match in (("use_dynamic_shifting", "dynamic .* shifting"), ("use_karras_sigmas", "sets use_karras_sigmas")):
+        conf.write_text(json.dumps({**c, key: True}))
+        with pytest.raises(ValueError, match=rf"^model.path='.*ck': its scheduler .*{match}"):
+            make(model__tiny=False, model__path=str(tmp_path / "ck"), model__image_size=16)
+
+
 def test_sq_dist_log_prob_is_flow_grpo_cps_convention_and_keeps_ratio_one():
     # algorithm.log_prob=sq_dist: -||x_next - mean||^2 (latent mean), the same in rollout and training
     pol = make(rollout__sde="cps", rollout__num_steps=4, algorithm__log_prob="sq_dist")

@@ -108,7 +108,7 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: st
     if revision:
         kwargs["revision"] = revision
     try:
-        return pipeline_cls.from_pretrained(path, **kwargs)
+        pipe = pipeline_cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         if msg := not_downloaded_error(path, e):
             raise OSError(msg) from e
@@ -117,6 +117,24 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: st
             f"({layout or 'model_index.json and one folder per component'}) or a hub id such as {example} "
             "(downloaded beforehand: HF_HUB_OFFLINE is honoured), or set model.tiny=true"
         ) from e
+    check_scheduler_options(getattr(getattr(pipe, "scheduler", None), "config", None) or {}, path)
+    return pipe
+
+
+# FlowMatchEulerDiscreteScheduler options that change the sigmas in ways our schedule (shift / mu, and the terminal
+# stretch) does not replicate: refused, not ignored (ignored, the rollout would silently sample another schedule
+# than the checkpoint's pipeline). No released SD3 / FLUX / Qwen-Image checkpoint sets them.
+_UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas")
+
+
+def check_scheduler_options(config: Any, path: str) -> None:
+    on = [k for k in _UNSUPPORTED_SCHEDULER_OPTIONS if config.get(k)]
+    if config.get("time_shift_type", "exponential") not in (None, "exponential"):
+        on.append(f"time_shift_type={config.get('time_shift_type')}")
+    if on:
+        raise ValueError(f"model.path='{path}': its scheduler sets {', '.join(on)}, which imagerl's flow sampler does not "
+                         "replicate (it would sample another schedule than the pipeline); use a checkpoint with the "
+                         "family's standard scheduler, or rollout.timestep_shift for a static shift")
 
 
 class FlowPolicy(Policy):

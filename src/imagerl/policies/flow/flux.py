@@ -257,6 +257,28 @@ def flux_schedule_kwargs(scheduler_config: dict[str, Any], image_seq_len: int, t
     return {"mu": float(mu)}
 
 
+def stretch_to_terminal(sigmas_T1: torch.Tensor, terminal: float) -> torch.Tensor:
+    """Stretch a schedule [T+1] (ending in 0) so its last non-zero sigma equals `terminal`; 1 stays 1."""
+    s = sigmas_T1[:-1].double()
+    one_minus = 1.0 - s
+    s = 1.0 - one_minus * (1.0 - terminal) / one_minus[-1]
+    return torch.cat([s, s.new_zeros(1)]).to(sigmas_T1.dtype)
+
+
+def scheduler_sigmas(scheduler_config: dict[str, Any], num_steps: int, image_seq_len: int,
+                     timestep_shift: float = 0.0) -> torch.Tensor:
+    """The sigma schedule [num_steps + 1] that a FLUX / Qwen-Image pipeline samples with at `image_seq_len` packed
+    tokens: shift or mu (`flux_schedule_kwargs`), then, where the scheduler config sets `shift_terminal` (Qwen-Image:
+    0.02; FLUX.1 leaves it null), the stretch that makes the last non-zero sigma equal it. Not for one step
+    (diffusers divides 0 by 0 there: NaN latents) nor with rollout.timestep_shift (the user's static shift replaces
+    the checkpoint's schedule)."""
+    sig = sde_math.sigma_schedule(num_steps, **flux_schedule_kwargs(scheduler_config, image_seq_len, timestep_shift))
+    term = scheduler_config.get("shift_terminal")
+    if term and num_steps > 1 and timestep_shift <= 0:
+        sig = stretch_to_terminal(sig, float(term))
+    return sig
+
+
 # --------------------------------------------------------------------------------------------------
 # Transformer call and VAE
 # --------------------------------------------------------------------------------------------------
@@ -387,6 +409,9 @@ class FluxPolicy(FlowPolicy):
 
     def timestep_schedule_kwargs(self) -> dict[str, float]:
         return flux_schedule_kwargs(self.comps.scheduler_config, self.latent_shape()[0], self.cfg.rollout.timestep_shift)
+
+    def sigma_schedule(self, num_steps: int) -> torch.Tensor:
+        return scheduler_sigmas(self.comps.scheduler_config, num_steps, self.latent_shape()[0], self.cfg.rollout.timestep_shift)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:

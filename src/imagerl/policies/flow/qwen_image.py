@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...devices import resolve_dtype
-from . import sde as sde_math
 from .base import FlowPolicy, load_pipeline, move_module, tiny_preset
 from .flux import (
     check_image_size,
-    flux_schedule_kwargs,
+    scheduler_sigmas,
     pack_latents,
     save_transformer,
     unpack_latents,
@@ -229,21 +228,9 @@ def pad_text(embeds_BTD: torch.Tensor, mask_BT: torch.Tensor, length: int) -> tu
 # --------------------------------------------------------------------------------------------------
 
 
-def stretch_to_terminal(sigmas_T1: torch.Tensor, terminal: float) -> torch.Tensor:
-    """Stretch a schedule [T+1] (ending in 0) so its last non-zero sigma equals `terminal`; 1 stays 1."""
-    s = sigmas_T1[:-1].double()
-    one_minus = 1.0 - s
-    s = 1.0 - one_minus * (1.0 - terminal) / one_minus[-1]
-    return torch.cat([s, s.new_zeros(1)]).to(sigmas_T1.dtype)
-
-
 def qwen_image_sigmas(scheduler_config: dict[str, Any], num_steps: int, image_seq_len: int, timestep_shift: float = 0.0) -> torch.Tensor:
-    """The sigma schedule [num_steps + 1] of Qwen-Image at `image_seq_len` packed tokens."""
-    sig = sde_math.sigma_schedule(num_steps, **flux_schedule_kwargs(scheduler_config, image_seq_len, timestep_shift))
-    term = scheduler_config.get("shift_terminal")
-    if term and num_steps > 1 and timestep_shift <= 0:
-        sig = stretch_to_terminal(sig, float(term))
-    return sig
+    """The sigma schedule [num_steps + 1] of Qwen-Image at `image_seq_len` packed tokens (see `scheduler_sigmas`)."""
+    return scheduler_sigmas(scheduler_config, num_steps, image_seq_len, timestep_shift)
 
 
 def norm_preserving_cfg(v_cond: torch.Tensor, v_uncond: torch.Tensor, scale: float) -> torch.Tensor:

@@ -127,6 +127,12 @@ class SD3Policy(FlowPolicy):
                                  "model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/",
                                  "stabilityai/stable-diffusion-3.5-medium")
         pipe.set_progress_bar_config(disable=True)
+        # the checkpoint's own static shift (3.0 in every SD3 / SD3.5 release), as its pipeline samples with
+        sc = pipe.scheduler.config
+        if sc.get("use_dynamic_shifting"):
+            raise ValueError(f"model.path='{mcfg.path}': its scheduler uses dynamic (resolution-dependent) shifting, which "
+                             "the SD3 policy does not replicate; set rollout.timestep_shift to a static shift")
+        self.default_shift = float(sc.get("shift") or 1.0)
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3
