@@ -97,7 +97,7 @@ class DatasetConfig:
 @dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = field(default_factory=lambda: [DatasetConfig(path="builtin:color_shapes")])
-    prompts_per_step: int = 4  # B: distinct prompts per step (over all ranks)
+    prompts_per_step: int = 4  # B: prompts per step (over all ranks; drawn without replacement within an epoch, so a step that spans two epochs may repeat one)
     eval_datasets: list[DatasetConfig] = field(default_factory=list)  # prompts of train.eval_every and imagerl eval ([] = datasets)
     sft_datasets: list[DatasetConfig] = field(default_factory=list)  # prompt+image pairs for the auxiliary SFT loss
 
@@ -648,6 +648,11 @@ def validate(cfg: Config) -> None:
         for i, d in enumerate(getattr(cfg.data, section)):
             if d.limit < 0:
                 raise ConfigError(f"data.{section}[{i}].limit={d.limit} must be >= 0 (0 = every row)")
+            if not d.path:
+                raise ConfigError(f"data.{section}[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
+            # (the SFT pairs are drawn by weight too: 0 everywhere or a negative one crashed the first SFT step)
+            if section != "eval_datasets" and not (d.weight > 0 and math.isfinite(d.weight)):
+                raise ConfigError(f"data.{section}[{i}].weight={d.weight} must be a finite number > 0")
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p} must be in (0, 1]")
     if not 0 < cfg.algorithm.timestep_fraction <= 1:
@@ -683,10 +688,6 @@ def validate(cfg: Config) -> None:
     if not cfg.data.datasets:
         raise ConfigError("data.datasets is empty: add at least one prompt file (data.datasets: [{path: prompts.txt}])")
     for i, d in enumerate(cfg.data.datasets):
-        if not d.path:
-            raise ConfigError(f"data.datasets[{i}].path is empty: give a .txt/.jsonl/.csv/.parquet file or builtin:<name>")
-        if d.weight <= 0:
-            raise ConfigError(f"data.datasets[{i}].weight={d.weight} must be > 0")
         for k, w in (d.reward_weights or {}).items():
             if not math.isfinite(w):
                 raise ConfigError(f"data.datasets[{i}].reward_weights.{k}={w} must be a finite number")

@@ -97,6 +97,9 @@ def test_best_match_table(target, tokens, case_sensitive, s):
         ('empty "" quotes', []),
         ("a diner sign reading ‘Joe’s Diner’", ["Joe’s Diner"]),  # ’ inside a word is an apostrophe
         ("‘hi’ and ‘bye’", ["hi", "bye"]),
+        ("a diner sign that says 'Joe's Diner'", ["Joe's Diner"]),  # straight quotes around an apostrophe too
+        ("don't stop 'BELIEVIN' and 'World's Best Dad'", ["BELIEVIN", "World's Best Dad"]),
+        ("the dogs' sign says 'WOOF'", ["WOOF"]),
     ],
 )
 def test_extract_quoted_table(prompt, expected):

@@ -210,6 +210,10 @@ def test_cross_field_errors():
     ("rewards.0.name=a/b", r"rewards\[0\].name='a/b' contains '/'; use another separator, e.g. 'a_b'"),
     # (a NaN weight made every total NaN: the step then failed with a misleading "every reward abstained")
     ("rewards.0.weight=.nan", r"rewards\[0\].weight=nan must be a finite number"),
+    # SFT pairs are drawn by weight as well (0 or a negative one crashed the first SFT step inside torch.multinomial)
+    ("data.sft_datasets=[{path: 'builtin:colors', weight: 0}]", r"data.sft_datasets\[0\].weight=0.0 must be a finite "
+                                                                r"number > 0"),
+    ("data.eval_datasets=[{path: ''}]", r"data.eval_datasets\[0\].path is empty"),
     ("data.datasets.0.reward_weights.color_position=.inf", r"data.datasets\[0\].reward_weights.color_position=inf must "
                                                           r"be a finite number"),
 ])

@@ -64,8 +64,23 @@ def test_errors_name_the_file(tmp_path):
         load_rows(str(tmp_path / "x.docx"))
     # an unquoted comma inside a field shifts every later column: an error naming the row, not silent metadata
     (tmp_path / "shift.csv").write_text('prompt,text\na neon sign that says "OPEN", above a door,OPEN\n')
-    with pytest.raises(DataError, match=r"shift.csv row 2 has 3 cells for 2 columns; quote fields that contain commas"):
+    with pytest.raises(DataError, match=r"shift.csv line 2 has 3 cells for 2 columns; quote fields that contain commas"):
         load_rows(str(tmp_path / "shift.csv"))
+    # the line in the file, where the row ends, also after quoted newlines and blank lines (was: the record count)
+    (tmp_path / "late.csv").write_text('prompt,text\n"two\nlines",a\n\nok,b\nbad, row,c\n')
+    with pytest.raises(DataError, match=r"late.csv line 6 has 3 cells"):
+        load_rows(str(tmp_path / "late.csv"))
+    (tmp_path / "dup.csv").write_text("prompt,text,prompt\na,b,\n")
+    with pytest.raises(DataError, match=r"dup.csv has the column name\(s\) \['prompt'\] more than once in its header"):
+        load_rows(str(tmp_path / "dup.csv"))
+    # a prompt must be one string: a list or an object became its Python repr, trained on as text
+    for bad, kind in (('["a red cat", "a blue dog"]', "list"), ('{"en": "a cat"}', "dict"), ("true", "bool")):
+        (tmp_path / "odd.jsonl").write_text('{"prompt": "fine"}\n{"prompt": %s}\n' % bad)
+        with pytest.raises(DataError, match=rf"odd.jsonl line 2 has a {kind} as its 'prompt' \(.*\); each row's prompt "
+                                            r"must be one string"):
+            load_rows(str(tmp_path / "odd.jsonl"))
+    (tmp_path / "num.jsonl").write_text('{"prompt": 42}\n{"prompt": []}\n')
+    assert [r["prompt"] for r in load_rows(str(tmp_path / "num.jsonl"))] == ["42"]  # ([] is an empty prompt: skipped)
     (tmp_path / "blank.csv").write_text('prompt,x\n,1\n"  ",2\n')
     with pytest.raises(DataError, match=r"every one of the 2 rows of '.*blank.csv' has an empty or null 'prompt'"):
         load_rows(str(tmp_path / "blank.csv"))

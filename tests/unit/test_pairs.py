@@ -19,6 +19,16 @@ def test_builtin_pairs_draw_the_prompt():
     assert torch.allclose(red_left[:, 16, 28], torch.full((3,), 0.5))  # grey canvas on the right
 
 
+def test_limit_keeps_the_first_pairs(tmp_path):
+    # data.sft_datasets[].limit, as data.datasets[].limit: only the first rows are drawn (it was accepted and ignored)
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}", "image": "a.png"}) + "\n" for i in range(6)))
+    b = sft_batch([DatasetConfig(path=str(tmp_path / "p.jsonl"), limit=2)], 40, torch.Generator().manual_seed(0), size=8)
+    assert set(b["prompts"]) == {"p0", "p1"}
+    b = sft_batch([DatasetConfig(path="builtin:colors", limit=1)], 5, torch.Generator().manual_seed(0), size=8)
+    assert len(set(b["prompts"])) == 1
+
+
 def test_slices_of_one_draw_are_the_whole_draw():
     # each process keeps its slice of the same n draws: the slices put together are the one-process batch
     specs = [DatasetConfig(path="builtin:colors"), DatasetConfig(path="builtin:color_shapes", weight=2.0)]

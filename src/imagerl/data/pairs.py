@@ -51,11 +51,12 @@ def load_image(path: Path, size: int, field: str) -> torch.Tensor:
 
 
 @lru_cache(maxsize=8)
-def _rows(path: str, prompt_field: str, image_field: str) -> tuple[tuple[str, Any], ...]:
+def _rows(path: str, prompt_field: str, image_field: str, limit: int = 0) -> tuple[tuple[str, Any], ...]:
+    """The dataset's (prompt, image source) pairs, its first `limit` rows (0 = all), as data.datasets[].limit."""
     if path.startswith("builtin:"):
-        rows = builtin_dataset(path.split(":", 1)[1], "data.sft_datasets[].path")
+        rows = builtin_dataset(path.split(":", 1)[1], "data.sft_datasets[].path")[: limit or None]
         return tuple((r["prompt"], ("draw", r["color"], r["shape"], r["position"])) for r in rows)
-    rows = load_rows(path, prompt_field, "data.sft_datasets[].path")
+    rows = load_rows(path, prompt_field, "data.sft_datasets[].path")[: limit or None]
     base = Path(path).expanduser().parent  # (relative image paths are relative to the data file, ~ expanded)
     out = []
     for i, r in enumerate(rows):
@@ -71,7 +72,7 @@ def check_sft_datasets(specs: list[Any]) -> None:
     """Read every SFT file once (cached for sft_batch): a missing file, column or image file fails at start, not at
     the first SFT step. (Images are decoded when drawn; an empty list with sft_weight > 0 is a config error.)"""
     for k, s in enumerate(specs):
-        for _, src in _rows(s.path, s.prompt_field, s.image_field):
+        for _, src in _rows(s.path, s.prompt_field, s.image_field, s.limit):
             if src[0] == "file" and not Path(src[1]).is_file():
                 raise DataError(f"data.sft_datasets[{k}]: image file '{src[1]}' does not exist (listed in {s.path})")
 
@@ -88,7 +89,7 @@ def sft_batch(specs: list[Any], n: int, gen: torch.Generator, size: int = 64,
     prompts, images = [], []
     for i in range(n):
         d = int(torch.multinomial(w / w.sum(), 1, generator=gen)) if len(specs) > 1 else 0
-        rows = _rows(specs[d].path, specs[d].prompt_field, specs[d].image_field)
+        rows = _rows(specs[d].path, specs[d].prompt_field, specs[d].image_field, specs[d].limit)
         prompt, src = rows[int(torch.randint(len(rows), (1,), generator=gen))]
         if i not in keep:
             continue

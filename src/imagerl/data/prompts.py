@@ -141,8 +141,17 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
                 rows.append(_take_prompt(obj, prompt_field, f"line {i}", path, field_name, field_fix))
         elif suffix == ".csv":
             with p.open(newline="", encoding="utf-8-sig") as f:
-                rows = [_take_prompt(_csv_row(r, i, path, field_name), prompt_field, f"row {i}", path, field_name, field_fix)
-                        for i, r in enumerate(csv.DictReader(f), 2)]
+                reader = csv.DictReader(f)
+                header = reader.fieldnames or []
+                dup = sorted({h for h in header if header.count(h) > 1})
+                if dup:  # (DictReader keeps the last of two same-named columns, silently)
+                    raise DataError(f"{field_name}: {path} has the column name(s) {dup} more than once in its header; "
+                                    "give every column its own name")
+                rows = []
+                for r in reader:  # (the row's line in the file, where it ends: quoted newlines and blank lines count)
+                    where = f"line {reader.line_num}"
+                    rows.append(_take_prompt(_csv_row(r, where, path, field_name), prompt_field, where, path,
+                                             field_name, field_fix))
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -173,14 +182,14 @@ def _lines(text: str) -> list[str]:
     return [line.rstrip("\r") for line in text.split("\n")]
 
 
-def _csv_row(r: dict[Any, Any], i: int, path: str, field_name: str) -> dict[str, Any]:
+def _csv_row(r: dict[Any, Any], where: str, path: str, field_name: str) -> dict[str, Any]:
     """A csv.DictReader row, checked: more cells than the header (an unquoted comma inside a prompt) shifts every
     later field, fewer leaves the rest None; both are errors naming the row. An empty cell is a missing value (None),
     as a parquet null is, so rewards fall back to the prompt instead of checking an empty string."""
     if None in r or any(v is None for v in r.values()):
         n_header = len([k for k in r if k is not None])
         n_cells = n_header - sum(v is None for k, v in r.items() if k is not None) + len(r.get(None) or [])
-        raise DataError(f"{field_name}: {path} row {i} has {n_cells} cells for {n_header} columns; quote fields that "
+        raise DataError(f"{field_name}: {path} {where} has {n_cells} cells for {n_header} columns; quote fields that "
                         f"contain commas (\"a sign that says \"\"OPEN\"\", above a door\")")
     return {k: (None if v == "" else v) for k, v in r.items()}
 
@@ -196,8 +205,12 @@ def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, 
             f"{field_fix}."
         )
     text = obj[prompt_field]
-    if text is None or (isinstance(text, float) and text != text) or not str(text).strip():
+    if text is None or (isinstance(text, float) and text != text) or (isinstance(text, (str, list)) and not text) \
+            or (isinstance(text, str) and not text.strip()):
         return {"_where": where}
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):  # (str() made "['a', 'b']" a prompt)
+        raise DataError(f"{field_name}: {path} {where} has a {type(text).__name__} as its '{prompt_field}' "
+                        f"({str(text)[:60]}); each row's prompt must be one string")
     out = {k: v for k, v in obj.items() if k != prompt_field}
     out["prompt"] = str(text).strip()
     return out

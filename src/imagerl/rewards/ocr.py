@@ -40,7 +40,9 @@ _QUOTE_PATTERNS = [
     re.compile(r"“([^”]+)”"),
     re.compile(r"「([^」]+)」"),
     re.compile(r"‘(.+?)’(?!\w)"),  # (’ is also the typographic apostrophe: ‘Joe’s Diner’ is one span)
-    re.compile(r"(?<![\w'])'([^']+)'(?![\w'])"),
+    # (an apostrophe between two letters stays inside the span: 'Joe's Diner', 'World's Best Dad'; it made the whole
+    # prompt abstain before)
+    re.compile(r"(?<![\w'])'((?:[^']|(?<=\w)'(?=\w))+)'(?![\w'])"),
 ]
 
 
