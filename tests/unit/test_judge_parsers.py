@@ -124,6 +124,10 @@ def test_parse_score_list_bad(text, n):
         ('{"score": "4/5"}', 8.0),  # a fraction on another scale is rescaled to the judge's 0..10
         ("Score: 4/5", 8.0),
         ("Rating: 3 out of 5", 6.0),
+        ("8\nThe second image follows the edit.", 8.0),  # the number on its own line, then the reasoning
+        ("8 \n(the edit is complete)", 8.0),
+        ("Answer: 8", 8.0),
+        ("The final answer is 8.", 8.0),
     ],
 )
 def test_parse_score_good(text, expected):
@@ -153,6 +157,7 @@ def test_parse_score_bad(text):
         "2 dogs were added",  # leads, but it is a count: no punctuation after it
         "2-3 dogs were added",
         "Only 1 hat was added.",
+        "Answer: there are 2 dogs",  # a marker, but no number right after it
     ],
 )
 def test_parse_score_lone_number_in_prose_is_not_a_score(text):
@@ -222,6 +227,8 @@ def test_rubric_chinese_punctuation_and_empty():
         ("Yes and no: the colour matches but the shape does not.", True),  # first word decides
         ("It is hard to say yes or no.", None),  # both, not first: contradictory
         ("Nothing is wrong", None),  # 'nothing' is not 'no'
+        ("<think>\nThe sign says HELO, so no... wait, it says HELLO.\n</think>\n\nYes", True),  # after the reasoning
+        ("<think>The sign says", None),  # cut off while thinking: no answer
     ],
 )
 def test_parse_yes_no(text, expected):
@@ -394,6 +401,10 @@ def test_parse_choice_answer_is_a_tie_is_not_option_a():
         ("B is not worse than A", None),  # "worse" negated: not a win for A either
         ("A is no longer better after the edit.", None),
         ("Answer: B. A is not better than B.", "B"),  # an explicit marker still decides
+        ("<think>A is not better than B? Hmm, image A has ...</think>B", "B"),  # the answer after a reasoning block
+        ("B) A does not look better", "B"),  # so does a leading letter set off as the verdict
+        ("A is better. B isn't better at all.", "A"),  # and a plain comparative beside a negated one
+        ("Image A is better; image B is not better.", "A"),
     ],
 )
 def test_parse_choice_negated_comparative_is_not_a_verdict(text, expected):

@@ -34,9 +34,13 @@ _SCORE = rf"{_NUM}(?:\s*{_OUT_OF})?"  # a score with its optional scale, one tex
 
 
 def normalize_text(text: str | None) -> str:
-    """NFKC (full-width ASCII -> ASCII, e.g. ``，`` -> ``,``, ``８`` -> ``8``) + quote/bracket mapping."""
+    """NFKC (full-width ASCII -> ASCII, e.g. ``，`` -> ``,``, ``８`` -> ``8``) + quote/bracket mapping, without a
+    reasoning model's ``<think>...</think>`` block (served without a reasoning parser, Qwen3 / DeepSeek-R1 style
+    judges put it before the answer; every parser reads the answer after it). An unclosed ``<think>`` is all
+    thinking: no answer."""
     if not text:
         return ""
+    text = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
     return unicodedata.normalize("NFKC", text).translate(_PUNCT).strip()
 
 
@@ -208,15 +212,17 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
         rf"({_NUM})\s*(?:/|out of)\s*{re.escape(hi_txt)}(?:\.0+)?\b",  # 8/10, 8 out of 10
         # Score: 8 / I rate it 8 / Rating: 3 out of 5 / 评分: 7 (a fraction on another scale is rescaled)
         rf"(?:\b(?:score|rating|rate|grade)\b|评分|分数|得分|打分)[^0-9\n]{{0,20}}?({_SCORE})",
+        # "Answer: 8", "The final answer is 8." (the number right after the marker: "Answer: there are 2 dogs" is a count)
+        rf"\banswer\b\s*(?:is\s*)?[:\-=]?\s*({_SCORE})",
     ]
     for pat in patterns:
         m = re.search(pat, body, flags=re.I)
         if m:
             v = to_number(m.group(1), hi)
             return v if v is not None and lo <= v <= hi else None
-    # The answer starts with the number, then ends or goes on after punctuation and a space: "8", "(8).",
-    # "7 - good". Not "2 dogs were added" (a count) nor "2-3 dogs"; no "-" in the prefix, it is the sign.
-    m = re.match(rf"[\s\"'(\[>#]*({_NUM})\s*(?:$|[.,:;!)\]\"'\-–—]+(?:\s|$))", body)
+    # The answer starts with the number, then ends, breaks the line or goes on after punctuation and a space: "8",
+    # "(8).", "7 - good", "8\nThe edit ...". Not "2 dogs were added" (a count) nor "2-3 dogs"; no "-" in the prefix.
+    m = re.match(rf"[\s\"'(\[>#]*({_NUM})\s*(?:$|\n|[.,:;!)\]\"'\-–—]+(?:\s|$))", body)
     if m:
         v = float(m.group(1))
         return v if lo <= v <= hi else None
@@ -438,26 +444,32 @@ def parse_choice(text: str | None) -> str | None:
         if m.group(4):
             return "tie"
         return _SIDE[(m.group(1) or m.group(2) or m.group(3)).lower()]
-    # 3. A negated comparative ("A is not better than B") would be read below as a verdict for the side it
-    # names (by the comparative, the leading letter or the only image named): no verdict from the prose then.
-    if re.search(_NEGATED_CMP, low):
-        return None
-    # 4. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins); a side is "image A",
-    # "the first one", or a bare capital A / B ("Both are good, but A is better"; "B is worse than A")
+    # 3. "<side> is better/superior/preferred/wins", or "<side> is worse" (the other side wins); a side is "image A",
+    # "the first one", or a bare capital A / B ("Both are good, but A is better"; "B is worse than A"). Not negated:
+    # "A is not better" / "B does not look better" are no such statement (the word between may not be a negator).
     side = rf"(?:(?i:{_SIDE_PAT})|\b([AB])\b(?=\s+(?i:is|looks|seems|matches|wins)\b))"  # (not "A more ...")
-    better = re.search(rf"{side}\s+(?i:(?:is|looks|seems|matches)?\s*(?:\w+\s+)?{_BETTER})", s)
-    worse = re.search(rf"{side}\s+(?i:(?:is|looks|seems)?\s*(?:\w+\s+)?{_WORSE})", s)
+    neg = r"(?!(?:not|never|no|hardly)\b)"
+    better = re.search(rf"{side}\s+(?i:(?:is|looks|seems|matches)?\s*{neg}(?:\w+\s+)?{neg}{_BETTER})", s)
+    worse = re.search(rf"{side}\s+(?i:(?:is|looks|seems)?\s*{neg}(?:\w+\s+)?{neg}{_WORSE})", s)
     if better and not worse:
         return _side_of(better)
     if worse and not better:
         return "B" if _side_of(worse) == "A" else "A"
     if better and worse and _side_of(better) != _side_of(worse):  # "A is better; B is worse"
         return _side_of(better)
-    # 5. Leading letter used as a verdict: "A.", "B) because ...", "A has ..." (but not "A cat ...")
-    m = re.match(r"\(?([AB])\)?(?=$|[.):,;!\-]|\s+(?:is|wins|looks|seems|has|better|because|-))", s)
+    # 4. A leading letter set off as the verdict: "A.", "B) because ...", "B: A does not look better"
+    m = re.match(r"\(?([AB])\)?(?=$|[.):,;!\-])", s)
     if m and not (better or worse):
         return m.group(1)
-    # 6. Only one image named at all (and no tie word, which may speak of both), or a stated tie with none named
+    # 5. A negated comparative ("A is not better than B") would be read below as a verdict for the side it names (by
+    # the leading letter or the only image named): no verdict from the prose then.
+    if re.search(_NEGATED_CMP, low):
+        return None
+    # 6. A leading letter as the subject of a verdict: "A has ...", "B wins" (but not "A cat ...")
+    m = re.match(r"\(?([AB])\)?(?=\s+(?:is|wins|looks|seems|has|better|because|-))", s)
+    if m and not (better or worse):
+        return m.group(1)
+    # 7. Only one image named at all (and no tie word, which may speak of both), or a stated tie with none named
     sides = {_side_of(x) for x in re.finditer(_SIDE_PAT, low)}
     if len(sides) == 1 and not re.search(_TIE_WORDS, low):
         return sides.pop()
