@@ -384,10 +384,10 @@ def _per_prompt_totals(table, fallback: float | None) -> torch.Tensor:
     gids = table.group_ids if table.group_ids is not None else torch.zeros(s.shape[0], dtype=torch.long)
     for g in torch.unique(gids):
         rows = (gids == g).nonzero().reshape(-1)
-        sub = s[rows]
-        if torch.isnan(sub).all(0).any():
-            continue  # (a reward with no score for this prompt: the total is unknown)
-        out[rows] = combined_reward(sub, table.weights[rows], None)
+        sub, w = s[rows], table.weights[rows]
+        if (torch.isnan(sub).all(0) & (w != 0).any(0)).any():
+            continue  # (a weighted reward with no score for this prompt: the total is unknown; a weight-0 one is not in it)
+        out[rows] = combined_reward(sub, w, None)
     return out
 
 

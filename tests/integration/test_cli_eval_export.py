@@ -176,6 +176,11 @@ def test_sample_totals_use_each_prompts_own_images():
     assert t[:2].tolist() == pytest.approx([0.5 + 0.4, 0.7 + 0.4])  # b's abstain: its mean over prompt 0's images
     assert torch.isnan(t[2:]).all()  # b scored none of prompt 1's images
     assert totals([[0.1, 0.9], [0.3, 0.8]])[:2].tolist() == pytest.approx(t[:2].tolist())  # prompt 1 changes nothing
+    # a reward of weight 0 is not in the total: its abstaining on a whole prompt leaves that prompt's totals known
+    w0 = torch.tensor([1.0, 0.0]).expand(4, 2)
+    t0 = _per_prompt_totals(ScoreTable(["a", "b"], torch.tensor([[0.5, 0.2], [0.7, nan], [0.1, nan], [0.3, nan]]), w0,
+                                       {}, torch.tensor([0, 0, 1, 1])), None)
+    assert t0.tolist() == pytest.approx([0.5, 0.7, 0.1, 0.3])
 
 
 def test_a_start_error_is_said_once_per_node_and_a_training_error_by_every_rank(monkeypatch):

@@ -500,7 +500,7 @@ def test_remote_reward_garbage_answer_abstains(fault):
     assert r.stats()["bad_responses"] == 2
 
 
-@pytest.mark.parametrize("entry", ["abc", {"v": 1}, True, math.inf])
+@pytest.mark.parametrize("entry", ["abc", {"v": 1}, True, math.inf, 1e39])
 def test_remote_reward_odd_score_entries_make_their_chunk_abstain(fault, entry):
     # a foreign server's answer whose scores are not numbers or null: the chunk abstains, counted, with what was wrong
     # (was: a raw ValueError / TypeError out of the step, True scored 1.0, and Infinity became float32's max)
@@ -512,6 +512,18 @@ def test_remote_reward_odd_score_entries_make_their_chunk_abstain(fault, entry):
         r.close()
     assert torch.isnan(out.scores[:2]).all() and out.scores[2:].tolist() == [0.0, 1.0]  # (the next chunk: canned)
     assert out.details["failed_samples"] == 2 and "not finite numbers or null" in out.details["last_error"]
+
+
+def test_remote_reward_odd_failure_details_count_the_chunk(fault):
+    # a scorer error reported with a failed_samples that is no count (a string, Infinity) counts the whole chunk
+    fault.script["/v1/score"].append(("json", {"scores": {"s": [None, None]},
+                                               "details": {"s": {"error": "boom", "failed_samples": "x"}}}))
+    r = RemoteReward(url=fault.url, rewards=["s"], batch_size=2, retries=0, timeout=0.5, max_concurrency=1)
+    try:
+        out = r(inp(2))
+    finally:
+        r.close()
+    assert out.details["failed_samples"] == 2 and out.details["last_error"] == "reward 's' failed on the server: boom"
 
 
 def test_remote_reward_server_down_at_start_says_how_to_start_it():

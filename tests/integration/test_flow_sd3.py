@@ -278,6 +278,9 @@ def test_a_checkpoints_own_shift_is_sampled_with(tmp_path):
         conf.write_text(json.dumps({**c, key: True}))
         with pytest.raises(ValueError, match=rf"^model.path='.*ck': its scheduler .*{match}"):
             make(model__tiny=False, model__path=str(tmp_path / "ck"), model__image_size=16)
+        # the fix both errors give: a static shift of one's own, which replaces the checkpoint's schedule
+        pol = make(model__tiny=False, model__path=str(tmp_path / "ck"), model__image_size=16, rollout__timestep_shift=4.0)
+        assert pol.timestep_schedule_kwargs()["shift"] == 4.0
 
 
 def test_sq_dist_log_prob_is_flow_grpo_cps_convention_and_keeps_ratio_one():

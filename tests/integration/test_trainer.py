@@ -87,6 +87,18 @@ def test_resume_with_other_epochs_keeps_the_schedule_and_says_when_draws_change(
                             "data.datasets=[{path: 'builtin:colors'}, {path: 'builtin:color_shapes'}]"))
 
 
+def test_ema_start_follows_the_steps_per_training_step_on_resume(tmp_path):
+    # EMA switched on after step 1 of a 2-epoch run starts at optimizer step 2; resumed with 1 epoch per step, the
+    # schedule position is 2 training steps = 2 optimizer steps, and the EMA's start is training step 1 = 1 (kept at 2
+    # it would not advance: the average stood still until the count caught up)
+    run = ["checkpoint.every=1"]
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "algorithm.inner_epochs=2", *run)).train()
+    GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "algorithm.inner_epochs=2", "optim.ema_decay=0.5", *run)).train()
+    t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=3", "algorithm.inner_epochs=1", "optim.ema_decay=0.5", *run))
+    assert t.ema.start == 1 and t.scheduler.last_epoch == 2
+    t.close()
+
+
 def test_ema_switched_on_mid_run_starts_from_the_resumed_weights(tmp_path, capsys):
     GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=1", "checkpoint.every=1")).train()
     t = GRPOTrainer(cfg_for("janus", tmp_path, "train.steps=2", "optim.ema_decay=0.9", "checkpoint.every=1"))

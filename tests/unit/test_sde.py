@@ -187,6 +187,19 @@ def test_cps_window_avoids_its_deterministic_last_step(window, rng, num_steps, s
     assert {int(FlowPolicy._sde_plan(me, num_steps, "cps", g)[1].nonzero()[0]) for _ in range(100)} == starts
 
 
+def test_cps_window_range_at_the_last_step_only_is_refused():
+    # (the window would sit on the noise-free last step: a rollout with nothing to train, silently)
+    from types import SimpleNamespace
+
+    from imagerl.policies.flow.base import FlowPolicy
+
+    me = SimpleNamespace(cfg=SimpleNamespace(rollout=SimpleNamespace(noise_level=0.7, sde_window=1, sde_window_range=[3, 4])))
+    with pytest.raises(ValueError, match=r"rollout.sde_window_range=\[3, 4\] holds only the last of rollout.num_steps=4 "
+                                         r"steps, which CPS takes without noise"):
+        FlowPolicy._sde_plan(me, 4, "cps", torch.Generator())
+    assert FlowPolicy._sde_plan(me, 4, "flow_grpo", torch.Generator())[1].tolist() == [False, False, False, True]
+
+
 def test_sde_window_range_that_holds_no_window_names_the_fields():
     from types import SimpleNamespace
 

@@ -76,6 +76,31 @@ def optimizer_steps_per_step(cfg: Config) -> int:
     return max(1, cfg.algorithm.inner_epochs) * max(1, cfg.algorithm.mini_batches)
 
 
+def _draw_changes(saved: dict | None, cfg: Config) -> str:
+    """'run.seed=0 (now 7), data.datasets[0].path=... (now ...)' for what decides which prompts and samples the
+    resumed steps draw (not e.g. a dataset's reward_weights, which change no draw); '' when the same or unknown."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("run"), dict) or not isinstance(saved.get("data"), dict):
+        return ""
+    now = to_dict(cfg)
+    out = []
+    if saved["run"].get("seed") != now["run"]["seed"]:
+        out.append(f"run.seed={saved['run'].get('seed')!r} (now {now['run']['seed']!r})")
+    old_ds, new_ds = saved["data"].get("datasets") or [], now["data"]["datasets"]
+    for i, (a, b) in enumerate(zip(old_ds, new_ds)):
+        for k in ("path", "weight", "limit", "prompt_field"):
+            if isinstance(a, dict) and k in a and a[k] != b.get(k):
+                out.append(f"data.datasets[{i}].{k}={a[k]!r} (now {b.get(k)!r})")
+    return ", ".join(out)
+
+
+def _saved_steps_per_step(saved: dict | None) -> int:
+    """optimizer_steps_per_step of a checkpoint's saved config (0 when it has none)."""
+    a = saved.get("algorithm") if isinstance(saved, dict) else None
+    if not isinstance(a, dict):
+        return 0
+    return max(1, int(a.get("inner_epochs") or 1)) * max(1, int(a.get("mini_batches") or 1))
+
+
 def lr_lambda(cfg: Config):
     """The LR multiplier as a function of the optimizer steps taken so far (what LambdaLR counts). The schedule
     itself is over *training* steps, the unit of train.steps and optim.warmup_steps: every inner epoch of a step
@@ -478,7 +503,7 @@ class GRPOTrainer:
                                  "check these are intended.")
         # another seed or other prompt files resume fine but make a run that its config.yaml no longer reproduces
         # (the metrics would mix two seeds' draws): say so too
-        drawn = "" if weights_only else _config_changes(saved_cfg, self.cfg, ("run.seed", "data.datasets"))
+        drawn = "" if weights_only else _draw_changes(saved_cfg, self.cfg)
         if drawn:
             self._resume_note += ("\n" if self._resume_note else "") + (
                 f"note: resuming from {ck}, written with {drawn}: the steps from here on draw differently from the "
@@ -487,7 +512,10 @@ class GRPOTrainer:
             if dist.dcp_complete(ck / EMA_DIR):
                 with reading(ck / EMA_DIR, ck):
                     dist.load_dcp(self.ema.state_dict(), ck / EMA_DIR, self.dist)
-                self.ema.start = int(state["state"].get("ema_start", 0))
+                # (in optimizer steps of the run that wrote it: rescaled to this run's steps per training step, which
+                # the resumed schedule position uses, so that another inner_epochs / mini_batches keeps the EMA going)
+                old_per = _saved_steps_per_step(saved_cfg) or optimizer_steps_per_step(self.cfg)
+                self.ema.start = int(state["state"].get("ema_start", 0)) // old_per * optimizer_steps_per_step(self.cfg)
             elif (ck / EMA_DIR).exists():
                 raise TrainingError(f"{ck / EMA_DIR} is incomplete (a damaged checkpoint): remove {ck} to resume from the "
                                     "checkpoint before it")

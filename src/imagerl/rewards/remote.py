@@ -218,7 +218,9 @@ class RemoteReward(Reward):
                 # clients), and here they count as failed, with the server's error, like a failed request's
                 d = details_in.get(nm)
                 if isinstance(d, dict) and d.get("error"):
-                    failed_samples += int(d.get("failed_samples") or hi - lo)
+                    n_failed = d.get("failed_samples")
+                    ok = isinstance(n_failed, int) and not isinstance(n_failed, bool) and 0 < n_failed <= hi - lo
+                    failed_samples += n_failed if ok else hi - lo
                     failed_requests += 1
                     last_error = f"reward '{nm}' failed on the server: {d['error']}"
         scores = self._combined(names, [comp[nm] for nm in names], group_ids) if names else torch.full((n,), math.nan)
@@ -281,7 +283,12 @@ _SETUP_STATUS = {  # HTTP statuses no retry or later request can change, with th
 
 def _score_value(v: Any) -> bool:
     """A score entry of a /v1/score answer: null (abstain) or a finite number (NaN also abstains)."""
-    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isinf(v))
+    # (finite in float32, where the scores live: 1e39 is a finite float but an inf tensor)
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                         and (math.isnan(v) or abs(v) <= _F32_MAX))
+
+
+_F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _encode_any(img: Any) -> str:

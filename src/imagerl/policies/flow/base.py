@@ -101,7 +101,7 @@ def move_module(module: nn.Module, device: torch.device, dtype: torch.dtype | No
 
 
 def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: str = "", layout: str = "",
-                  example: str = "") -> Any:
+                  example: str = "", timestep_shift: float = 0.0) -> Any:
     """`pipeline_cls.from_pretrained(path)` with the error every family gives: it names model.path, the
     directory layout diffusers expects and an example hub id (downloaded beforehand: HF_HUB_OFFLINE is honoured)."""
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
@@ -117,7 +117,8 @@ def load_pipeline(pipeline_cls: Any, path: str, dtype: torch.dtype, revision: st
             f"({layout or 'model_index.json and one folder per component'}) or a hub id such as {example} "
             "(downloaded beforehand: HF_HUB_OFFLINE is honoured), or set model.tiny=true"
         ) from e
-    check_scheduler_options(getattr(getattr(pipe, "scheduler", None), "config", None) or {}, path)
+    if timestep_shift <= 0:  # (rollout.timestep_shift replaces the checkpoint's schedule: nothing of it to replicate)
+        check_scheduler_options(getattr(getattr(pipe, "scheduler", None), "config", None) or {}, path)
     return pipe
 
 
@@ -129,7 +130,8 @@ _UNSUPPORTED_SCHEDULER_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas",
 
 def check_scheduler_options(config: Any, path: str) -> None:
     on = [k for k in _UNSUPPORTED_SCHEDULER_OPTIONS if config.get(k)]
-    if config.get("time_shift_type", "exponential") not in (None, "exponential"):
+    # (the time-shift type matters only with dynamic shifting: a static shift is the same formula either way)
+    if config.get("use_dynamic_shifting") and config.get("time_shift_type", "exponential") not in (None, "exponential"):
         on.append(f"time_shift_type={config.get('time_shift_type')}")
     if on:
         raise ValueError(f"model.path='{path}': its scheduler sets {', '.join(on)}, which imagerl's flow sampler does not "
@@ -313,6 +315,10 @@ class FlowPolicy(Policy):
                 raise ValueError(f"rollout.sde_window_range={list(ro.sde_window_range)} holds no window of "
                                  f"rollout.sde_window={ro.sde_window} steps out of rollout.num_steps={num_steps}: the "
                                  f"window must fit in [lo, hi) with 0 <= lo and lo + {ro.sde_window} <= hi <= {num_steps}")
+            if kind == "cps" and lo >= num_steps - 1:
+                raise ValueError(f"rollout.sde_window_range={list(ro.sde_window_range)} holds only the last of "
+                                 f"rollout.num_steps={num_steps} steps, which CPS takes without noise: nothing would train; "
+                                 f"start the range below {num_steps - 1}")
             start = int(torch.randint(lo, hi - ro.sde_window + 1, (1,), generator=generator, device=generator.device).item())
             inside = torch.zeros(num_steps, dtype=torch.bool)
             inside[start:start + ro.sde_window] = True

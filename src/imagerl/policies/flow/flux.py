@@ -158,13 +158,13 @@ def build_tiny_flux(size: str = "test", overrides: dict[str, Any] | None = None,
     )
 
 
-def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, revision: str = "") -> FluxComponents:
+def load_flux(path: str, dtype: torch.dtype = torch.bfloat16, revision: str = "", timestep_shift: float = 0.0) -> FluxComponents:
     """Load FLUX.1 from a local directory or hub id with `FluxPipeline.from_pretrained` and take its parts."""
     from diffusers import FluxPipeline
 
     pipe = load_pipeline(FluxPipeline, path, dtype, revision,
                          "model_index.json, transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer*/",
-                         "black-forest-labs/FLUX.1-dev")
+                         "black-forest-labs/FLUX.1-dev", timestep_shift)
     sched = {k: pipe.scheduler.config.get(k, v) for k, v in FLUX_SCHEDULER_CONFIG.items()}
     # schnell was distilled for 256 T5 tokens, dev for 512
     max_len = 256 if not pipe.transformer.config.guidance_embeds else DEFAULT_MAX_SEQUENCE_LENGTH
@@ -379,7 +379,7 @@ class FluxPolicy(FlowPolicy):
             comps = build_tiny_flux(m.tiny_size, m.tiny_overrides, seed=cfg.run.seed)
             self.image_size = m.image_size or comps.default_image_size
         else:
-            comps = load_flux(m.path, dtype, m.revision)
+            comps = load_flux(m.path, dtype, m.revision, cfg.rollout.timestep_shift)
         self.comps = comps  # tokenizers, scheduler config (plain attributes, not modules)
         self.weight_dtype = dtype
         cast = dtype if m.tiny else None  # from_pretrained already loaded `dtype`

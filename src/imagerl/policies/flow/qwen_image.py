@@ -172,12 +172,13 @@ def build_tiny_qwen_image(size: str = "test", overrides: dict[str, Any] | None =
     )
 
 
-def load_qwen_image(path: str, dtype: torch.dtype = torch.bfloat16, revision: str = "") -> QwenImageComponents:
+def load_qwen_image(path: str, dtype: torch.dtype = torch.bfloat16, revision: str = "",
+                    timestep_shift: float = 0.0) -> QwenImageComponents:
     """Load Qwen-Image from a local directory or hub id with `QwenImagePipeline.from_pretrained`."""
     from diffusers import QwenImagePipeline
 
     pipe = load_pipeline(QwenImagePipeline, path, dtype, revision,
-                         "model_index.json, transformer/, vae/, text_encoder/, tokenizer/", "Qwen/Qwen-Image")
+                         "model_index.json, transformer/, vae/, text_encoder/, tokenizer/", "Qwen/Qwen-Image", timestep_shift)
     sched = {k: pipe.scheduler.config.get(k, v) for k, v in QWEN_IMAGE_SCHEDULER_CONFIG.items()}
     return QwenImageComponents(
         transformer=pipe.transformer, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
@@ -320,7 +321,7 @@ class QwenImagePolicy(FlowPolicy):
             comps = build_tiny_qwen_image(m.tiny_size, m.tiny_overrides, seed=cfg.run.seed)
             self.image_size = m.image_size or comps.default_image_size
         else:
-            comps = load_qwen_image(m.path, dtype, m.revision)
+            comps = load_qwen_image(m.path, dtype, m.revision, cfg.rollout.timestep_shift)
         self.comps = comps
         self.weight_dtype = dtype
         cast = dtype if m.tiny else None  # from_pretrained already loaded `dtype`

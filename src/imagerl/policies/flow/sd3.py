@@ -125,11 +125,11 @@ class SD3Policy(FlowPolicy):
         else:
             pipe = load_pipeline(StableDiffusion3Pipeline, mcfg.path, self.weight_dtype, mcfg.revision,
                                  "model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/",
-                                 "stabilityai/stable-diffusion-3.5-medium")
+                                 "stabilityai/stable-diffusion-3.5-medium", timestep_shift=cfg.rollout.timestep_shift)
         pipe.set_progress_bar_config(disable=True)
         # the checkpoint's own static shift (3.0 in every SD3 / SD3.5 release), as its pipeline samples with
         sc = pipe.scheduler.config
-        if sc.get("use_dynamic_shifting"):
+        if sc.get("use_dynamic_shifting") and not cfg.rollout.timestep_shift:
             raise ValueError(f"model.path='{mcfg.path}': its scheduler uses dynamic (resolution-dependent) shifting, which "
                              "the SD3 policy does not replicate; set rollout.timestep_shift to a static shift")
         self.default_shift = float(sc.get("shift") or 1.0)
