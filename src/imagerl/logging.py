@@ -835,20 +835,25 @@ class RunLogger:
                 b.close()
             raise
 
-        if self.start_step > 0:
-            dropped = _truncate_metrics(self.metrics_path, self.start_step)
-            if dropped:
-                log.info("%s: dropped %d records after step %d (resuming)", self.metrics_path, dropped, self.start_step)
-        elif self.metrics_path.exists():
-            # A fresh run in a used directory: the old records would mix two runs in one curve.
-            atomic_write_text(self.metrics_path, "")
-        # likewise the grids of steps after the one we start from (a killed run drew them after its last checkpoint;
-        # with another logging.sample_every the resumed run would not redraw them)
-        for p in self.samples_dir.glob("step_*.png") if self.samples_dir.is_dir() else ():
-            with contextlib.suppress(ValueError, OSError):
-                if int(p.stem[len("step_"):]) > self.start_step:
-                    p.unlink()
-        self._metrics_f = open(self.metrics_path, "a", encoding="utf-8")
+        try:  # (a failure from here on, e.g. an unwritable metrics.jsonl, closes the backends just opened)
+            if self.start_step > 0:
+                dropped = _truncate_metrics(self.metrics_path, self.start_step)
+                if dropped:
+                    log.info("%s: dropped %d records after step %d (resuming)", self.metrics_path, dropped, self.start_step)
+            elif self.metrics_path.exists():
+                # A fresh run in a used directory: the old records would mix two runs in one curve.
+                atomic_write_text(self.metrics_path, "")
+            # likewise the grids of steps after the one we start from (a killed run drew them after its last checkpoint;
+            # with another logging.sample_every the resumed run would not redraw them)
+            for p in self.samples_dir.glob("step_*.png") if self.samples_dir.is_dir() else ():
+                with contextlib.suppress(ValueError, OSError):
+                    if int(p.stem[len("step_"):]) > self.start_step:
+                        p.unlink()
+            self._metrics_f = open(self.metrics_path, "a", encoding="utf-8")
+        except BaseException:
+            for b in self._backends:
+                b.close()
+            raise
 
         from rich.console import Console
 

@@ -101,6 +101,17 @@ def test_resume_truncates_to_start_step_and_matches_uninterrupted(tmp_path):
     assert out["reward_curve"].exists()
 
 
+def test_backends_close_when_the_metrics_file_cannot_be_opened(tmp_path, monkeypatch):
+    from imagerl.logging import _TensorBoard
+
+    closed = []
+    monkeypatch.setattr(_TensorBoard, "_close", lambda self: closed.append(self.writer.close()))
+    (tmp_path / "metrics.jsonl").mkdir()  # (a directory where the file should be)
+    with pytest.raises(IsADirectoryError):
+        RunLogger(make_cfg(tensorboard=True), tmp_path, total_steps=3, stream=io.StringIO())
+    assert closed == [None]
+
+
 def test_resume_removes_the_sample_grids_of_steps_after_the_checkpoint(tmp_path):
     # a run killed at step 5 drew grids at 2 and 4 (sample_every 2); resumed from step 3 with sample_every 3 it
     # draws 6 only: the grid of step 4 belongs to the lost steps and must not stay beside the new ones
