@@ -145,3 +145,42 @@ def test_infinite_score_is_an_error():
     REWARDS.register("broken_inf_test", Broken)
     with pytest.raises(RuntimeError, match="broken_inf_test.*infinite"):
         RewardSet([{"type": "broken_inf_test"}]).score(inp(torch.zeros(1, 3, 2, 2), ["x"]))
+
+
+@pytest.mark.parametrize("inside_weight", [-0.1, 1.5, 2.0, float("nan")])
+def test_color_position_inside_weight_outside_0_1_is_refused_at_build(inside_weight):
+    # inside_weight=2 scored a grey image -0.5: outside [0, 1] one term's weight is negative
+    with pytest.raises(ValueError, match=r"^rewards\[1\].args.inside_weight=.* must be in \[0, 1\]"):
+        build_reward({"type": "color_position", "args": {"inside_weight": inside_weight}}, 1)
+
+
+def test_color_position_inside_weight_bounds_keep_scores_in_0_1():
+    grey = torch.full((1, 3, 16, 16), 0.5)
+    for w in (0.0, 1.0):
+        s = build_reward({"type": "color_position", "args": {"inside_weight": w}})(inp(grey, ["a red square on the left"]))
+        assert 0.0 <= float(s.scores[0]) <= 1.0
+
+
+@pytest.mark.parametrize("max_bpp", [0, 0.0, -1.0, float("inf"), float("nan")])
+def test_jpeg_max_bpp_must_be_positive_at_build(max_bpp):
+    # max_bpp=0 was a ZeroDivisionError at the first score, not at build time
+    with pytest.raises(ValueError, match=r"^rewards\[0\].args.max_bpp=.* must be a finite number > 0"):
+        build_reward({"type": "jpeg_compressibility", "args": {"max_bpp": max_bpp}})
+
+
+@pytest.mark.parametrize("quality", [0, -5, 96, 100, 101])
+def test_jpeg_quality_must_be_1_to_95_at_build(quality):
+    with pytest.raises(ValueError, match=r"^rewards\[0\].args.quality=.* must be an int in 1\.\.95"):
+        build_reward({"type": "jpeg_compressibility", "args": {"quality": quality}})
+    # constructed directly (not from a config), the error names the reward
+    from imagerl.rewards.rule import JpegCompressibilityReward
+
+    with pytest.raises(ValueError, match=r"^reward 'jpeg'.args.quality="):
+        JpegCompressibilityReward(name="jpeg", quality=quality)
+
+
+def test_jpeg_quality_and_max_bpp_bounds_are_valid():
+    imgs = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for args in ({"quality": 1}, {"quality": 95}, {"max_bpp": 0.01}):
+        s = build_reward({"type": "jpeg_compressibility", "args": args})(inp(imgs, ["x", "y"])).scores
+        assert ((s >= 0) & (s <= 1)).all()

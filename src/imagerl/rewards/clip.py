@@ -15,10 +15,12 @@ checkpoint and in the scale applied to the cosine:
   transformers ``CLIPModel`` format (there is no default), with the ViT-H processor as above.
 
 Images are preprocessed in torch, not by the transformers image processor (whose fast backend needs
-torchvision): resize the shortest side with bicubic + antialias, centre crop, normalise with the
-checkpoint's mean/std read from its ``preprocessor_config.json``. This matches the PIL processor to about
-1e-2 in normalised pixel units (PIL resamples 8-bit images; we resample floats). Prompts longer than the
-text tower's context (77 tokens for CLIP) are truncated, as every CLIP scorer does.
+torchvision), following the checkpoint's ``preprocessor_config.json`` as `CLIPImageProcessor` does: resize
+(``size``: an int or ``shortest_edge`` scales the shortest side, keeping the aspect ratio; ``height``/``width``
+resizes to exactly that) with bicubic + antialias, centre crop, rescale, normalise with its mean/std, each
+step skipped where its ``do_*`` flag is false. This matches the PIL processor to about 1e-2 in normalised pixel
+units (PIL resamples 8-bit images; we resample floats). Prompts longer than the text tower's context (77
+tokens for CLIP) are truncated, as every CLIP scorer does.
 
 ``tiny: true`` builds a small random-weight `CLIPModel` of the real class (offline; tests and demos).
 """
@@ -36,48 +38,130 @@ import torch.nn.functional as F
 
 from ..devices import resolve_device, resolve_dtype
 from ..types import RewardInput, RewardOutput
-from .base import Reward
+from .base import Reward, building_field
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# PIL resampling codes (transformers' `resample`) we reproduce, and the torch mode that matches each when run
+# with antialias (torch's antialiased kernels are PIL's: bicubic with a = -0.5, triangle for bilinear)
+RESAMPLE_MODES = {3: "bicubic", 2: "bilinear"}
+
+
 @dataclass
 class ClipPreprocess:
-    """How a checkpoint wants its pixels: shortest side -> `resize`, centre crop to `crop`, then normalise."""
+    """How a checkpoint wants its pixels, step for step as transformers' `CLIPImageProcessor`: resize, centre
+    crop, rescale, normalise, each skipped when the checkpoint's preprocessor_config.json turns it off."""
 
-    resize: int
-    crop: tuple[int, int]  # (height, width)
+    resize: int | tuple[int, int] | None  # int: shortest edge; (height, width): exactly that size; None: no resize
+    crop: tuple[int, int] | None  # (height, width); None: no centre crop
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    normalize: bool = True
+    rescale: float = 1.0  # on our [0, 1] pixels: 255 * rescale_factor, or 255 (the 8-bit values) with no rescale
+    resample: str = "bicubic"
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "ClipPreprocess":
-        size = cfg.get("size", 224)
-        if isinstance(size, dict):
-            resize = int(size.get("shortest_edge") or min(size.get("height", 224), size.get("width", 224)))
+        """Read a preprocessor_config.json as `CLIPImageProcessor` does: its defaults for missing keys, and a null
+        do_* flag is off there too. Size forms and resampling filters we do not reproduce are refused, not ignored.
+        (do_convert_rgb changes nothing here: our images are RGB already.)"""
+        resize, resample = None, 3
+        if cfg.get("do_resize", True):
+            square = bool(cfg.get("default_to_square", False))
+            resize = _size_from_config(cfg.get("size", {"shortest_edge": 224}), square)
+            resample = cfg.get("resample", 3)
+            if resample not in RESAMPLE_MODES:
+                raise ValueError(f"resample={resample!r} is not supported: CLIP preprocessing here reproduces 3 "
+                                 f"(bicubic, CLIP's own) and 2 (bilinear); use a processor checkpoint with one of those")
+        crop = None
+        if cfg.get("do_center_crop", True):
+            crop_size = cfg.get("crop_size", {"height": 224, "width": 224})
+            crop = _size_from_config(crop_size, True, field="crop_size") if crop_size is not None else None
+            if not isinstance(crop, tuple):
+                raise ValueError(f"crop_size={crop_size!r} is not a crop: give {{height: H, width: W}} or an int "
+                                 f"(or set do_center_crop: false)")
+        rescale = 255.0  # do_rescale: false leaves the 8-bit values, 0..255
+        if cfg.get("do_rescale", True):
+            if not isinstance(cfg.get("rescale_factor", 1 / 255), (int, float)):
+                raise ValueError(f"rescale_factor={cfg.get('rescale_factor')!r} must be a number with do_rescale: true")
+            rescale = 255.0 * float(cfg.get("rescale_factor", 1 / 255))
+        normalize = bool(cfg.get("do_normalize", True))
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # unused without normalisation
+        if normalize:
+            mean = _per_channel(cfg.get("image_mean", OPENAI_CLIP_MEAN), "image_mean")
+            std = _per_channel(cfg.get("image_std", OPENAI_CLIP_STD), "image_std")
+        return cls(resize, crop, mean, std, normalize, rescale, RESAMPLE_MODES[resample])
+
+
+def _size_from_config(size: Any, default_to_square: bool, field: str = "size") -> int | tuple[int, int]:
+    """A processor `size` / `crop_size` as transformers' get_size_dict reads it: an int is the shortest edge
+    (CLIP's default_to_square is false; crop_size is always square), a [h, w] list or {height, width} is an
+    exact size. -> int (shortest edge) or (height, width)."""
+    def positive(*vals: Any) -> bool:
+        return all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in vals)
+
+    if positive(size):
+        return (size, size) if default_to_square else size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and positive(*size):
+        return (size[0], size[1])
+    if isinstance(size, dict) and set(size) == {"shortest_edge"} and positive(size["shortest_edge"]):
+        return size["shortest_edge"]
+    if isinstance(size, dict) and set(size) == {"height", "width"} and positive(size["height"], size["width"]):
+        return (size["height"], size["width"])
+    # (longest_edge, max_height, min_pixels... are transformers size dicts too, but no CLIP checkpoint uses them)
+    raise ValueError(f"{field}={size!r} is not supported: CLIP preprocessing here takes a positive int, "
+                     f"{{shortest_edge: N}} or {{height: H, width: W}}; use a processor checkpoint with one of those")
+
+
+def _per_channel(v: Any, field: str) -> tuple[float, float, float]:
+    # the processor broadcasts a single number over the channels
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (float(v),) * 3
+    if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(isinstance(x, (int, float)) for x in v):
+        raise ValueError(f"{field}={v!r} must be one number or a list of three (RGB), as required with do_normalize: true")
+    return (float(v[0]), float(v[1]), float(v[2]))
+
+
+def _center_crop(x: torch.Tensor, crop_hw: tuple[int, int]) -> torch.Tensor:
+    """The PIL processor's centre crop: offset (size - crop) // 2, and where the image is smaller than the crop,
+    zero padding (black, before rescaling) with the image at ceil((crop - size) / 2)."""
+    out = x.new_zeros(*x.shape[:-2], *crop_hw)
+    src, dst = [], []
+    for n, c in zip(x.shape[-2:], crop_hw):
+        if n >= c:
+            src.append(slice((n - c) // 2, (n - c) // 2 + c))
+            dst.append(slice(0, c))
         else:
-            resize = int(size)
-        crop = cfg.get("crop_size", resize)
-        crop_hw = (int(crop["height"]), int(crop["width"])) if isinstance(crop, dict) else (int(crop), int(crop))
-        return cls(resize, crop_hw, tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD)))
+            src.append(slice(0, n))
+            dst.append(slice((c - n + 1) // 2, (c - n + 1) // 2 + n))
+    out[..., dst[0], dst[1]] = x[..., src[0], src[1]]
+    return out
 
 
 def preprocess_images(images_N3HW: torch.Tensor, pp: ClipPreprocess) -> torch.Tensor:
-    """[N,3,H,W] in [0,1] -> CLIP pixel values [N,3,crop_h,crop_w] (float32, normalised)."""
+    """[N,3,H,W] in [0,1] -> CLIP pixel values [N,3,crop_h,crop_w] (float32; uncropped size with no crop)."""
     x = images_N3HW.float()
     h, w = x.shape[-2:]
-    # the transformers processors' shortest-edge rule: short side -> resize, long side -> int(resize * long / short)
-    # (in that order of operations: int(long * (resize / short)) can land one pixel lower, e.g. 720x320 -> 503
-    # instead of 504, and a one-pixel difference shifts the whole crop)
-    long_side = int(pp.resize * max(h, w) / min(h, w))
-    new_hw = (pp.resize, long_side) if h <= w else (long_side, pp.resize)
-    new_hw = (max(pp.crop[0], new_hw[0]), max(pp.crop[1], new_hw[1]))
-    if new_hw != (h, w):
-        x = F.interpolate(x, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
-    top = (x.shape[-2] - pp.crop[0]) // 2
-    left = (x.shape[-1] - pp.crop[1]) // 2
-    x = x[..., top : top + pp.crop[0], left : left + pp.crop[1]].clamp(0, 1)  # bicubic overshoots; PIL clips too
+    if pp.resize is not None:
+        if isinstance(pp.resize, int):
+            # the transformers processors' shortest-edge rule: short side -> resize, long side -> int(resize * long / short)
+            # (in that order of operations: int(long * (resize / short)) can land one pixel lower, e.g. 720x320 -> 503
+            # instead of 504, and a one-pixel difference shifts the whole crop)
+            long_side = int(pp.resize * max(h, w) / min(h, w))
+            new_hw = (pp.resize, long_side) if h <= w else (long_side, pp.resize)
+        else:
+            new_hw = pp.resize  # {height, width}: exactly that size, the aspect ratio is not kept
+        if new_hw != (h, w):
+            x = F.interpolate(x, size=new_hw, mode=pp.resample, antialias=True, align_corners=False)
+        x = x.clamp(0, 1)  # bicubic overshoots; PIL resamples 8-bit pixels, which clips
+    if pp.crop is not None:
+        x = _center_crop(x, pp.crop)
+    if pp.rescale != 1.0:
+        x = x * pp.rescale
+    if not pp.normalize:
+        return x
     mean = torch.tensor(pp.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pp.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -159,9 +243,13 @@ def load_clip(model: str, processor: str | None = None, revision: str | None = N
                          f"or use tiny: true") from e
     try:
         tok = AutoTokenizer.from_pretrained(proc, revision=revision)
-        pp = ClipPreprocess.from_config(_read_preprocessor_config(proc, revision))
+        pp_cfg = _read_preprocessor_config(proc, revision)
     except (OSError, ValueError) as e:
         raise ValueError(f"{field}.processor='{proc}': cannot load the CLIP tokenizer / preprocessor_config.json ({e})") from e
+    try:
+        pp = ClipPreprocess.from_config(pp_cfg)
+    except ValueError as e:
+        raise ValueError(f"{field}.processor='{proc}': its preprocessor_config.json {e}") from e
     return ClipBundle(m.eval(), tok, pp)
 
 
@@ -198,8 +286,9 @@ class CLIPFamilyReward(Reward):
             model_id = model or self.default_model
             if not model_id:
                 raise ValueError(self.missing_model_message())
-            bundle = load_clip(model_id, processor or self.default_processor or model_id, revision,
-                                field=f"reward '{self.name}' args")
+            # (rewards[0].args when built from the config: the path in the user's YAML)
+            where = f"{building_field()}.args" if building_field() else f"reward '{self.name}' args"
+            bundle = load_clip(model_id, processor or self.default_processor or model_id, revision, field=where)
         self.model = bundle.model.to(self.device, self.dtype).requires_grad_(False)
         self.tokenizer = bundle.tokenizer
         self.preprocess = bundle.preprocess

@@ -20,7 +20,7 @@ import torch
 from ..imageio import to_u8
 from ..tiny import POSITIONS
 from ..types import RewardInput, RewardOutput
-from .base import Reward
+from .base import Reward, building_field
 
 COLOR_RGB = {
     "red": (1.0, 0.0, 0.0),
@@ -54,6 +54,11 @@ def region_mask(position: str, h: int, w: int) -> torch.Tensor:
     return m
 
 
+def _arg(reward: Reward, arg: str) -> str:
+    """The config path of one of a reward's args (rewards[0].args.quality when built from the config)."""
+    return f"{building_field() or f'reward {reward.name!r}'}.args.{arg}"
+
+
 def color_match(img_3HW: torch.Tensor, rgb: tuple[float, float, float], tolerance: float) -> torch.Tensor:
     """[H, W] soft match in [0, 1]: 1 at the exact colour, falling linearly to 0 at `tolerance` RGB distance."""
     target = torch.tensor(rgb, dtype=img_3HW.dtype, device=img_3HW.device).view(3, 1, 1)
@@ -71,7 +76,11 @@ class ColorPositionReward(Reward):
     def __init__(self, name: str = "", tolerance: float = 0.6, inside_weight: float = 0.75):
         super().__init__(name)
         if not 0 < tolerance <= 1:
-            raise ValueError(f"color_position: tolerance={tolerance} must be in (0, 1]")
+            raise ValueError(f"{_arg(self, 'tolerance')}={tolerance} must be in (0, 1] (color_position)")
+        # outside [0, 1] one of the two terms gets a negative weight and scores leave [0, 1] (2 gave -0.5)
+        if not 0 <= inside_weight <= 1:
+            raise ValueError(f"{_arg(self, 'inside_weight')}={inside_weight} must be in [0, 1] (color_position): "
+                             f"the weight of the region's match against 1 - the match outside it")
         self.tolerance = tolerance
         self.inside_weight = inside_weight
 
@@ -110,7 +119,7 @@ class BrightnessReward(Reward):
     def __init__(self, name: str = "", target: str = "bright"):
         super().__init__(name)
         if target not in ("bright", "dark"):
-            raise ValueError(f"brightness: target='{target}' must be 'bright' or 'dark'")
+            raise ValueError(f"{_arg(self, 'target')}='{target}' must be 'bright' or 'dark' (brightness)")
         self.target = target
 
     def score(self, inp: RewardInput) -> RewardOutput:
@@ -137,6 +146,13 @@ class JpegCompressibilityReward(Reward):
 
     def __init__(self, name: str = "", quality: int = 95, max_bpp: float = 3.0):
         super().__init__(name)
+        # checked here, not at the first score: PIL's JPEG quality scale is 1..95 (above 95 it turns off parts of
+        # the compression, which is what this reward measures), and max_bpp divides
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 95:
+            raise ValueError(f"{_arg(self, 'quality')}={quality!r} must be an int in 1..95 (JPEG quality; default 95)")
+        if not (max_bpp > 0 and math.isfinite(max_bpp)):
+            raise ValueError(f"{_arg(self, 'max_bpp')}={max_bpp} must be a finite number > 0 (the JPEG bytes per "
+                             f"pixel that score 0; default 3.0)")
         self.quality = quality
         self.max_bpp = max_bpp
 
