@@ -12,6 +12,7 @@ import asyncio
 import base64
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -297,8 +298,29 @@ def test_openai_client_chat_completions_with_logprobs(server):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="stop sequences are not supported"):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stop=["."])
-    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0 must be >= 1"):  # (was: silently 64)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0 must be an integer in \[1, 8192\]"):  # (was: 64)
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=0)
+    # settings that would change the answer and are not implemented are refused, never ignored; neutral ones pass
+    with pytest.raises(openai.BadRequestError, match=r"'logit_bias' is not supported by this server"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, logit_bias={"9": 5})
+    with pytest.raises(openai.BadRequestError, match=r"'repetition_penalty' is not supported"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2,
+                                       extra_body={"repetition_penalty": 1.05})
+    client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, frequency_penalty=0,
+                                   extra_body={"top_k": -1})
+    bad = [({"seed": 2**70}, r"seed=1180591620717411303424 must be an integer"), ({"seed": 1.5}, r"seed=1.5 must be"),
+           ({"logprobs": "false"}, r"logprobs='false' must be true or false"),
+           ({"max_tokens": 2.7}, r"max_tokens=2.7 must be an integer"),
+           ({"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]},
+            r"messages\[0\].content\[0\].text must be a string, got NoneType")]
+    for extra, match in bad:
+        body = {"model": "tiny-qwen2.5-vl", "messages": msg(img, "hi"), "max_tokens": 2, **extra}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=20)
+        assert r.status_code == 400 and re.search(match, r.json()["error"]["message"]), (extra, r.text)
+    # a null max_completion_tokens (clients send null fields) leaves max_tokens in charge
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tiny-qwen2.5-vl", "messages": msg(img, "hi"),
+                                                      "max_tokens": 3, "max_completion_tokens": None}, timeout=20)
+    assert r.json()["usage"]["completion_tokens"] <= 3
     # and it fetches nothing: an image by URL (not an inline data: URL) is a 400, naming the field
     remote_img = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}},
                                                {"type": "text", "text": "hi"}]}]
@@ -363,28 +385,106 @@ def test_sampled_decoding_is_seeded(server):
 
 
 def test_seeded_samples_do_not_depend_on_what_they_were_coalesced_with():
-    """A seeded sampled request gives the same text alone and when it arrives together with other requests (it is
-    never coalesced); a text carrying image placeholders fails alone, not the image request next to it."""
+    """A seeded sampled request gives the same text alone and when it arrives together with other requests (each row
+    draws from its own generator), without touching torch's global RNG (process-wide: the trainer's stream, and on a
+    GPU every CUDA generator); a text carrying image placeholders fails alone, not the image request next to it."""
     b = LocalVLMBackend(tiny=True, max_batch=8, max_wait_ms=200)
     m = lambda t: [{"role": "user", "content": t}]  # noqa: E731
     kw = dict(max_tokens=8, temperature=1.0)
+
+    img = q8(torch.rand(3, 32, 32))
 
     async def go():
         alone = await b.complete(m("Describe it."), seed=1, **kw)
         together = await asyncio.gather(b.complete(m("Something else"), seed=7, **kw),
                                         b.complete(m("Describe it."), seed=1, **kw))
         bad = "<|vision_start|><|image_pad|><|vision_end|> what is this?"
-        mixed = await asyncio.gather(b.complete(m(bad), max_tokens=2), b.complete(msg(q8(torch.rand(3, 32, 32)), "Describe."), max_tokens=2),
+        mixed = await asyncio.gather(b.complete(m(bad), max_tokens=2), b.complete(msg(img, "Describe."), max_tokens=2),
                                      return_exceptions=True)
         return alone, together, mixed
 
+    state = torch.get_rng_state()
     try:
         alone, together, mixed = asyncio.run(go())
     finally:
         b.close()
+    assert torch.equal(torch.get_rng_state(), state)
     assert together[1].text == alone.text
     assert isinstance(mixed[0], ValueError) and "image placeholders" in str(mixed[0])
     assert not isinstance(mixed[1], BaseException) and mixed[1].text is not None
+
+
+def test_oversized_chat_images_are_refused_from_their_header():
+    # a 14000 x 14000 PNG is a few KB: decoding it first (280 MiB for 9000 x 9000, inside the generation worker) is
+    # what the pixel limit is for; without a limit PIL's own ceiling is an ImageTooLargeError (413), not a 400
+    import io
+
+    from PIL import Image
+
+    from imagerl.rewards.judges.backend import ImageTooLargeError, data_uri_to_image
+
+    def uri_of(side: int) -> str:
+        buf = io.BytesIO()
+        Image.new("1", (side, side)).save(buf, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    uri = uri_of(9000)
+    with pytest.raises(ImageTooLargeError, match=r"image is 9000x9000 = 81000000 pixels, over the limit of 1000000"):
+        data_uri_to_image(uri, max_pixels=1_000_000)
+    with pytest.raises(ImageTooLargeError, match=r"too large to decode"):
+        data_uri_to_image(uri_of(14000))
+    from imagerl.rewards.vlm_local import split_messages
+
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}}]}]
+    with pytest.raises(ImageTooLargeError, match=r"^messages\[0\].content\[0\]: image is 9000x9000"):
+        split_messages(msgs, 1_000_000)
+
+
+def test_sampling_leaves_another_threads_random_stream_alone():
+    # the trainer draws from torch's global generator while the scoring thread runs judge requests: a seeded sample
+    # that reseeded the global generator (process-wide) broke the trainer's stream mid-sequence
+    import threading
+
+    b = LocalVLMBackend(tiny=True, max_wait_ms=0)
+    torch.manual_seed(123)
+    want = torch.rand(3000).tolist()
+    got: list[float] = []
+    done = threading.Event()
+
+    def draw():
+        torch.manual_seed(123)
+        while len(got) < 3000:
+            got.append(float(torch.rand(1)))
+        done.set()
+
+    try:
+        th = threading.Thread(target=draw)
+        th.start()
+        while not done.is_set():
+            b.complete_sync([{"role": "user", "content": "Describe it."}], max_tokens=4, temperature=1.0, seed=5)
+        th.join()
+    finally:
+        b.close()
+    assert got == want
+
+
+def test_greedy_answers_ignore_the_checkpoints_sampling_settings(tmp_path):
+    # Qwen2.5-VL-Instruct ships a generation_config with repetition_penalty 1.05 (and top_k / top_p): greedy must stay
+    # the argmax of the model's distribution, which is what the log-probs report; a tiny temperature is greedy too
+    tiny = LocalVLMBackend(tiny=True, max_wait_ms=0)
+    tiny.model.generation_config.repetition_penalty = 2.0
+    tiny.model.generation_config.no_repeat_ngram_size = 1
+    for part in (tiny.model, tiny.tokenizer, tiny.image_processor):
+        part.save_pretrained(tmp_path)
+    tiny.close()
+    b = LocalVLMBackend(model=str(tmp_path), max_wait_ms=0)
+    try:
+        for t in (0.0, 1e-45):  # (1e-45 overflowed into NaN probabilities: a 500)
+            g = b.complete_sync([{"role": "user", "content": "Say something, and say it again."}], max_tokens=12,
+                                temperature=t, top_logprobs=1)
+            assert len(g.tokens) > 3 and all(tok.top[0][0] == tok.token for tok in g.tokens)
+    finally:
+        b.close()
 
 
 def test_local_vlm_loads_a_saved_checkpoint_directory(tmp_path):

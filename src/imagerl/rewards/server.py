@@ -51,6 +51,7 @@ from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHAT_TOKENS = 8192  # (a request of 1e9 tokens that never met EOS held the one generation worker indefinitely)
 
 
 class APIError(Exception):
@@ -364,21 +365,40 @@ class RewardServer:
             raise APIError(400, "n > 1 is not supported by this server; send n=1 (or several requests)")
         if d.get("stop"):
             raise APIError(400, "stop sequences are not supported by this server; leave 'stop' unset")
-        try:
-            mt = d.get("max_completion_tokens", d.get("max_tokens"))
-            max_tokens = 64 if mt is None else int(mt)  # (an explicit 0 is refused below, not turned into 64)
-            temperature = d.get("temperature")
-            temperature = 1.0 if temperature is None else float(temperature)  # OpenAI's default
-            top_p = d.get("top_p")
-            top_p = 1.0 if top_p is None else float(top_p)
-            seed = d.get("seed")
-            seed = None if seed is None else int(seed)
-            k = d.get("top_logprobs")
-            k_int = int(k or 0)
-        except (TypeError, ValueError) as e:
-            raise APIError(400, f"bad sampling parameter: {e} (max_tokens, temperature, top_p, seed, top_logprobs are numbers)") from None
-        if max_tokens < 1:
-            raise APIError(400, f"max_tokens={max_tokens} must be >= 1")
+        # what would change the answer and is not implemented here is refused, never silently ignored (a judge relying
+        # on logit_bias would get unbiased answers); neutral values (0 penalties, 1.0 repetition_penalty) pass
+        neutral = {"frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "top_k": (-1, 0),
+                   "min_p": (0,)}
+        for key in ("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call",
+                    "guided_json", "guided_regex", "guided_choice", *neutral):
+            v = d.get(key)
+            if v is not None and v != {} and v not in neutral.get(key, ()):
+                raise APIError(400, f"'{key}' is not supported by this server; leave it unset")
+
+        def integer(key: str, v: Any, lo: int, hi: int) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:  # (1.5 was truncated, 2**70 a bare
+                raise APIError(400, f"{key}={v!r} must be an integer in [{lo}, {hi}]")  # overflow message)
+            return v
+
+        def number(key: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise APIError(400, f"{key}={v!r} must be a number")
+            return float(v)
+
+        # (max_completion_tokens, OpenAI's newer name, wins unless it is null: null fields are what many clients send)
+        mt = d.get("max_completion_tokens")
+        mt = d.get("max_tokens") if mt is None else mt
+        max_tokens = 64 if mt is None else integer("max_tokens", mt, 1, MAX_CHAT_TOKENS)
+        temperature = d.get("temperature")
+        temperature = 1.0 if temperature is None else number("temperature", temperature)  # OpenAI's default
+        top_p = d.get("top_p")
+        top_p = 1.0 if top_p is None else number("top_p", top_p)
+        seed = d.get("seed")
+        seed = None if seed is None else integer("seed", seed, -(2**63), 2**63 - 1)
+        k = d.get("top_logprobs")
+        k_int = 0 if k is None else integer("top_logprobs", k, 0, MAX_TOP_LOGPROBS)
+        if d.get("logprobs") not in (None, True, False):  # (the string "false" counted as true)
+            raise APIError(400, f"logprobs={d.get('logprobs')!r} must be true or false")
         want_lp = bool(d.get("logprobs"))
         if k is not None and not want_lp:
             raise APIError(400, "top_logprobs needs logprobs=true")
@@ -392,6 +412,8 @@ class RewardServer:
             raise APIError(413, str(e)) from None
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from None
+        except (RuntimeError, MemoryError) as e:  # (out of memory, a kernel error: OpenAI's error body, not a bare 500)
+            raise APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error") from None
         logprobs = None
         if want_lp:
             logprobs = {"content": [

@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-from .judges.backend import ChatResult, JudgeError, data_uri_to_image, position_logprobs
+from .judges.backend import ChatResult, ImageTooLargeError, JudgeError, data_uri_to_image, position_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,26 @@ class Generation:
         return ChatResult(text=self.text, top_logprobs=top, usage=usage)
 
 
-class ImageTooLargeError(ValueError):
-    """An image over the configured pixel limit (the server answers 413)."""
+class _RowSampler:
+    """A transformers logits processor that samples each row from softmax(logits / temperature) restricted to the
+    top-p nucleus (kept: the tokens whose mass before them, in descending order, is < top_p, as TopPLogitsWarper
+    keeps), with that row's own generator, and returns logits that are -inf except at the drawn token."""
+
+    def __init__(self, generators: list[Any], temperature: float, top_p: float) -> None:
+        self.generators, self.temperature, self.top_p = generators, temperature, top_p
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        x = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+            p = sorted_x.softmax(-1)
+            drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) >= self.top_p)
+            x = x.masked_fill(drop, float("-inf"))
+        probs = x.softmax(-1)
+        picks = torch.stack([torch.multinomial(probs[n], 1, generator=g) for n, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(1, picks, 0.0)
 
 
 @dataclass
@@ -283,7 +301,10 @@ def split_messages(messages: list[dict[str, Any]], max_image_pixels: int = 0) ->
             where = f"messages[{i}].content[{j}]"
             ptype = p.get("type") if isinstance(p, dict) else None
             if ptype == "text":
-                parts.append({"type": "text", "text": str(p.get("text", ""))})
+                text = p.get("text")
+                if not isinstance(text, str):  # (null became the text "None")
+                    raise ValueError(f"{where}.text must be a string, got {type(text).__name__}")
+                parts.append({"type": "text", "text": text})
             elif ptype == "image_url":
                 iu = p.get("image_url")
                 url = iu.get("url") if isinstance(iu, dict) else iu
@@ -292,14 +313,9 @@ def split_messages(messages: list[dict[str, Any]], max_image_pixels: int = 0) ->
                 if not url.startswith("data:"):
                     raise ValueError(f"{where}: only base64 'data:image/...;base64,' URLs are accepted (this judge does no network I/O)")
                 try:
-                    img = data_uri_to_image(url)
-                except ValueError as e:
-                    raise ValueError(f"{where}: {e}") from None
-                if max_image_pixels and img.width * img.height > max_image_pixels:
-                    raise ImageTooLargeError(
-                        f"{where}: image is {img.width}x{img.height} = {img.width * img.height} pixels, over the limit of "
-                        f"{max_image_pixels} (server.max_image_pixels); downscale it or raise the limit"
-                    )
+                    img = data_uri_to_image(url, max_image_pixels)
+                except ValueError as e:  # (ImageTooLargeError keeps its type: the server answers 413)
+                    raise type(e)(f"{where}: {e}") from None
                 images.append(img)
                 parts.append({"type": "image"})
             else:
@@ -453,6 +469,12 @@ class LocalVLMBackend:
         if tok.eos_token_id is not None:
             eos.add(tok.eos_token_id)
         self.eos_ids = sorted(i for i in eos if i is not None and i >= 0)
+        # The checkpoint's generation_config goes (its special-token ids were read above): Qwen2.5-VL-Instruct ships
+        # repetition_penalty 1.05, top_k / top_p and temperature, and generate() fills every setting a request
+        # leaves at its default from it, so "greedy" answers were not the argmax the log-probs report
+        from transformers import GenerationConfig
+
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
         self._token_text: dict[int, str] = {}
         self._token_bytes: dict[int, list[int]] = {}
         from transformers.convert_slow_tokenizer import bytes_to_unicode  # (GPT-2 byte alphabet, which Qwen uses)
@@ -464,8 +486,8 @@ class LocalVLMBackend:
         self._batcher: DynamicBatcher[_GenRequest, Generation] = DynamicBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
             # a seeded sampled request runs alone: its draws must not depend on which requests it was coalesced with
-            key=lambda r: (r.temperature > 0, r.temperature, r.top_p,
-                           id(r) if r.temperature > 0 and r.seed is not None else None),
+            # (a seeded sampled request draws from its own generator: it may share a batch, see _RowSampler)
+            key=lambda r: (r.temperature > 0, r.temperature, r.top_p),
             name="vlm-judge",
         )
 
@@ -482,6 +504,8 @@ class LocalVLMBackend:
             gen = await self.complete(messages, max_tokens=max_tokens, temperature=temperature, top_logprobs=top_logprobs or 0)
         except ValueError as e:
             raise JudgeError(f"in-process judge cannot read the request: {e}") from e
+        except (RuntimeError, MemoryError) as e:  # (e.g. out of GPU memory: the sample abstains, as a failed HTTP
+            raise JudgeError(f"in-process judge failed: {type(e).__name__}: {e}") from e  # request's would)
         return gen.to_chat_result(with_logprobs=top_logprobs is not None)
 
     async def complete(
@@ -517,8 +541,10 @@ class LocalVLMBackend:
     def _request(self, messages: Any, max_tokens: int, temperature: float, top_p: float, top_logprobs: int, seed: int | None) -> _GenRequest:
         if int(max_tokens) < 1:
             raise ValueError(f"max_tokens={max_tokens} must be >= 1")
-        if float(temperature) < 0:
+        if not float(temperature) >= 0:
             raise ValueError(f"temperature={temperature} must be >= 0")
+        if float(temperature) < 1e-5:  # (as vLLM: 1e-45 overflowed the softmax into NaN probabilities)
+            temperature = 0.0
         if not 0 < float(top_p) <= 1:
             raise ValueError(f"top_p={top_p} must be in (0, 1]")
         if not 0 <= int(top_logprobs) <= 20:
@@ -582,25 +608,22 @@ class LocalVLMBackend:
             inputs["pixel_values"] = im["pixel_values"].to(self.device, self.model.dtype)
             inputs["image_grid_thw"] = im["image_grid_thw"].to(self.device)
         first = live[0]
-        sample = first.temperature > 0
-        gen_kw: dict[str, Any] = dict(
-            max_new_tokens=max(r.max_tokens for r in live), do_sample=sample, output_logits=True,
-            return_dict_in_generate=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
-        )
-        if sample:
-            gen_kw.update(temperature=first.temperature, top_p=first.top_p, top_k=0)
-        else:  # neutralise sampling knobs a checkpoint's generation_config may carry
-            gen_kw.update(temperature=None, top_p=None, top_k=None)
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        # (the model's own generation_config was replaced by a clean one at load: see __init__)
+        gcfg = GenerationConfig(max_new_tokens=max(r.max_tokens for r in live), do_sample=False, output_logits=True,
+                                return_dict_in_generate=True, pad_token_id=self.pad_id, eos_token_id=self.eos_ids)
+        procs = LogitsProcessorList()
+        if first.temperature > 0:
+            # Sampled rows draw with their own torch.Generator (the request's seed, else the next of a random
+            # counter) inside a logits processor that leaves only the drawn token, which greedy decoding then takes:
+            # no global RNG is touched (torch.manual_seed is process-wide, not thread-safe, and on a GPU reseeds every
+            # CUDA generator the trainer uses), and a seeded row draws the same whatever it was batched with.
+            gens = [torch.Generator(device=self.device).manual_seed(int(r.seed if r.seed is not None else next(self._seed_counter)))
+                    for r in live]
+            procs.append(_RowSampler(gens, first.temperature, first.top_p))
         with torch.inference_mode():
-            if sample:
-                # sampled decoding draws from a forked RNG seeded per batch so it neither reads nor advances
-                # the caller's global RNG stream (the trainer may share this process)
-                seed = first.seed if first.seed is not None else next(self._seed_counter)
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(int(seed))
-                    out = self.model.generate(**inputs, **gen_kw)
-            else:
-                out = self.model.generate(**inputs, **gen_kw)
+            out = self.model.generate(**inputs, generation_config=gcfg, logits_processor=procs)
         prompt_len = inputs["input_ids"].shape[1]
         gen_ids_NT = out.sequences[:, prompt_len:].cpu()
         k_max = max(r.top_logprobs for r in live)
@@ -620,7 +643,9 @@ class LocalVLMBackend:
                 top, top_b = [], []
                 if r.top_logprobs:
                     ids_k = top_id_TNK[t, n, : r.top_logprobs].tolist()
-                    top = [(self._tok_text(int(j)), float(v)) for j, v in zip(ids_k, top_val_TNK[t, n, : r.top_logprobs].tolist())]
+                    # (-inf / NaN cannot be sent as JSON: the same floor as the chosen token's)
+                    top = [(self._tok_text(int(j)), float(v) if math.isfinite(v) else -9999.0)
+                           for j, v in zip(ids_k, top_val_TNK[t, n, : r.top_logprobs].tolist())]
                     top_b = [self._tok_bytes(int(j)) for j in ids_k]
                 lp = float(chosen_TN[t, n])
                 toks.append(TokenLogprob(self._tok_text(tid), lp if math.isfinite(lp) else -9999.0, top,
