@@ -6,7 +6,10 @@ import io
 import json
 import math
 import os
+import re
+import subprocess
 import sys
+import textwrap
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -525,30 +528,47 @@ def test_online_backend_without_a_login_is_one_clear_error(tmp_path, key, packag
 
 
 @pytest.mark.parametrize("key,package,mode", [("wandb", "wandb", "online"), ("swanlab", "swanlab", "cloud")])
-def test_check_backends_refuses_an_online_backend_without_a_login(tmp_path, key, package, mode, monkeypatch):
+def test_check_backends_refuses_an_online_backend_without_a_login(tmp_path, key, package, mode):
     """The trainer's pre-load check (imagerl.logging.check_backends): without a login and without a terminal, an
     online backend is one error naming the fix; with the service's API key in the environment it passes (the
     key is not verified over the network: that is left to the backend's start), and offline needs none."""
     pytest.importorskip(package)
-    from imagerl.logging import BackendStartError, check_backends
+    # In a fresh interpreter: wandb.login keeps the key for the rest of the process, and wandb.teardown(), which
+    # dropped it, waited forever on a wandb-core service that an earlier test's offline run had started (a hang
+    # of the whole suite, seen once).
+    script = textwrap.dedent(f"""
+        import sys
+        from imagerl.config import Config
+        from imagerl.logging import BackendStartError, check_backends
 
-    for var in ("WANDB_API_KEY", "SWANLAB_API_KEY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # (no saved login)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setattr(sys, "stdin", io.StringIO())  # (no terminal to prompt on)
-    with pytest.raises(BackendStartError, match=rf"^logging.{key}=true with logging.{key}_mode={mode}: .*"
-                                                 rf"log in .* or set logging.{key}_mode=offline$"):
-        check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
-    check_backends(make_cfg(**{key: True}))  # offline
-    monkeypatch.setenv(f"{key.upper()}_API_KEY", "x" * 40)
-    try:
-        check_backends(make_cfg(**{key: True, f"{key}_mode": mode}))
-    finally:
-        if package == "wandb":  # (wandb.login keeps the key for the rest of the process: later tests must not see it)
-            import wandb
+        def cfg(**kw):
+            c = Config()
+            for k, v in kw.items():
+                setattr(c.logging, k, v)
+            return c
 
-            wandb.teardown()
+        try:
+            check_backends(cfg({key}=True, {key}_mode="{mode}"))
+            print("NO ERROR")
+        except BackendStartError as e:
+            print("ERROR", e)
+        check_backends(cfg({key}=True))  # offline
+        print("OFFLINE OK")
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "SWANLAB_API_KEY")}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true")  # (no saved login)
+
+    def run(extra: dict[str, str]) -> str:
+        p = subprocess.run([sys.executable, "-c", script], env={**env, **extra}, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=120)  # (no terminal to prompt on)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+
+    out = run({})
+    assert re.search(rf"^ERROR logging.{key}=true with logging.{key}_mode={mode}: .*log in .* or set "
+                     rf"logging.{key}_mode=offline$", out, re.M), out
+    assert "OFFLINE OK" in out
+    assert run({f"{key.upper()}_API_KEY": "x" * 40}).startswith("NO ERROR")
 
 
 def test_narrow_grid_widens_to_show_its_title():
