@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,9 @@ def _make_dir(path: Path, what: str) -> Path:
     """mkdir -p for an output directory the user chose, failing as one line that names the option."""
     try:
         path.mkdir(parents=True, exist_ok=True)
+        # (an existing read-only directory passes mkdir: write a file now, not after minutes of sampling)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".imagerl-write-test-"):
+            pass
     except OSError as e:
         raise SystemExit(f"imagerl: {what}={path}: cannot write there ({e.strerror or e}); give a writable directory") from None
     return path
@@ -198,7 +202,12 @@ def _trained_policy(args: list[str], base: bool = False):
         out = next((o.split("=", 1)[1] for o in overrides if o.startswith("run.output_dir=")), None)
         if out and (Path(out) / "config.yaml").exists():
             args = [str(Path(out) / "config.yaml"), *overrides]
-    cfg = _load([*args, "run.resume=false"] if base else args)
+        elif out and (Path(out) / "checkpoints").is_dir():
+            # (the built-in demo's settings were used instead, silently: other prompts, or a model that does not fit)
+            raise SystemExit(f"imagerl {_command}: {Path(out) / 'config.yaml'} is missing: it holds the run's settings "
+                             f"(model, rewards, prompts); pass the run's CONFIG: imagerl {_command} CONFIG run.output_dir={out}")
+    # a run trained with run.resume=false keeps that in its config.yaml: the commands still read its checkpoint
+    cfg = _load([*args, "run.resume=false"] if base else [*args, "run.resume=true"])
     _quiet_deepspeed_on_cpu()
     from .checkpoint import latest_checkpoint
     from .recipes.grpo import GRPOTrainer
@@ -214,6 +223,8 @@ def _trained_policy(args: list[str], base: bool = False):
         trainer = GRPOTrainer(cfg, training=False)
     except _user_errors() as e:
         raise _fail(e) from None
+    if trainer._resume_note:  # (e.g. a lora.alpha other than the checkpoint's: said as training says it)
+        print(trainer._resume_note, file=sys.stderr)
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)
     # the checkpoint the trainer loaded: a run still training may have written a newer one since the check above
@@ -221,8 +232,10 @@ def _trained_policy(args: list[str], base: bool = False):
 
 
 def _weights_tag(cfg, trainer, ck) -> str:
-    """checkpoint name, or "base"; "_no_ema" when a run that keeps an EMA is read without it."""
-    return (ck.name if ck is not None else "base") + ("_no_ema" if cfg.optim.ema_decay > 0 and trainer.ema is None else "")
+    """checkpoint name, or "base"; "_no_ema" when a run that keeps an EMA is read without it (--no-ema, or an
+    optim.ema_decay=0 override on a checkpoint that holds one: its files must not replace the EMA's)."""
+    keeps = cfg.optim.ema_decay > 0 or (ck is not None and (ck / "ema").is_dir())
+    return (ck.name if ck is not None else "base") + ("_no_ema" if keeps and trainer.ema is None else "")
 
 
 def cmd_eval(args: list[str]) -> int:
@@ -257,10 +270,13 @@ def cmd_eval(args: list[str]) -> int:
     tag = _weights_tag(cfg, trainer, ck)
     grid = make_sample_grid(images, prompts, total, group_ids, max_images=min(len(images), 64),
                             title=f"eval of {tag} (deterministic sampling)")
-    grid.save(out / f"{tag}.png")
-    # strict JSON: a mean over no scored sample (every reward abstained) is null, not NaN
-    (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), **{k: _num(v) for k, v in metrics.items()}},
-                                                indent=1, allow_nan=False))
+    try:
+        grid.save(out / f"{tag}.png")
+        # strict JSON: a mean over no scored sample (every reward abstained) is null, not NaN
+        (out / f"{tag}.json").write_text(json.dumps({"checkpoint": str(ck), "ema": trainer.ema is not None,
+                                                    **{k: _num(v) for k, v in metrics.items()}}, indent=1, allow_nan=False))
+    except OSError as e:  # (a full disk, say)
+        raise SystemExit(f"imagerl eval: cannot write {out} ({e.strerror or e})") from None
     for k, v in metrics.items():
         print(f"{k}: {v:.0f}" if k == "eval/prompts" else f"{k}: {v:.4f}")
     print(f"samples: {out / f'{tag}.png'} (the first {min(len(images), 64)} images)\nmetrics: {out / f'{tag}.json'}")
@@ -292,7 +308,8 @@ def cmd_sample(args: list[str]) -> int:
     deterministic, args = _take_switch(args, "--deterministic")
     no_score, args = _take_switch(args, "--no-score")
     if bool(texts) == bool(prompt_file):
-        raise SystemExit(f"imagerl sample: give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both; usage: {SAMPLE_USAGE}")
+        how = "not both" if texts else "one of them"
+        raise SystemExit(f"imagerl sample: give prompts with --prompt TEXT (repeatable) or --prompts FILE, {how}; usage: {SAMPLE_USAGE}")
     try:
         n, seed = int(n_s or 4), int(seed_s or 0)
     except ValueError:
@@ -414,6 +431,10 @@ def cmd_export(args: list[str]) -> int:
             trainer.policy.save_pretrained(str(target))
     except _user_errors() as e:  # (a full disk, say)
         raise _fail(e, "imagerl export") from None
+    except Exception as e:  # (safetensors' own write error on a full or read-only disk is no OSError)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise SystemExit(f"imagerl export: cannot write {target} ({e})") from None
     finally:
         trainer.close()
     ema = " (its EMA weights)" if trainer.ema is not None else ""

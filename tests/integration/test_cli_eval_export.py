@@ -102,6 +102,35 @@ def test_train_eval_export(tmp_path, capsys):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
+def test_commands_read_the_checkpoint_of_a_run_started_with_resume_false(tmp_path, capsys):
+    # run.resume=false (how a fresh run is started) is kept in config.yaml: eval / sample / export must still read the
+    # checkpoint (they evaluated the initial weights as "base", and export crashed after writing them)
+    run = tmp_path / "run"
+    assert main(["train", "model.tiny_size=test", "train.steps=1", "data.prompts_per_step=2", "rollout.group_size=2",
+                 f"run.output_dir={run}", "logging.progress_bar=false", "logging.sample_every=0", "run.resume=false",
+                 "checkpoint.every=1"]) == 0
+    assert main(["eval", f"run.output_dir={run}"]) == 0
+    res = json.loads((run / "eval" / "step_000001.json").read_text())
+    assert res["checkpoint"].endswith("step_000001") and res["ema"] is False
+    assert main(["export", f"run.output_dir={run}"]) == 0 and (run / "export" / "step_000001").is_dir()
+    # an existing directory that cannot be written: one line before any sampling (a traceback after it, before)
+    with pytest.raises(SystemExit, match=r"^imagerl: --out=/sys: cannot write there \(Permission denied\)"):
+        main(["sample", f"run.output_dir={run}", "--prompt", "x", "--out", "/sys"])
+    # a run that keeps an EMA, read with optim.ema_decay=0: its files are the trained weights', next to the EMA's
+    ema = tmp_path / "ema"
+    assert main(["train", "model.tiny_size=test", "train.steps=1", "data.prompts_per_step=2", "rollout.group_size=2",
+                 f"run.output_dir={ema}", "logging.progress_bar=false", "logging.sample_every=0", "optim.ema_decay=0.5",
+                 "checkpoint.every=1"]) == 0
+    assert main(["eval", f"run.output_dir={ema}", "optim.ema_decay=0"]) == 0
+    assert json.loads((ema / "eval" / "step_000001_no_ema.json").read_text())["ema"] is False
+    assert not (ema / "eval" / "step_000001.json").exists()
+    # without its config.yaml the run's settings are unknown: said, instead of evaluating with the demo's settings
+    (run / "config.yaml").unlink()
+    with pytest.raises(SystemExit, match=r"^imagerl eval: .*run/config.yaml is missing: it holds the run's settings .*"
+                                         r"pass the run's CONFIG: imagerl eval CONFIG run.output_dir="):
+        main(["eval", f"run.output_dir={run}"])
+
+
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint in .*train first .* at a run$"):  # (no --base: sample's option)
         main(["eval", f"run.output_dir={tmp_path / 'empty'}"])
