@@ -223,7 +223,7 @@ def _trained_policy(args: list[str], base: bool = False):
         trainer = GRPOTrainer(cfg, training=False)
     except _user_errors() as e:
         raise _fail(e) from None
-    if trainer._resume_note:  # (e.g. a lora.alpha other than the checkpoint's: said as training says it)
+    if trainer._resume_note and trainer.dist.is_main:  # (e.g. another lora.alpha than the checkpoint's, as train says it)
         print(trainer._resume_note, file=sys.stderr)
     if no_ema:
         trainer.ema = None  # (eval_weights then gives the trained weights)
@@ -242,7 +242,13 @@ def cmd_eval(args: list[str]) -> int:
     cfg, trainer, ck = _trained_policy(args)
     from .logging import make_sample_grid
 
-    # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints
+    # under torchrun the prompts are split over the processes (eval_rollout); rank 0 writes and prints. Whether it can
+    # write is checked first, by every rank (one that stopped alone would leave the others waiting in a collective)
+    try:
+        out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
+    except SystemExit:
+        trainer.close()
+        raise
     try:
         metrics, ro, total = trainer.eval_rollout()
         # the grid shows the first round of every process (each rolled out its share of the round's prompts), so it
@@ -266,7 +272,6 @@ def cmd_eval(args: list[str]) -> int:
         trainer.close()
     if not trainer.dist.is_main:
         return 0
-    out = _make_dir(Path(cfg.run.output_dir) / "eval", "run.output_dir")
     tag = _weights_tag(cfg, trainer, ck)
     grid = make_sample_grid(images, prompts, total, group_ids, max_images=min(len(images), 64),
                             title=f"eval of {tag} (deterministic sampling)")

@@ -116,6 +116,16 @@ def test_commands_read_the_checkpoint_of_a_run_started_with_resume_false(tmp_pat
     # an existing directory that cannot be written: one line before any sampling (a traceback after it, before)
     with pytest.raises(SystemExit, match=r"^imagerl: --out=/sys: cannot write there \(Permission denied\)"):
         main(["sample", f"run.output_dir={run}", "--prompt", "x", "--out", "/sys"])
+    from imagerl.recipes.grpo import GRPOTrainer
+
+    import shutil
+
+    shutil.rmtree(run / "eval")
+    (run / "eval").write_text("")  # (a file where eval's folder goes)
+    with pytest.MonkeyPatch.context() as m:  # (eval: before its rollouts, which would otherwise run first)
+        m.setattr(GRPOTrainer, "eval_rollout", lambda self: pytest.fail("evaluated before checking the output dir"))
+        with pytest.raises(SystemExit, match=r"^imagerl: run.output_dir=.*run/eval: cannot write there"):
+            main(["eval", f"run.output_dir={run}"])
     # a run that keeps an EMA, read with optim.ema_decay=0: its files are the trained weights', next to the EMA's
     ema = tmp_path / "ema"
     assert main(["train", "model.tiny_size=test", "train.steps=1", "data.prompts_per_step=2", "rollout.group_size=2",

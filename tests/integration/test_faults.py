@@ -500,7 +500,7 @@ def test_remote_reward_garbage_answer_abstains(fault):
     assert r.stats()["bad_responses"] == 2
 
 
-@pytest.mark.parametrize("entry", ["abc", {"v": 1}, True, math.inf, 1e39])
+@pytest.mark.parametrize("entry", ["abc", {"v": 1}, True, math.inf, 1e39, int("9" * 400)])
 def test_remote_reward_odd_score_entries_make_their_chunk_abstain(fault, entry):
     # a foreign server's answer whose scores are not numbers or null: the chunk abstains, counted, with what was wrong
     # (was: a raw ValueError / TypeError out of the step, True scored 1.0, and Infinity became float32's max)

@@ -298,7 +298,7 @@ def test_openai_client_chat_completions_with_logprobs(server):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stream=True)
     with pytest.raises(openai.BadRequestError, match="stop sequences are not supported"):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, stop=["."])
-    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0 must be an integer in \[1, 8192\]"):  # (was: 64)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0 must be an integer in \[1, 32768\]"):  # (was: 64)
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=0)
     # settings that would change the answer and are not implemented are refused, never ignored; neutral ones pass
     with pytest.raises(openai.BadRequestError, match=r"'logit_bias' is not supported by this server"):
@@ -307,7 +307,16 @@ def test_openai_client_chat_completions_with_logprobs(server):
         client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2,
                                        extra_body={"repetition_penalty": 1.05})
     client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2, frequency_penalty=0,
-                                   extra_body={"top_k": -1})
+                                   extra_body={"top_k": -1}, response_format={"type": "text"}, tool_choice="none")
+    with pytest.raises(openai.BadRequestError, match=r"'ignore_eos' is not supported"):
+        client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=2,
+                                       extra_body={"ignore_eos": True})
+    # top_k 1 (the judge client's documented extra_body for vLLM) is greedy: the same answer as temperature 0
+    g1 = client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=4, temperature=1.0,
+                                        extra_body={"top_k": 1}).choices[0].message.content
+    g0 = client.chat.completions.create(model="tiny-qwen2.5-vl", messages=msg(img, "hi"), max_tokens=4,
+                                        temperature=0).choices[0].message.content
+    assert g1 == g0
     bad = [({"seed": 2**70}, r"seed=1180591620717411303424 must be an integer"), ({"seed": 1.5}, r"seed=1.5 must be"),
            ({"logprobs": "false"}, r"logprobs='false' must be true or false"),
            ({"max_tokens": 2.7}, r"max_tokens=2.7 must be an integer"),

@@ -73,6 +73,8 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "dup.csv").write_text("prompt,text,prompt\na,b,\n")
     with pytest.raises(DataError, match=r"dup.csv has the column name\(s\) \['prompt'\] more than once in its header"):
         load_rows(str(tmp_path / "dup.csv"))
+    (tmp_path / "excel.csv").write_text("prompt,,\na red cat,,\n")  # (empty trailing columns are no duplicates)
+    assert [r["prompt"] for r in load_rows(str(tmp_path / "excel.csv"))] == ["a red cat"]
     # a prompt must be one string: a list or an object became its Python repr, trained on as text
     for bad, kind in (('["a red cat", "a blue dog"]', "list"), ('{"en": "a cat"}', "dict"), ("true", "bool")):
         (tmp_path / "odd.jsonl").write_text('{"prompt": "fine"}\n{"prompt": %s}\n' % bad)

@@ -128,6 +128,8 @@ def test_parse_score_list_bad(text, n):
         ("8 \n(the edit is complete)", 8.0),
         ("Answer: 8", 8.0),
         ("The final answer is 8.", 8.0),
+        ("8 - the image does answer 3 of the 4 criteria", 8.0),  # the leading score, not a number after "answer"
+        ("The ranking ... Score 3 for now\n</think>\n9", 9.0),  # only the close tag is output (R1-style templates)
     ],
 )
 def test_parse_score_good(text, expected):
@@ -402,6 +404,7 @@ def test_parse_choice_answer_is_a_tie_is_not_option_a():
         ("A is no longer better after the edit.", None),
         ("Answer: B. A is not better than B.", "B"),  # an explicit marker still decides
         ("<think>A is not better than B? Hmm, image A has ...</think>B", "B"),  # the answer after a reasoning block
+        ("Let me compare. A is better.\n</think>\n\nB", "B"),  # a reasoning block whose <think> was in the prompt
         ("B) A does not look better", "B"),  # so does a leading letter set off as the verdict
         ("A is better. B isn't better at all.", "A"),  # and a plain comparative beside a negated one
         ("Image A is better; image B is not better.", "A"),

@@ -143,7 +143,7 @@ def load_rows(path: str, prompt_field: str = "prompt", field_name: str = "data.d
             with p.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
                 header = reader.fieldnames or []
-                dup = sorted({h for h in header if header.count(h) > 1})
+                dup = sorted({h for h in header if h and header.count(h) > 1})  # (Excel's trailing empty columns: fine)
                 if dup:  # (DictReader keeps the last of two same-named columns, silently)
                     raise DataError(f"{field_name}: {path} has the column name(s) {dup} more than once in its header; "
                                     "give every column its own name")

@@ -285,7 +285,8 @@ def _score_value(v: Any) -> bool:
     """A score entry of a /v1/score answer: null (abstain) or a finite number (NaN also abstains)."""
     # (finite in float32, where the scores live: 1e39 is a finite float but an inf tensor)
     return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                         and (math.isnan(v) or abs(v) <= _F32_MAX))
+                         and ((isinstance(v, float) and math.isnan(v)) or abs(v) <= _F32_MAX))  # (a 400-digit int:
+                                                                                                 # no OverflowError)
 
 
 _F32_MAX = float(torch.finfo(torch.float32).max)

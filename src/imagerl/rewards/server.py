@@ -51,7 +51,8 @@ from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
 log = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
-MAX_CHAT_TOKENS = 8192  # (a request of 1e9 tokens that never met EOS held the one generation worker indefinitely)
+MAX_CHAT_TOKENS = 32768  # (Qwen2.5-VL's context; a request of 1e9 tokens that never met EOS held the one generation
+                         # worker indefinitely)
 
 
 class APIError(Exception):
@@ -367,10 +368,13 @@ class RewardServer:
             raise APIError(400, "stop sequences are not supported by this server; leave 'stop' unset")
         # what would change the answer and is not implemented here is refused, never silently ignored (a judge relying
         # on logit_bias would get unbiased answers); neutral values (0 penalties, 1.0 repetition_penalty) pass
-        neutral = {"frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "top_k": (-1, 0),
-                   "min_p": (0,)}
-        for key in ("logit_bias", "response_format", "tools", "tool_choice", "functions", "function_call",
-                    "guided_json", "guided_regex", "guided_choice", *neutral):
+        # (top_k 1 is greedy, handled below; a text response_format, no tools and tool_choice none/auto change nothing)
+        neutral = {"frequency_penalty": (0,), "presence_penalty": (0,), "repetition_penalty": (1,), "top_k": (-1, 0, 1),
+                   "min_p": (0,), "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+                   "ignore_eos": (False,), "min_tokens": (0,), "stop_token_ids": ([],), "bad_words": ([],),
+                   "chat_template_kwargs": ({},)}
+        for key in ("logit_bias", "functions", "function_call", "guided_json", "guided_regex", "guided_choice",
+                    "guided_grammar", "structured_outputs", *neutral):
             v = d.get(key)
             if v is not None and v != {} and v not in neutral.get(key, ()):
                 raise APIError(400, f"'{key}' is not supported by this server; leave it unset")
@@ -386,11 +390,14 @@ class RewardServer:
             return float(v)
 
         # (max_completion_tokens, OpenAI's newer name, wins unless it is null: null fields are what many clients send)
-        mt = d.get("max_completion_tokens")
-        mt = d.get("max_tokens") if mt is None else mt
-        max_tokens = 64 if mt is None else integer("max_tokens", mt, 1, MAX_CHAT_TOKENS)
+        mt, mt_key = d.get("max_completion_tokens"), "max_completion_tokens"
+        if mt is None:
+            mt, mt_key = d.get("max_tokens"), "max_tokens"
+        max_tokens = 64 if mt is None else integer(mt_key, mt, 1, MAX_CHAT_TOKENS)
         temperature = d.get("temperature")
         temperature = 1.0 if temperature is None else number("temperature", temperature)  # OpenAI's default
+        if d.get("top_k") == 1:  # (vLLM's greedy, as judges' extra_body sends it)
+            temperature = 0.0
         top_p = d.get("top_p")
         top_p = 1.0 if top_p is None else number("top_p", top_p)
         seed = d.get("seed")

@@ -41,6 +41,8 @@ def normalize_text(text: str | None) -> str:
     if not text:
         return ""
     text = re.sub(r"<think>.*?(?:</think>|$)", "", text, flags=re.S)
+    if "</think>" in text:  # (R1 / QwQ / Qwen3-Thinking templates open <think> in the prompt: only the close is output)
+        text = text.rsplit("</think>", 1)[1]
     return unicodedata.normalize("NFKC", text).translate(_PUNCT).strip()
 
 
@@ -212,8 +214,6 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
         rf"({_NUM})\s*(?:/|out of)\s*{re.escape(hi_txt)}(?:\.0+)?\b",  # 8/10, 8 out of 10
         # Score: 8 / I rate it 8 / Rating: 3 out of 5 / 评分: 7 (a fraction on another scale is rescaled)
         rf"(?:\b(?:score|rating|rate|grade)\b|评分|分数|得分|打分)[^0-9\n]{{0,20}}?({_SCORE})",
-        # "Answer: 8", "The final answer is 8." (the number right after the marker: "Answer: there are 2 dogs" is a count)
-        rf"\banswer\b\s*(?:is\s*)?[:\-=]?\s*({_SCORE})",
     ]
     for pat in patterns:
         m = re.search(pat, body, flags=re.I)
@@ -222,7 +222,11 @@ def parse_score(text: str | None, *, lo: float = 0.0, hi: float = 10.0) -> float
             return v if v is not None and lo <= v <= hi else None
     # The answer starts with the number, then ends, breaks the line or goes on after punctuation and a space: "8",
     # "(8).", "7 - good", "8\nThe edit ...". Not "2 dogs were added" (a count) nor "2-3 dogs"; no "-" in the prefix.
-    m = re.match(rf"[\s\"'(\[>#]*({_NUM})\s*(?:$|\n|[.,:;!)\]\"'\-–—]+(?:\s|$))", body)
+    tail = r"\s*(?:$|\n|[.,:;!)\]\"'\-–—]+(?:\s|$))"
+    m = re.match(rf"[\s\"'(\[>#]*({_NUM}){tail}", body)
+    # or after an answer marker, the number standing alone in the same way: "Answer: 8", "The final answer is 8."
+    # (not "Answer: 2 dogs", a count, nor "does answer 3 of the 4 criteria")
+    m = m or re.search(rf"\banswer\s*(?:is\s*[:=]?|[:=])\s*({_NUM}){tail}", body, flags=re.I)
     if m:
         v = float(m.group(1))
         return v if lo <= v <= hi else None
