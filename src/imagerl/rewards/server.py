@@ -46,7 +46,8 @@ from fastapi.responses import JSONResponse
 from ..imageio import to_pil, to_rgb
 from ..types import RewardInput
 from .base import Reward, group_chunks
-from .vlm_local import DynamicBatcher, ImageTooLargeError, LocalVLMBackend
+from .judges.backend import ImageTooLargeError
+from .vlm_local import DynamicBatcher, LocalVLMBackend
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, TypeVar
 
-from .judges.backend import ChatResult, ImageTooLargeError, JudgeError, data_uri_to_image, position_logprobs
+from .judges.backend import ChatResult, JudgeError, data_uri_to_image, position_logprobs
 
 log = logging.getLogger(__name__)
 
