@@ -119,7 +119,7 @@ class RolloutConfig:
     sde_window: int = 0  # number of consecutive SDE steps (0 = all steps are SDE)
     sde_window_range: list[int] = field(default_factory=list)  # [lo, hi): steps the whole window lies in, as in Flow-GRPO ([] = all)
     shared_noise: bool = False  # same initial noise for the G samples of a prompt
-    timestep_shift: float = 0.0  # 0 = the family default (SD3: static 3.0; FLUX / Qwen-Image: resolution-dependent mu)
+    timestep_shift: float = 0.0  # 0 = the checkpoint's schedule (SD3: its scheduler's static shift, 3.0 in every release; FLUX / Qwen-Image: resolution-dependent mu, then shift_terminal where set); > 0 = this static shift
     cfg_in_training: bool = True  # flow: CFG in training rollouts and their log-probs (False = neither, DeepGen-RL)
     # evaluation
     eval_num_steps: int = 0  # 0 = num_steps
