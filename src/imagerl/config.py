@@ -137,7 +137,7 @@ class AlgorithmConfig:
     dual_clip: float = 0.0  # c > 1 enables dual-clip for negative advantages (0 = off)
     loss_agg: str = "token_mean"  # token_mean | seq_mean
     kl_coef: float = 0.0  # weight of the KL penalty to the reference policy (0 = off, no reference forward)
-    kl_estimator: str = "auto"  # auto (the family's: k3 for image tokens, mean for flow) | k1 | k2 | k3 (tokens) | mean | mean_dt | velocity (flow)
+    kl_estimator: str = "auto"  # auto (the family's: k3 for image tokens, mean for flow) | k1 | k2 | k3 (tokens) | mean | mean_dt | velocity | velocity_var (flow)
     inner_epochs: int = 1  # passes over each step's rollout (each a full gradient step; ratio 1 only in the first)
     mini_batches: int = 1  # optimizer steps per inner epoch, each on 1/mini_batches of the step's groups (PPO mini-batches)
     micro_batch_size: int = 4  # samples per training forward (gradient accumulation over the batch)
@@ -601,7 +601,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.loss_agg": ("token_mean", "seq_mean"),
     "algorithm.log_prob": ("gaussian", "sq_dist"),
     "algorithm.timestep_selection": ("random", "first"),
-    "algorithm.kl_estimator": ("auto", "k1", "k2", "k3", "mean", "mean_dt", "velocity"),
+    "algorithm.kl_estimator": ("auto", "k1", "k2", "k3", "mean", "mean_dt", "velocity", "velocity_var"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "logging.wandb_mode": ("offline", "online"),
     "logging.swanlab_mode": ("offline", "online", "local", "cloud"),

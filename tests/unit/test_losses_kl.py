@@ -131,6 +131,18 @@ def test_gaussian_mean_kl_matches_torch_distributions():
     assert (got0[:, 2] == 0).all() and torch.equal(got0[:, :2], got[:, :2])
 
 
+def test_velocity_var_is_deepgen_rls_v_based_kl():
+    # DeepGen-RL's trainer: (v - v_ref)^2 / (2 std^2 + 1e-7) with std the transition std, averaged over the latent
+    torch.manual_seed(0)
+    v, v_ref = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    std = torch.tensor([[0.3, 0.2, 0.0], [0.3, 0.2, 0.0]])
+    cur = LogProbOutput(logp=torch.zeros(2, 3), velocity=v, std=std)
+    ref = LogProbOutput(logp=torch.zeros(2, 3), velocity=v_ref, std=std)
+    want = ((v - v_ref) ** 2 / (2 * std[..., None, None] ** 2 + 1e-7)).flatten(2).mean(-1)
+    torch.testing.assert_close(kl_per_unit("velocity_var", cur, ref), want)
+    torch.testing.assert_close(kl_per_unit("velocity", cur, ref), ((v - v_ref) ** 2).flatten(2).mean(-1))
+
+
 def test_mean_dt_is_flow_grpo_codes_normalisation():
     # Flow-GRPO's code: ||mu - mu_ref||^2 / (2 g^2) with g the diffusion coefficient, where the transition std is
     # g * sqrt(dt): i.e. the exact Gaussian KL times dt

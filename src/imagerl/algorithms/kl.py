@@ -22,8 +22,9 @@ Flow policies (Gaussian transitions with a shared std):
               was tuned with this, which is 1/|dt| weaker per step than `mean` (about 4x to 25x over the first
               nine of 10 steps of the SD3 schedule, over 100x at the last). Only for rollout.sde=flow_grpo is it
               Flow-GRPO's: for CPS its code divides by the transition std itself (that is `mean`);
-    velocity  ||v - v_ref||^2 averaged over latent elements (velocity-space KL used by DeepGen-RL; it does not
-              blow up where the transition std is tiny).
+    velocity  ||v - v_ref||^2 averaged over latent elements (velocity space; it does not blow up where the
+              transition std is tiny);
+    velocity_var  the same / (2 s^2 + 1e-7): DeepGen-RL's default "v-based" KL, which its beta 5e-7 was tuned with.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ def kl_gaussian_mean_dt(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
     if cur.dt is None:
         raise RuntimeError("algorithm.kl_estimator=mean_dt needs a flow policy (transition step sizes)")
     return kl_gaussian_mean(cur, ref) * cur.dt.float()
+
+
+@KL_ESTIMATORS.register("velocity_var")
+def kl_velocity_var(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
+    # DeepGen-RL's default "v-based" KL (its trainer's (v - v_ref)^2 / (2 std^2 + 1e-7), std the transition's):
+    # its beta 5e-7 was tuned with this scale, which is 1 / (2 std^2) larger than `velocity`'s
+    if cur.velocity is None or ref.velocity is None or cur.std is None:
+        raise RuntimeError("algorithm.kl_estimator=velocity_var needs a flow policy (velocities and transition stds)")
+    sq = _mean_over_latent((cur.velocity.float() - ref.velocity.float()) ** 2)
+    std = cur.std.float()
+    std = _mean_over_latent(std) if std.dim() > 2 else std
+    return sq / (2.0 * std.pow(2) + 1e-7)
 
 
 @KL_ESTIMATORS.register("velocity")

@@ -145,7 +145,7 @@ class FlowPolicy(Policy):
     default_lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     unused_settings = ("rollout.temperature", "rollout.top_k", "rollout.top_p", "rollout.cuda_graph")
     # (not k1/k2/k3: the per-transition log-prob is a mean over the latent elements, see check_training_config)
-    kl_estimators = ("mean", "mean_dt", "velocity")
+    kl_estimators = ("mean", "mean_dt", "velocity", "velocity_var")
     default_kl_estimator = "mean"
     #: static timestep shift of the family (SD3: 3.0), used when rollout.timestep_shift is 0
     default_shift: float = 3.0

@@ -68,7 +68,7 @@ FLUX_TINY_PRESETS: dict[str, dict[str, Any]] = {
 
 #: FLUX.1 was trained with T5 sequences of 512 tokens (dev); schnell uses 256.
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
-DEFAULT_IMAGE_SIZE = 512  # Flow-GRPO / DanceGRPO train FLUX at 512 px
+DEFAULT_IMAGE_SIZE = 512  # Flow-GRPO trains FLUX at 512 px (DanceGRPO at 720)
 
 
 # --------------------------------------------------------------------------------------------------
