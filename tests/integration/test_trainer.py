@@ -377,7 +377,7 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
     GRPOTrainer(cfg_for("sd3", tmp_path / "e", "algorithm.kl_estimator=mean", "algorithm.kl_coef=0.1")).close()
     # k3 of a flow step's log-prob (a mean over the latent elements) is no KL estimate: refused, saying why
     with pytest.raises(ValueError, match=r"^algorithm.kl_estimator=k3 does not apply to model.family=sd3 \(a flow "
-                                         r"transition's log-density is averaged .*use one of mean, mean_dt, velocity$"):
+                                         r"transition's log-density is averaged .*use one of mean, mean_dt, velocity, velocity_var$"):
         GRPOTrainer(cfg_for("sd3", tmp_path / "g", "algorithm.kl_estimator=k3", "algorithm.kl_coef=0.1"))
     # the default, auto, is each family's estimator (and the run's config.yaml records which)
     for family, want in (("sd3", "mean"), ("janus", "k3")):
