@@ -405,6 +405,22 @@ def test_judge_reward_stops_on_a_rejection_no_request_can_change(fault, status, 
         judge.close()
 
 
+def test_judge_reward_stops_when_the_server_refuses_every_request(fault):
+    # a 400 on every request (a field the server does not take, a template it cannot read) is a setup error: the run
+    # stops with the server's words instead of abstaining on every sample
+    from imagerl.rewards.base import RewardError
+
+    fault.default["/v1/chat/completions"] = ("status", 400)
+    judge = build_reward({"type": "yes_no_judge", "name": "judge", "args": {"backend": {
+        "type": "http", "base_urls": [fault.url], "timeout": 0.5, "max_retries": 1, "backoff": 0.01}}})
+    try:
+        with pytest.raises(RewardError, match=r"^reward 'judge': the judge server refused all 3 requests; the last: .*"
+                                              r"HTTP 400 injected 400"):
+            judge(inp(3))
+    finally:
+        judge.close()
+
+
 def test_judge_reward_says_why_requests_failed(fault):
     # a 400 can be one sample's (an image too large): that sample abstains, and the server's words are kept
     fault.script["/v1/chat/completions"].append(("status", 400))

@@ -46,6 +46,7 @@ class _Call:
     request_failures: int = 0
     parse_failures: int = 0
     last_error: str = ""
+    rejected: int = 0  # requests the server refused with a 4xx (a 400: one sample's image, or every request's setup)
 
 
 # 4xx statuses that no retry or later request changes (the key, the model, the URL): the run stops with the fix
@@ -133,6 +134,12 @@ class JudgeReward(Reward):
         res = await self._judge(inp, uris, call)
         if len(res.scores) != len(inp):
             raise RuntimeError(f"reward '{self.name}' produced {len(res.scores)} scores for {len(inp)} samples")
+        if call.requests >= 2 and call.rejected == call.requests:
+            # every request refused (a 400 for a field the server does not take, say): a setup error, not samples to
+            # abstain on (beside other rewards the judge would silently carry no signal); one refused request of
+            # several (an image too large) still only abstains its sample
+            raise RewardError(f"reward '{self.name}': the judge server refused all {call.requests} requests; the last: "
+                              f"{call.last_error[:500]}")
         abstained = sum(1 for s in res.scores if math.isnan(s))
         scores = [self.fallback if (math.isnan(s) and self.fallback is not None) else s for s in res.scores]
         details: dict[str, Any] = {
@@ -182,6 +189,7 @@ class JudgeReward(Reward):
                            if status == 404 else "")
                     raise RewardError(f"reward '{self.name}': {e}{fix}") from None
                 call.request_failures += 1
+                call.rejected += status is not None
                 call.last_error = str(e) or type(e).__name__
                 return None
 
