@@ -178,6 +178,11 @@ def test_bad_inputs_name_the_field():
     pol = make(rollout__sde_window=2, rollout__sde_window_range=[5, 9])
     with pytest.raises(ValueError, match="sde_window_range"):
         pol.rollout(batch(), 2, gen())
+    with pytest.raises(ValueError, match="sde_window_range"):  # (and before training starts)
+        pol.check_training_config()
+    with pytest.raises(ValueError, match=r"holds only the last of rollout.num_steps=4 steps, which CPS takes without noise"):
+        make(rollout__sde="cps", rollout__num_steps=4, rollout__sde_window=1,
+             rollout__sde_window_range=[3, 4]).check_training_config()
     # a rollout without noise has nothing to train on (every step masked: loss 0, no update): refused before
     # training, while the same policy still samples and evaluates
     for over, field in (({"rollout__sde": "ode"}, "rollout.sde=ode"), ({"rollout__noise_level": 0.0}, "rollout.noise_level=0.0")):

@@ -173,6 +173,8 @@ class FlowPolicy(Policy):
         if ro.sde == "cps" and ro.num_steps == 1:
             raise ValueError("rollout.sde=cps with rollout.num_steps=1: CPS's last step (to sigma 0) draws no noise, so a "
                              "one-step rollout has no log-probability to train on; use rollout.num_steps >= 2")
+        # the SDE window's range is checked now, not at the first rollout (after the model loaded); the draw is thrown away
+        self._sde_plan(ro.num_steps, ro.sde, torch.Generator())
 
     # ============================ hooks (family) ===============================================
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
