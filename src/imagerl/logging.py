@@ -28,11 +28,11 @@ stdout is not a terminal (CI, ``| tee``, a job log) a compact one-line `summariz
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
 import logging as _stdlogging  # this module is imagerl.logging; the stdlib one is only used for warnings
 import math
-import contextlib
 import os
 import re
 import sys
@@ -822,20 +822,16 @@ class RunLogger:
         self.curve_path = self.output_dir / REWARD_CURVE_FILE
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-        # Backends first: a missing package must fail before we touch any file of a previous run.
+        # (a failure anywhere below, a backend that cannot start or an unwritable metrics.jsonl, closes the backends
+        # opened so far)
         try:
+            # Backends first: a missing package must fail before we touch any file of a previous run.
             if lc.tensorboard:
                 self._backends.append(_TensorBoard(self.output_dir / "tb", self.start_step))
             if lc.wandb:
                 self._backends.append(_WandB(cfg, self.output_dir, self.run_name, self.start_step))
             if lc.swanlab:
                 self._backends.append(_SwanLab(cfg, self.output_dir, self.run_name, self.start_step))
-        except BaseException:
-            for b in self._backends:
-                b.close()
-            raise
-
-        try:  # (a failure from here on, e.g. an unwritable metrics.jsonl, closes the backends just opened)
             if self.start_step > 0:
                 dropped = _truncate_metrics(self.metrics_path, self.start_step)
                 if dropped:

@@ -57,13 +57,17 @@ def _mean_over_latent(x: torch.Tensor, nk_dims: int = 2) -> torch.Tensor:
     return x.flatten(nk_dims).mean(-1) if x.dim() > nk_dims else x
 
 
+def _unit_std(cur: LogProbOutput) -> torch.Tensor:
+    """The transition std of each unit [N, K] (averaged over the latent when given per element)."""
+    return _mean_over_latent(cur.std.float())
+
+
 @KL_ESTIMATORS.register("mean")
 def kl_gaussian_mean(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
     if cur.mean is None or ref.mean is None or cur.std is None:
         raise RuntimeError("algorithm.kl_estimator=mean needs a flow policy (transition means and stds)")
     sq = _mean_over_latent((cur.mean.float() - ref.mean.float()) ** 2)  # [N, K]
-    std = cur.std.float()
-    std = _mean_over_latent(std) if std.dim() > 2 else std
+    std = _unit_std(cur)
     # 0 where the step is deterministic (std 0, e.g. CPS's last step): those units carry no log-prob and are masked
     # out, and the KL of two point masses at different means is not a number to train on; a clamp gave 5e17 there
     var = std.pow(2)
@@ -83,10 +87,7 @@ def kl_velocity_var(cur: LogProbOutput, ref: LogProbOutput) -> torch.Tensor:
     # its beta 5e-7 was tuned with this scale, which is 1 / (2 std^2) larger than `velocity`'s
     if cur.velocity is None or ref.velocity is None or cur.std is None:
         raise RuntimeError("algorithm.kl_estimator=velocity_var needs a flow policy (velocities and transition stds)")
-    sq = _mean_over_latent((cur.velocity.float() - ref.velocity.float()) ** 2)
-    std = cur.std.float()
-    std = _mean_over_latent(std) if std.dim() > 2 else std
-    return sq / (2.0 * std.pow(2) + 1e-7)
+    return kl_velocity(cur, ref) / (2.0 * _unit_std(cur).pow(2) + 1e-7)
 
 
 @KL_ESTIMATORS.register("velocity")

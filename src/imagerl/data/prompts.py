@@ -205,8 +205,8 @@ def _take_prompt(obj: dict[str, Any], prompt_field: str, where: str, path: str, 
             f"{field_fix}."
         )
     text = obj[prompt_field]
-    if text is None or (isinstance(text, float) and text != text) or (isinstance(text, (str, list)) and not text) \
-            or (isinstance(text, str) and not text.strip()):
+    if text is None or (isinstance(text, float) and text != text) or (isinstance(text, str) and not text.strip()) \
+            or text == []:
         return {"_where": where}
     if isinstance(text, bool) or not isinstance(text, (str, int, float)):  # (str() made "['a', 'b']" a prompt)
         raise DataError(f"{field_name}: {path} {where} has a {type(text).__name__} as its '{prompt_field}' "

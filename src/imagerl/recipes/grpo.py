@@ -73,7 +73,11 @@ EMA_DIR = "ema"  # checkpoint subdirectory: the weights' EMA (DCP format)
 
 
 def optimizer_steps_per_step(cfg: Config) -> int:
-    return max(1, cfg.algorithm.inner_epochs) * max(1, cfg.algorithm.mini_batches)
+    return _steps_per_step(cfg.algorithm.inner_epochs, cfg.algorithm.mini_batches)
+
+
+def _steps_per_step(inner_epochs: Any, mini_batches: Any) -> int:
+    return max(1, int(inner_epochs or 1)) * max(1, int(mini_batches or 1))
 
 
 def _draw_changes(saved: dict | None, cfg: Config) -> str:
@@ -96,9 +100,7 @@ def _draw_changes(saved: dict | None, cfg: Config) -> str:
 def _saved_steps_per_step(saved: dict | None) -> int:
     """optimizer_steps_per_step of a checkpoint's saved config (0 when it has none)."""
     a = saved.get("algorithm") if isinstance(saved, dict) else None
-    if not isinstance(a, dict):
-        return 0
-    return max(1, int(a.get("inner_epochs") or 1)) * max(1, int(a.get("mini_batches") or 1))
+    return _steps_per_step(a.get("inner_epochs"), a.get("mini_batches")) if isinstance(a, dict) else 0
 
 
 def lr_lambda(cfg: Config):
@@ -182,31 +184,20 @@ class _Tally:
         return out
 
 
-def _config_changes(saved: dict | None, cfg: Config, keys: tuple[str, ...] = ("model",)) -> str:
-    """'model.x=a (now b), ...' for the settings under `keys` (sections like "model", or dotted leaves like
-    "run.seed") that differ from the checkpoint's config ('' when none differ or the checkpoint has no config)."""
+def _model_config_changes(saved: dict | None, cfg: Config) -> str:
+    """'model.x=a (now b), ...' for the model.* settings that differ from the checkpoint's config ('' when none
+    differ or the checkpoint has no config)."""
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         return ""
+    now = to_dict(cfg)["model"]
 
-    def flat(d: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(d, dict):
-            return {prefix[:-1]: d}
+    def flat(d: dict, prefix: str) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, v in d.items():
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    def pick(d: dict) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key in keys:
-            node: Any = d
-            for part in key.split("."):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is not None:
-                out.update(flat(node, f"{key}."))
-        return out
-
-    a, b = pick(saved), pick(to_dict(cfg))
+    a, b = flat(saved["model"], "model."), flat(now, "model.")
     unset = object()
     show = lambda v: "unset" if v is unset else repr(v)  # noqa: E731
     pairs = [(k, a.get(k, unset), b.get(k, unset)) for k in sorted(set(a) | set(b))]
@@ -490,7 +481,7 @@ class GRPOTrainer:
         state = load_checkpoint(ck)
         self.resumed_from = ck
         saved_cfg = state["state"].get("config")
-        changed = _config_changes(saved_cfg, self.cfg)
+        changed = _model_config_changes(saved_cfg, self.cfg)
         try:
             self.policy.load_trainable_state_dict(state["trainable"])
         except ValueError as e:
@@ -580,6 +571,7 @@ class GRPOTrainer:
 
     def save(self, step: int) -> Path | None:
         path = None
+        self.logger.sync()  # (metrics.jsonl durable up to this step before the checkpoint that holds it)
         # Gathering sharded (FSDP2) weights and staging the optimizer state are collective: every rank takes part.
         weights = self.policy.trainable_state_dict(keep=self.dist.is_main)  # (only rank 0 writes them)
         # every rank writes its own part of the optimizer state (ZeRO partitions, or DCP: FSDP2 shards / whole
@@ -916,12 +908,10 @@ class GRPOTrainer:
                                             res.table.weighted_total(cfg.scoring.fallback), res.rollout.group_ids,
                                             batch_mean=last.get("reward/mean"))
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                    self.logger.sync()
                     self.save(step)
             # (not again when the periodic save just wrote the last step: a second full write of the weights)
             periodic_last = bool(cfg.checkpoint.every) and cfg.train.steps % cfg.checkpoint.every == 0
             if cfg.checkpoint.save_final and self.start_step < cfg.train.steps and not periodic_last:
-                self.logger.sync()
                 self.save(cfg.train.steps)
             ok = True
         finally:

@@ -239,8 +239,9 @@ class Generation:
 
 class _RowSampler:
     """A transformers logits processor that samples each row from softmax(logits / temperature) restricted to the
-    top-p nucleus (kept: the tokens whose mass before them, in descending order, is < top_p, as TopPLogitsWarper
-    keeps), with that row's own generator, and returns logits that are -inf except at the drawn token."""
+    top-p nucleus (`filter_logits`: the tokens whose mass before them, in descending order, is < top_p, as
+    TopPLogitsWarper keeps), with that row's own generator, and returns logits that are -inf except at the drawn
+    token."""
 
     def __init__(self, generators: list[Any], temperature: float, top_p: float) -> None:
         self.generators, self.temperature, self.top_p = generators, temperature, top_p
@@ -248,13 +249,9 @@ class _RowSampler:
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        x = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            sorted_x, order = torch.sort(x, dim=-1, descending=True, stable=True)
-            p = sorted_x.softmax(-1)
-            drop = torch.zeros_like(p, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) >= self.top_p)
-            x = x.masked_fill(drop, float("-inf"))
-        probs = x.softmax(-1)
+        from ..policies.ar.sampling import filter_logits  # (the Janus sampler's nucleus: the same rule, one place)
+
+        probs = filter_logits(scores.float() / self.temperature, top_p=self.top_p).softmax(-1)
         picks = torch.stack([torch.multinomial(probs[n], 1, generator=g) for n, g in enumerate(self.generators)])
         return torch.full_like(scores, float("-inf")).scatter(1, picks, 0.0)
 
@@ -485,7 +482,6 @@ class LocalVLMBackend:
         self._seed_counter = itertools.count(int.from_bytes(os.urandom(4), "little"))
         self._batcher: DynamicBatcher[_GenRequest, Generation] = DynamicBatcher(
             self._run_batch, max_batch=max_batch, max_wait_ms=max_wait_ms,
-            # a seeded sampled request runs alone: its draws must not depend on which requests it was coalesced with
             # (a seeded sampled request draws from its own generator: it may share a batch, see _RowSampler)
             key=lambda r: (r.temperature > 0, r.temperature, r.top_p),
             name="vlm-judge",
