@@ -54,6 +54,7 @@ class RunConfig:
     resume: bool = True  # resume from the last checkpoint in output_dir/checkpoints if one exists; false: start anew (refused where output_dir holds a run)
     deterministic: bool = False  # torch.use_deterministic_algorithms
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    cudnn_attention: bool = False  # CUDA: let SDPA use cuDNN's attention kernels (off: its backward gave NaN gradients on an H100; README, "Training a real checkpoint on GPUs")
 
 
 @dataclass
@@ -111,7 +112,7 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     cfg_scale: float = 5.0  # classifier-free guidance (AR: logits mix; flow: velocity mix). 1 = off
-    cuda_graph: bool = False  # AR: replay the fixed-shape decode step as one CUDA graph (CPU: same step, eager)
+    cuda_graph: Optional[bool] = None  # AR: replay the fixed-shape decode step as one CUDA graph; null = on where run.device is CUDA (true on a CPU: the same step, eager)
     # flow-matching sampling
     num_steps: int = 10  # flow: denoising steps of a training rollout
     sde: str = "flow_grpo"  # flow_grpo | cps | dance | ode

@@ -17,6 +17,18 @@ def resolve_dtype(name: str, field: str = "model.dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def configure_attention(device: torch.device, cudnn: bool) -> None:
+    """`run.cudnn_attention`: on CUDA, whether `scaled_dot_product_attention` may pick cuDNN's kernels (a
+    process-wide switch; flash and memory-efficient attention stay on). Off by default: on an H100 with torch 2.11,
+    cuDNN's attention backward returned NaN gradients for the q/k/v LoRA weights of the first block of the tiny
+    FLUX recipe in bf16 (found with `torch.autograd.set_detect_anomaly`: ScaledDotProductCudnnAttentionBackward0),
+    where the math backend and the others were finite on the same step, and PyTorch tracks cuDNN backward NaN bugs
+    of the same kind for some sequence lengths (pytorch/pytorch#196678). A training run that stops on a NaN
+    gradient costs more than the speed cuDNN may add."""
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(bool(cudnn))
+
+
 def resolve_device(name: str, field: str = "run.device") -> torch.device:
     """'auto' -> CUDA when torch sees a GPU, else CPU; otherwise a torch device string ('cpu', 'cuda', 'cuda:1',
     'mps'). A GPU asked for where torch has none fails here, naming the field, instead of at the first `.to()`

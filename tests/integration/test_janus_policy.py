@@ -135,6 +135,7 @@ def test_fixed_shape_decode_step_samples_the_same(overrides):
     # rollout.cuda_graph: the step a CUDA graph replays (attention over the whole masked buffer, step index and
     # hidden state on the device) runs eagerly on a CPU; it must draw what the live-length loop draws, with
     # left-padded prompts, and the training recompute must give ratio 1
+    assert make(*overrides).decode_static == ""  # rollout.cuda_graph null (the default): off on a CPU
     pol = make("rollout.cuda_graph=true", *overrides)
     assert pol.decode_static == "eager"
     ro_static = roll(pol, seed=4, G=3)
@@ -167,9 +168,8 @@ def test_rollout_under_bf16_autocast_decodes_what_training_scores(static):
 @pytest.mark.gpu
 def test_cuda_graph_decode_samples_the_same():
     # the captured step replayed T - 1 times equals the live-length loop on the same GPU (fp32), and the
-    # training recompute gives ratio 1
-    cfg = load_config(None, ["model.tiny=true", "model.tiny_size=test", "rollout.cfg_scale=5", "rollout.top_k=9",
-                             "rollout.cuda_graph=true"])
+    # training recompute gives ratio 1; on CUDA it is the default (rollout.cuda_graph null)
+    cfg = load_config(None, ["model.tiny=true", "model.tiny_size=test", "rollout.cfg_scale=5", "rollout.top_k=9"])
     pol = JanusPolicy(cfg, torch.device("cuda")).eval()
     assert pol.decode_static == "graph"
     ro_graph = roll(pol, seed=4, G=3)

@@ -285,3 +285,24 @@ def test_zero_partitions_of_another_process_count_are_a_clear_error(tmp_path):
     eng.info = DistInfo(rank=0, world=2)
     with pytest.raises(ValueError, match=r"partitions of 4 processes and this run has 2.*--nproc_per_node 4"):
         eng.load_partition(tmp_path, {"zero_partitions": 4})
+
+
+def test_cudnn_attention_switch():
+    # run.cudnn_attention (default false) turns cuDNN's SDPA kernels off for a CUDA run (their backward gave NaN
+    # gradients on an H100); a CPU run leaves torch's process-wide switch alone
+    import torch
+
+    from imagerl.devices import configure_attention
+
+    assert load_config(None, []).run.cudnn_attention is False
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        configure_attention(torch.device("cpu"), False)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        configure_attention(torch.device("cuda"), False)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        configure_attention(torch.device("cuda"), True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

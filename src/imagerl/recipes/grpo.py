@@ -46,7 +46,7 @@ from ..checkpoint import (
 from ..config import Config, to_dict, to_yaml
 from ..data.pairs import check_sft_datasets, sft_batch
 from ..data.prompts import PromptSampler, load_datasets, make_batch, slice_for_rank
-from ..devices import resolve_device
+from ..devices import configure_attention, resolve_device
 from ..ema import WeightEMA
 from ..policies import POLICIES
 from ..policies.base import Policy
@@ -241,6 +241,7 @@ class GRPOTrainer:
 
     def _setup(self, cfg: Config, training: bool) -> None:
         self.device = resolve_device(cfg.run.device)
+        configure_attention(self.device, cfg.run.cudnn_attention)
         # Names the config resolves through registries are looked up now, not when first used: an unknown
         # algorithm.advantage would otherwise surface after the first rollout (minutes into a GPU run).
         ADVANTAGES.get(cfg.algorithm.advantage, field="algorithm.advantage")
