@@ -11,11 +11,13 @@ of that peak.
     python benchmarks/bench_ar_rollout.py --device cuda --batch 1,8,32 [--dtype bf16]    # on a GPU
 
 Variants timed:
-  imagerl       JanusPolicy.sample_tokens with FastLlamaDecoder on prepared weights (what rollout() uses;
-                the time includes preparing the weights and the embedding table, done once per call)
-  imagerl-hf    the same sampler loop through the transformers modules (use_fast_decoder=False)
-  imagerl-graph (CUDA) rollout.cuda_graph=true: the fixed-shape decode step captured once as a CUDA graph and
-                replayed per token; `--static` times its eager form on a CPU (imagerl-static)
+  imagerl       JanusPolicy.sample_tokens as rollout() runs it by default: FastLlamaDecoder on prepared weights
+                (the time includes preparing the weights and the embedding table, done once per call); on CUDA
+                the fixed-shape decode step captured once as a CUDA graph and replayed per token
+                (rollout.cuda_graph null = on for CUDA), on a CPU the live-length loop
+  imagerl-live  (CUDA) the same with rollout.cuda_graph=false: the live-length loop, step by step
+  imagerl-hf    the live-length loop through the transformers modules (use_fast_decoder=False)
+  imagerl-static (CPU, `--static`) rollout.cuda_graph=true on a CPU: the fixed-shape step, eagerly
   transformers  model.generate(generation_mode="image") (static cache, logits processors)
 """
 
@@ -108,7 +110,7 @@ def main() -> int:
     for b in [int(x) for x in args.batch.split(",")]:
         speedups.append(run_batch(args, pol, b, peak))
     print(f"RESULT speedup={','.join(f'{x[0]:.2f}' for x in speedups)}"
-          + (f" graph={','.join(f'{x[1]:.2f}' for x in speedups)}" if device.type == "cuda" else ""))
+          + (f" live={','.join(f'{x[1]:.2f}' for x in speedups)}" if device.type == "cuda" else ""))
     return 0
 
 
@@ -130,15 +132,17 @@ def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
         with torch.inference_mode():
             return pol.sample_tokens(enc.ids, enc.valid, pol.params, gen).tokens
 
-    def ours_with(attr: str, value):
-        """`ours` with one policy switch flipped for the call (use_fast_decoder, decode_static)."""
+    def ours_with(**switches):
+        """`ours` with policy switches (use_fast_decoder, decode_static) set for the call."""
         def run() -> torch.Tensor:
-            old = getattr(pol, attr)
-            setattr(pol, attr, value)
+            old = {k: getattr(pol, k) for k in switches}
+            for k, v in switches.items():
+                setattr(pol, k, v)
             try:
                 return ours()
             finally:
-                setattr(pol, attr, old)
+                for k, v in old.items():
+                    setattr(pol, k, v)
         return run
 
     def hf() -> torch.Tensor:
@@ -147,12 +151,12 @@ def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
             return pol.model.generate(enc.ids, attention_mask=enc.valid.long(), generation_mode="image", generation_config=gc)
 
     variants = {"imagerl": ours, "transformers": hf}
-    if not args.skip_hf_modules:
-        variants["imagerl-hf"] = ours_with("use_fast_decoder", False)
     if pol.device.type == "cuda":
-        variants["imagerl-graph"] = ours_with("decode_static", "graph")
-    elif args.static:
-        variants["imagerl-static"] = ours_with("decode_static", "eager")
+        variants["imagerl-live"] = ours_with(decode_static="")
+    if not args.skip_hf_modules:
+        variants["imagerl-hf"] = ours_with(decode_static="", use_fast_decoder=False)
+    if args.static and pol.device.type != "cuda":
+        variants["imagerl-static"] = ours_with(decode_static="eager")
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for name, f in variants.items():
@@ -200,7 +204,7 @@ def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
           f"{100 * flops / med['transformers'] / peak:.1f}% of the matmul peak")
     print(f"VQ decode of the batch (not in the timings above): {vq_s:.3f} s")
     print()
-    return tps["imagerl"] / tps["transformers"], tps.get("imagerl-graph", 0.0) / tps["transformers"]
+    return tps["imagerl"] / tps["transformers"], tps.get("imagerl-live", 0.0) / tps["transformers"]
 
 
 if __name__ == "__main__":
