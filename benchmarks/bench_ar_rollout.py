@@ -85,6 +85,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--size", default="bench", help="tiny preset (bench | demo | test)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="architecture knob of the random model (model.tiny_overrides: hidden_size, intermediate_size, "
+                         "num_layers, num_heads, num_kv_heads, grid, codebook_size), e.g. a Janus-Pro-1B-shaped one")
     ap.add_argument("--peak-n", type=int, default=2048)
     ap.add_argument("--skip-hf-modules", action="store_true", help="do not time the imagerl-hf variant")
     ap.add_argument("--static", action="store_true", help="on a CPU, also time the fixed-shape step eagerly")
@@ -99,7 +102,7 @@ def main() -> int:
     cfg = load_config(None, [
         "model.tiny=true", f"model.tiny_size={args.size}", f"rollout.cfg_scale={args.cfg_scale}",
         f"rollout.temperature={args.temperature}", f"rollout.top_k={args.top_k}", f"rollout.top_p={args.top_p}",
-        f"model.dtype={args.dtype}",
+        f"model.dtype={args.dtype}", *(f"model.tiny_overrides.{kv}" for kv in args.override),
     ])
     device = torch.device(args.device)
     pol = JanusPolicy(cfg, device)
@@ -184,7 +187,8 @@ def run_batch(args, pol, batch: int, peak: float) -> tuple[float, float]:
     rows = 2 if args.cfg_scale != 1 else 1
     flops = batch * model_flops_per_image(pol, P, rows)
     n_params = sum(p.numel() for p in pol._base_lm().parameters())
-    print(f"# Janus rollout benchmark ({args.size} preset: {pol.grid}x{pol.grid} = {T} image tokens, "
+    shape = f" with {' '.join(args.override)}" if args.override else ""
+    print(f"# Janus rollout benchmark ({args.size} preset{shape}: {pol.grid}x{pol.grid} = {T} image tokens, "
           f"LM {n_params / 1e6:.2f} M params, prompt {P} tokens)")
     print(f"# torch {torch.__version__}, threads {args.threads}, batch {batch} images (x{rows} CFG rows), "
           f"{args.dtype} weights, cfg {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
