@@ -239,3 +239,38 @@ def test_a_start_error_is_said_once_per_node_and_a_training_error_by_every_rank(
         assert _fail(ConfigError("bad key"), at_start=True).code == "imagerl: ConfigError: bad key"
         monkeypatch.setenv("WORLD_SIZE", "2")
         monkeypatch.setenv("LOCAL_RANK", "1")
+
+
+def test_janus_export_carries_its_processor(tmp_path):
+    # an export is used like the original checkpoint: transformers' JanusProcessor loads from it and its inputs drive
+    # the exported model's own image generation; a run on the export (the real-checkpoint path) carries the processor
+    # into its own export; a checkpoint without one exports weights and tokenizer, with a warning that says so
+    import torch
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    common = ["train.steps=1", "data.prompts_per_step=2", "rollout.group_size=2", "logging.progress_bar=false",
+              "logging.sample_every=0", "run.threads=1"]
+    assert main(["train", "model.tiny_size=test", f"run.output_dir={tmp_path / 'run'}", *common]) == 0
+    assert main(["export", f"run.output_dir={tmp_path / 'run'}", "--to", str(tmp_path / "exp")]) == 0
+    model = JanusForConditionalGeneration.from_pretrained(tmp_path / "exp").eval()
+    proc = JanusProcessor.from_pretrained(tmp_path / "exp")
+    inputs = proc(text=["a red square on the left"], generation_mode="image", return_tensors="pt")
+    assert inputs["input_ids"][0, -1].item() == proc.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        tokens = model.generate(**inputs, generation_mode="image", do_sample=True, guidance_scale=5.0)
+        image = model.decode_image_tokens(tokens)
+    grid = model.config.vq_config.num_patches
+    assert tokens.shape == (1, grid * grid) and image.shape[0] == 1 and torch.isfinite(image).all()
+
+    assert main(["train", "model.tiny=false", f"model.path={tmp_path / 'exp'}", f"run.output_dir={tmp_path / 'run2'}",
+                 *common]) == 0
+    assert main(["export", f"run.output_dir={tmp_path / 'run2'}", "--to", str(tmp_path / "exp2")]) == 0
+    assert JanusProcessor.from_pretrained(tmp_path / "exp2").tokenizer.image_token == "<image>"
+
+    (tmp_path / "exp2" / "processor_config.json").unlink()  # (weights and a tokenizer only)
+    assert main(["train", "model.tiny=false", f"model.path={tmp_path / 'exp2'}", f"run.output_dir={tmp_path / 'run3'}",
+                 *common]) == 0
+    with pytest.warns(UserWarning, match=r"has no processor .* holds the weights and the tokenizer only"):
+        assert main(["export", f"run.output_dir={tmp_path / 'run3'}", "--to", str(tmp_path / "exp3")]) == 0
+    assert (tmp_path / "exp3" / "tokenizer.json").exists() and not (tmp_path / "exp3" / "processor_config.json").exists()

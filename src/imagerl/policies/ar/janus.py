@@ -134,7 +134,7 @@ def build_tiny_janus(size: str = "test", overrides: dict[str, Any] | None = None
     )
 
     spec = tiny_spec(size, overrides)
-    tok = build_tokenizer(vocab_size=int(spec["text_vocab_size"]), specials=JANUS_SPECIALS)
+    tok = _janus_tokenizer(build_tokenizer(vocab_size=int(spec["text_vocab_size"]), specials=JANUS_SPECIALS))
     ids = {s: tok.convert_tokens_to_ids(s) for s in JANUS_SPECIALS}
     grid, h = int(spec["grid"]), int(spec["hidden_size"])
     text_config = LlamaConfig(
@@ -168,6 +168,32 @@ def build_tiny_janus(size: str = "test", overrides: dict[str, Any] | None = None
         generation_kwargs={"boi_token_id": ids[BOI_TOKEN]},
     )
     return model, tok
+
+
+def _janus_tokenizer(tok):
+    """The tiny tokenizer with the attributes transformers' `JanusProcessor` reads (image_token, boi_token,
+    eoi_token: tokens it already holds, so no id changes), making a tiny export loadable by the processor too.
+    A new wrapper over the same vocabulary: `build_tokenizer`'s cached object is not mutated."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        unk_token="<unk>", model_max_length=tok.model_max_length,
+        extra_special_tokens={"image_token": "<image>", "boi_token": BOI_TOKEN, "eoi_token": "<end_of_image>"},
+    )
+
+
+def _tiny_processor(model, tokenizer):
+    """A `JanusProcessor` for a tiny model: its tokenizer and an image processor at the vision tower's size
+    (the PIL one: no torchvision here)."""
+    from transformers import JanusProcessor
+
+    try:
+        from transformers import JanusImageProcessorPil as ImageProcessor
+    except ImportError:  # (transformers releases before the PIL/torchvision split)
+        from transformers import JanusImageProcessor as ImageProcessor
+    side = int(model.config.vision_config.image_size)
+    return JanusProcessor(image_processor=ImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer)
 
 
 @torch.no_grad()
@@ -666,9 +692,28 @@ class JanusPolicy(Policy):
         sd.update({prefix + k: v for k, v in lm_sd.items()})
         return sd
 
+    def processor(self):
+        """transformers' `JanusProcessor` for this model (tokenizer, image processor, chat template), which
+        `save_pretrained` writes beside the weights so that an export is used like the original checkpoint:
+        the checkpoint's own for a real model (None when it has none, e.g. a directory holding weights and
+        a tokenizer only), one built for the tiny models."""
+        m = self.cfg.model
+        if m.tiny:
+            return _tiny_processor(self.model, self.tokenizer)
+        from transformers import AutoProcessor
+
+        kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
+        if m.revision:
+            kw["revision"] = m.revision
+        try:
+            return AutoProcessor.from_pretrained(m.path, **kw)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
     def save_pretrained(self, path: str) -> None:
-        """Write a plain transformers Janus checkpoint (LoRA merged) + tokenizer, loadable with
-        `JanusForConditionalGeneration.from_pretrained(path)` or `model.path=<path>`."""
+        """Write a plain transformers Janus checkpoint (LoRA merged) + its processor (or, for a checkpoint without
+        one, its tokenizer), loadable with `JanusForConditionalGeneration.from_pretrained(path)`,
+        `JanusProcessor.from_pretrained(path)` or `model.path=<path>`."""
         from transformers import JanusForConditionalGeneration
 
         sd = self.merged_state_dict()
@@ -677,7 +722,13 @@ class JanusPolicy(Policy):
         clean.load_state_dict(sd, assign=True, strict=True)
         clean.generation_config = copy.deepcopy(self.model.generation_config)
         clean.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        processor = self.processor()
+        if processor is not None:
+            processor.save_pretrained(path)  # (with the tokenizer)
+        else:
+            warnings.warn(f"model.path={self.cfg.model.path} has no processor that transformers' AutoProcessor loads: "
+                          f"the export at {path} holds the weights and the tokenizer only", stacklevel=2)
+            self.tokenizer.save_pretrained(path)
 
 
 def load_janus(path: str, revision: str = "", trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
