@@ -262,6 +262,15 @@ def test_janus_export_carries_its_processor(tmp_path):
         image = model.decode_image_tokens(tokens)
     grid = model.config.vq_config.num_patches
     assert tokens.shape == (1, grid * grid) and image.shape[0] == 1 and torch.isfinite(image).all()
+    # and image understanding: the processor expands <image> to as many tokens as the vision tower gives
+    from PIL import Image
+
+    side = model.config.vision_config.image_size
+    inputs = proc(text=["<image>what colour is this?"], images=[Image.new("RGB", (side, side), (200, 30, 30))],
+                  return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
 
     assert main(["train", "model.tiny=false", f"model.path={tmp_path / 'exp'}", f"run.output_dir={tmp_path / 'run2'}",
                  *common]) == 0

@@ -407,3 +407,36 @@ def test_fsdp2_needs_fp32_weights():
     pol = make("model.dtype=bf16")
     with pytest.raises(NotImplementedError, match=r"model.dtype=fp32.*run.dtype=bf16"):
         pol.shard(None)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_beside_a_gpu_reward_thread():
+    # scoring.overlap scores the previous micro-batch in a worker thread while the next one decodes: a GPU reward
+    # there allocates, computes and synchronises while the decode step is being captured, which must break neither
+    # (the capture is thread-local) nor the samples
+    import threading
+
+    cfg = load_config(None, ["model.tiny=true", "model.tiny_size=test", "rollout.cfg_scale=5", "rollout.top_k=9"])
+    pol = JanusPolicy(cfg, torch.device("cuda")).eval()
+    stop, errors = threading.Event(), []
+
+    def reward_work():
+        try:
+            while not stop.is_set():
+                x = torch.randn(256, 256, device="cuda")
+                float((x @ x).sum())  # (an allocation, a kernel and a synchronising copy)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    worker = threading.Thread(target=reward_work)
+    worker.start()
+    try:
+        rollouts = [roll(pol, seed=4, G=3) for _ in range(3)]
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+    pol.decode_static = ""
+    ro_live = roll(pol, seed=4, G=3)
+    for ro in rollouts:
+        assert torch.equal(ro.replay["image_tokens"].cpu(), ro_live.replay["image_tokens"].cpu())

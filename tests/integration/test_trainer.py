@@ -367,6 +367,12 @@ def test_settings_of_other_families_are_noted_and_kl_estimators_checked(tmp_path
     assert "note: model.family=sd3 does not use rollout.top_k=5 (" in capsys.readouterr().out
     GRPOTrainer(cfg_for("sd3", tmp_path / "c", "logging.console=true")).close()
     assert "note:" not in capsys.readouterr().out
+    # rollout.cuda_graph defaults to null (auto): false, what config.yaml files written before held, is no setting of
+    # the user's, while true is
+    GRPOTrainer(cfg_for("sd3", tmp_path / "e", "logging.console=true", "rollout.cuda_graph=false")).close()
+    assert "note:" not in capsys.readouterr().out
+    GRPOTrainer(cfg_for("sd3", tmp_path / "f", "logging.console=true", "rollout.cuda_graph=true")).close()
+    assert "note: model.family=sd3 does not use rollout.cuda_graph=True (" in capsys.readouterr().out
     GRPOTrainer(cfg_for("sd3", tmp_path / "d", "logging.console=true", "model.lora.enabled=true",
                         "model.lora.dropout=0.1")).close()
     assert "note: model.lora.dropout=0.1 has no effect: the policy runs in eval mode" in capsys.readouterr().out

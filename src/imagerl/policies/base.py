@@ -212,10 +212,16 @@ class Policy(nn.Module):
             )
 
     def unused_changes(self) -> list[str]:
-        """The `unused_settings` this config sets to something other than the schema default, as 'key=value'."""
+        """The `unused_settings` this config sets to something other than the schema default, as 'key=value'.
+        A switch whose default is null (auto) counts as unset at false too: a run's config.yaml written when
+        rollout.cuda_graph defaulted to false holds that value without anyone having set it."""
         default = Config()
-        return [f"{k}={get_field(self.cfg, k)}" for k in self.unused_settings
-                if get_field(self.cfg, k) != get_field(default, k)]
+        changed = []
+        for k in self.unused_settings:
+            v, d = get_field(self.cfg, k), get_field(default, k)
+            if v != d and not (d is None and v is False):
+                changed.append(f"{k}={v}")
+        return changed
 
     # ---- reference policy -----------------------------------------------------------------------
     def uses_lora(self) -> bool:

@@ -192,8 +192,10 @@ def _tiny_processor(model, tokenizer):
         from transformers import JanusImageProcessorPil as ImageProcessor
     except ImportError:  # (transformers releases before the PIL/torchvision split)
         from transformers import JanusImageProcessor as ImageProcessor
-    side = int(model.config.vision_config.image_size)
-    return JanusProcessor(image_processor=ImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer)
+    vc = model.config.vision_config
+    side = int(vc.image_size)
+    return JanusProcessor(image_processor=ImageProcessor(size={"height": side, "width": side}), tokenizer=tokenizer,
+                          num_image_tokens=(side // int(vc.patch_size)) ** 2)  # (its default, 576, is Janus-Pro's)
 
 
 @torch.no_grad()
@@ -585,7 +587,7 @@ class JanusPolicy(Policy):
         """What sampling `num_rows` images needs from the current weights: the lean decoder (None = the
         transformers forward) and the image-token embedding function (tokens [B] -> inputs [R, 1, D])."""
         fast = FastLlamaDecoder.build(self._base_lm()) if self.use_fast_decoder else None
-        if fast is None and self.decode_static:
+        if fast is None and self.decode_static and self.cfg.rollout.cuda_graph:  # (not for the CUDA default, null)
             warnings.warn(f"rollout.cuda_graph=true has no effect on this language model "
                           f"({type(self._base_lm()).__name__}): the fixed-shape step needs the lean Llama decoder", stacklevel=2)
         # image-token inputs in the text embeddings' dtype, as `log_prob` builds its sequence: under autocast the
@@ -707,7 +709,7 @@ class JanusPolicy(Policy):
             kw["revision"] = m.revision
         try:
             return AutoProcessor.from_pretrained(m.path, **kw)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
             return None
 
     def save_pretrained(self, path: str) -> None:

@@ -354,11 +354,14 @@ def _static_decode(forward: ForwardFn, guided_logits: LogitsFn, embed: EmbedFn, 
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(graph):
+        # thread_local: only this thread is barred from unsafe CUDA calls while capturing. The default ("global")
+        # would also fail a GPU reward scoring the previous micro-batch in its worker thread (scoring.overlap) the
+        # moment it allocated or synchronised, and with it the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
     except RuntimeError as e:
-        raise RuntimeError(f"rollout.cuda_graph=true: capturing the decode step as a CUDA graph failed ({e}); "
-                           "set rollout.cuda_graph=false to decode step by step") from e
+        raise RuntimeError(f"rollout.cuda_graph (on by default for CUDA): capturing the decode step as a CUDA graph "
+                           f"failed ({e}); set rollout.cuda_graph=false to decode step by step") from e
     for _ in range(T - 1):
         graph.replay()
     return DecodeOutput(tokens_BT, logp_BT)
