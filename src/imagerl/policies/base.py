@@ -22,6 +22,15 @@ from ..config import Config, get_field
 from ..types import LogProbOutput, PromptBatch, Rollout
 
 
+def hub_kwargs(revision: str = "", trust_remote_code: bool = False) -> dict[str, Any]:
+    """The keyword arguments of a transformers `from_pretrained` for a checkpoint's `revision` ('' = the default
+    branch) and `trust_remote_code`, as every loader of a model, tokenizer or processor passes them."""
+    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kw["revision"] = revision
+    return kw
+
+
 def not_downloaded_error(path: str, err: BaseException) -> str:
     """For a from_pretrained failure of model.path: when `path` was a hub id that is neither cached nor reachable
     (no internet, or HF_HUB_OFFLINE=1), the error saying so with the fix (the cause's first line after it); "" for

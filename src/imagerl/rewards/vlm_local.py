@@ -446,9 +446,9 @@ class LocalVLMBackend:
         else:
             from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-            kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-            if revision:
-                kw["revision"] = revision
+            from ..policies.base import hub_kwargs
+
+            kw = hub_kwargs(revision, trust_remote_code)
             self.tokenizer = AutoTokenizer.from_pretrained(model, **kw)
             ip_kw = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
             self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model, **ip_kw, **kw)

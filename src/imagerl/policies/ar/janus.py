@@ -41,7 +41,7 @@ from ...config import Config
 from ...tiny import build_tokenizer
 from ...types import LogProbOutput, PromptBatch, Rollout
 from ...devices import resolve_dtype
-from ..base import Policy, fsdp_units, not_downloaded_error, sum_sharded_gradients
+from ..base import Policy, fsdp_units, hub_kwargs, not_downloaded_error, sum_sharded_gradients
 from .sampling import (
     FastLlamaDecoder,
     SamplingParams,
@@ -704,11 +704,8 @@ class JanusPolicy(Policy):
             return _tiny_processor(self.model, self.tokenizer)
         from transformers import AutoProcessor
 
-        kw: dict[str, Any] = {"trust_remote_code": m.trust_remote_code}
-        if m.revision:
-            kw["revision"] = m.revision
         try:
-            return AutoProcessor.from_pretrained(m.path, **kw)
+            return AutoProcessor.from_pretrained(m.path, **hub_kwargs(m.revision, m.trust_remote_code))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError):
             return None
 
@@ -737,9 +734,7 @@ def load_janus(path: str, revision: str = "", trust_remote_code: bool = False, d
     """A real Janus(-Pro) checkpoint in transformers format (local directory or hub id) + its tokenizer."""
     from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if revision:
-        kw["revision"] = revision
+    kw = hub_kwargs(revision, trust_remote_code)
     try:
         model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype, **kw)
         tokenizer = AutoTokenizer.from_pretrained(path, **kw)
